@@ -1,0 +1,44 @@
+"""Gated sparse autoencoders (Rajamanoharan et al. 2024) trained as the paper specifies.
+
+Importing this package makes ``architecture="gated"`` in SAELens resolve to the plugin's
+classes (set ``SAE_LENS_GATED_NO_AUTOREGISTER=1`` to opt out and call :func:`register`
+yourself); :func:`unregister` restores SAELens's built-in gated SAE.
+"""
+
+__version__ = "0.1.0"
+
+import os
+
+from sae_lens_gated.metrics import relative_reconstruction_bias
+from sae_lens_gated.registration import is_registered, register, unregister
+from sae_lens_gated.saes.gated_sae import (
+    RECIPES,
+    GatedEncoding,
+    GatedRecipe,
+    GatedSAE,
+    GatedSAEConfig,
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
+    encode_gated,
+)
+from sae_lens_gated.training.batch_guard import NonFiniteBatchError
+
+__all__ = [
+    "RECIPES",
+    "GatedEncoding",
+    "GatedRecipe",
+    "GatedSAE",
+    "GatedSAEConfig",
+    "GatedTrainingSAE",
+    "GatedTrainingSAEConfig",
+    "NonFiniteBatchError",
+    "__version__",
+    "encode_gated",
+    "is_registered",
+    "register",
+    "relative_reconstruction_bias",
+    "unregister",
+]
+
+if os.environ.get("SAE_LENS_GATED_NO_AUTOREGISTER", "") not in ("1", "true", "True"):
+    register()

@@ -1,0 +1,4 @@
+from sae_lens_gated.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

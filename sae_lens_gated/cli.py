@@ -1,0 +1,73 @@
+"""Command line interface: ``sae-lens-gated`` or ``python -m sae_lens_gated``."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sae_lens_gated import __version__
+from sae_lens_gated.registration import register
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-gated",
+        description="Gated SAEs (Rajamanoharan et al. 2024) for SAELens.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="Train a gated SAE on synthetic data with known features (offline).",
+        description="Train the paper-recipe gated SAE on the embedded synthetic default, "
+        "print its metrics and save it in SAELens format.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("gated-demo"))
+    demo.add_argument("--steps", type=int, default=3000)
+    demo.add_argument("--batch-size", type=int, default=1024)
+    demo.add_argument("--l1-coefficient", type=float, default=1.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="cpu")
+
+    commands.add_parser(
+        "train",
+        help="Run SAELens's training runner CLI with the plugin registered.",
+        description="All arguments go to SAELens's LanguageModelSAETrainingRunner CLI, "
+        "e.g. `sae-lens-gated train --architecture gated --model_name gpt2 ...`.",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sae-lens-gated`` command."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    register()
+    if args_list[:1] == ["train"]:
+        from sae_lens.llm_sae_training_runner import _run_cli
+
+        _run_cli(args_list[1:])
+        return 0
+
+    args = _build_parser().parse_args(args_list)
+    if args.command == "demo":
+        from sae_lens_gated.demo import DemoConfig, format_table, run_demo
+
+        row = run_demo(
+            DemoConfig(
+                out=args.out,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                l1_coefficient=args.l1_coefficient,
+                seed=args.seed,
+                device=args.device,
+            )
+        )
+        sys.stdout.write(format_table([row]) + "\n")
+        sys.stdout.write(f"Saved the gated SAE to {args.out}\n")
+    return 0

@@ -1,0 +1,30 @@
+"""Metrics the Gated SAE paper reports."""
+
+import torch
+
+
+def relative_reconstruction_bias(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Relative reconstruction bias gamma = E||x_hat||^2 / E[x_hat . x] (paper v2, Eq. 10).
+
+    ``1 / gamma`` is the scalar that best rescales reconstructions onto the inputs, so
+    gamma = 1 is unbiased and gamma < 1 is shrinkage. Expectations are batch means (a ratio
+    of means, not a mean of per-example ratios).
+
+    Args:
+        x: Inputs of shape ``(..., d)``.
+        x_hat: Reconstructions of the same shape.
+    """
+    if x.shape != x_hat.shape:
+        raise ValueError(
+            f"x and x_hat must have the same shape, got {tuple(x.shape)} and "
+            f"{tuple(x_hat.shape)}."
+        )
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(
+            f"Need a non-empty batch of vectors, got shape {tuple(x.shape)}."
+        )
+    x64, x_hat64 = x.detach().double(), x_hat.detach().double()
+    cross = (x_hat64 * x64).sum(dim=-1).mean()
+    if cross == 0:
+        raise ValueError("E[x_hat . x] is 0: gamma is undefined for this batch.")
+    return float(x_hat64.pow(2).sum(dim=-1).mean() / cross)

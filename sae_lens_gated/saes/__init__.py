@@ -1,0 +1,21 @@
+from sae_lens_gated.saes.gated_sae import (
+    RECIPES,
+    GatedEncoding,
+    GatedRecipe,
+    GatedSAE,
+    GatedSAEConfig,
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
+    encode_gated,
+)
+
+__all__ = [
+    "RECIPES",
+    "GatedEncoding",
+    "GatedRecipe",
+    "GatedSAE",
+    "GatedSAEConfig",
+    "GatedTrainingSAE",
+    "GatedTrainingSAEConfig",
+    "encode_gated",
+]

@@ -1,0 +1,528 @@
+"""Gated SAE of Rajamanoharan et al. 2024 (arXiv 2404.16014), trained as the paper specifies.
+
+The classes here subclass SAELens's built-in gated classes, so every ``isinstance`` and
+``issubclass`` check inside SAELens accepts them, and they save the same six tensors
+(``W_enc``, ``W_dec``, ``b_dec``, ``b_gate``, ``b_mag``, ``r_mag``) under ``"architecture":
+"gated"``, so vanilla SAELens loads what they write.
+
+What differs from the built-in:
+
+- The encoder matmul is computed once and shared by the gate path, the magnitude path
+  (``pi_mag = pre * exp(r_mag) + b_mag``) and the auxiliary loss; ``W_enc * exp(r_mag)`` is
+  never materialised.
+- Training follows paper App. G by default (``recipe="paper"``): plain L1 on
+  ``ReLU(pi_gate)``, decoder frozen (stop-gradient) in the auxiliary reconstruction, and
+  decoder rows kept at unit norm. ``recipe="april_update"`` reproduces SAELens's built-in
+  gated training exactly.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import torch
+from numpy.typing import NDArray
+from sae_lens.saes.gated_sae import GatedSAE as _BuiltinGatedSAE
+from sae_lens.saes.gated_sae import GatedSAEConfig as _BuiltinGatedSAEConfig
+from sae_lens.saes.gated_sae import GatedTrainingSAE as _BuiltinGatedTrainingSAE
+from sae_lens.saes.gated_sae import (
+    GatedTrainingSAEConfig as _BuiltinGatedTrainingSAEConfig,
+)
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    SAEMetadata,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from sae_lens.util import filter_valid_dataclass_fields
+from typing_extensions import override
+
+from sae_lens_gated.training.batch_guard import BatchGuard
+from sae_lens_gated.training.optimizer_hooks import attach_to_optimizer_steps
+
+logger = logging.getLogger(__name__)
+
+Recipe = Literal["paper", "april_update"]
+WeightTying = Literal["r_mag", "none"]
+
+T_CONFIG = TypeVar("T_CONFIG", bound=SAEConfig)
+
+
+@dataclass(frozen=True)
+class GatedRecipe:
+    """Values a training recipe gives the config fields that are left unset.
+
+    Args:
+        freeze_decoder_in_aux: Stop gradients from the auxiliary loss into ``W_dec`` and the
+            decoder-side ``b_dec``.
+        l1_scale_by_decoder_norm: Weight each feature's sparsity penalty by its decoder row norm.
+        unit_norm_decoder: Keep every ``W_dec`` row at exactly unit norm during training.
+        decoder_init_norm: Norm of the ``W_dec`` rows at initialisation.
+    """
+
+    freeze_decoder_in_aux: bool
+    l1_scale_by_decoder_norm: bool
+    unit_norm_decoder: bool
+    decoder_init_norm: float
+
+
+RECIPES: dict[str, GatedRecipe] = {
+    # Paper §3.2.2, App. D.1 and App. G.
+    "paper": GatedRecipe(
+        freeze_decoder_in_aux=True,
+        l1_scale_by_decoder_norm=False,
+        unit_norm_decoder=True,
+        decoder_init_norm=1.0,
+    ),
+    # The authors' April 2024 follow-up (a norm-weighted penalty instead of the unit-norm
+    # constraint, decoder trainable in both terms); this is what SAELens's built-in trains.
+    "april_update": GatedRecipe(
+        freeze_decoder_in_aux=False,
+        l1_scale_by_decoder_norm=True,
+        unit_norm_decoder=False,
+        decoder_init_norm=0.1,
+    ),
+}
+
+_WEIGHT_TYING_OPTIONS = ("r_mag", "none")
+
+
+class GatedEncoding(NamedTuple):
+    """Intermediate values of one gated encoder pass.
+
+    Attributes:
+        sae_in: The input after dtype cast, ``hook_sae_input`` and run-time normalisation,
+            before the ``b_dec`` centring: the space reconstructions are compared in.
+        gate_pre: ``pi_gate``, the gate pre-activation.
+        magnitude_pre: ``pi_mag``, the magnitude pre-activation (after ``hook_sae_acts_pre``).
+        feature_acts: ``1[pi_gate > 0] * ReLU(pi_mag)`` (after ``hook_sae_acts_post``).
+    """
+
+    sae_in: torch.Tensor
+    gate_pre: torch.Tensor
+    magnitude_pre: torch.Tensor
+    feature_acts: torch.Tensor
+
+
+def _check_d_in(sae: SAE[Any], sae_in: torch.Tensor) -> None:
+    if sae_in.shape[-1] != sae.cfg.d_in:
+        raise ValueError(
+            f"Expected activations whose last dimension is d_in={sae.cfg.d_in}, "
+            f"got a tensor of shape {tuple(sae_in.shape)}."
+        )
+
+
+def encode_gated(
+    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor, use_r_mag: bool = True
+) -> GatedEncoding:
+    """Run the gated encoder with a single encoder matmul shared by both paths.
+
+    This is the one implementation of the gated encoder used for inference and training.
+
+    Args:
+        sae: The SAE whose parameters to use.
+        x: Input activations of shape ``(..., d_in)`` (or ``(..., n_heads, d_head)`` for
+            ``hook_z`` SAEs).
+        use_r_mag: If False, ``pi_mag = pre + b_mag`` and ``r_mag`` is left out of the graph
+            (the paper's "no r_mag" ablation).
+    """
+    # process_sae_in without its centring step: the un-centred input is the target of the
+    # auxiliary reconstruction, and centring is folded into the matmul below.
+    sae_in = sae.reshape_fn_in(x.to(sae.dtype))
+    _check_d_in(sae, sae_in)
+    sae_in = sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae_in))
+
+    pre = _centred_encoder_product(sae, sae_in)
+    gate_pre = pre + sae.b_gate
+    magnitude_pre = (pre * sae.r_mag.exp() if use_r_mag else pre) + sae.b_mag
+    magnitude_pre = sae.hook_sae_acts_pre(magnitude_pre)
+    active = (gate_pre > 0).to(magnitude_pre.dtype)
+    feature_acts = sae.hook_sae_acts_post(active * sae.activation_fn(magnitude_pre))
+    return GatedEncoding(sae_in, gate_pre, magnitude_pre, feature_acts)
+
+
+def _centred_encoder_product(sae: SAE[Any], sae_in: torch.Tensor) -> torch.Tensor:
+    """``(sae_in - b_dec * apply_b_dec_to_input) @ W_enc``."""
+    if not sae.cfg.apply_b_dec_to_input:
+        return sae_in @ sae.W_enc
+    centred = sae_in - sae.b_dec
+    if sae_in.requires_grad or not (
+        torch.is_grad_enabled() and sae.b_dec.requires_grad
+    ):
+        return centred @ sae.W_enc
+    # Autograd would spend a full (batch x d_sae x d_in) matmul on d(loss)/d(centred) only to
+    # sum it over the batch into b_dec's gradient. This zero-valued term routes exactly that
+    # gradient through one (d_in x d_sae) matrix-vector product instead.
+    b_dec_gradient_path = sae.b_dec - sae.b_dec.detach()
+    return centred.detach() @ sae.W_enc - b_dec_gradient_path @ sae.W_enc
+
+
+def _upgrade_config(cfg: SAEConfig, target: type[T_CONFIG]) -> T_CONFIG:
+    """Rebuild a config (e.g. a built-in gated config) as ``target``, keeping shared fields."""
+    if isinstance(cfg, target):
+        return cfg
+    return _config_from_dict(target, cfg.to_dict())
+
+
+def _config_from_dict(target: type[T_CONFIG], config_dict: dict[str, Any]) -> T_CONFIG:
+    architecture = config_dict.get("architecture", target.architecture())
+    if architecture != target.architecture():
+        raise ValueError(
+            f"Config says architecture={architecture!r}, but {target.__name__} is for "
+            f"{target.architecture()!r}."
+        )
+    valid = filter_valid_dataclass_fields(config_dict, target)
+    if "metadata" in config_dict:
+        valid["metadata"] = SAEMetadata(**config_dict["metadata"])
+    return target(**valid)
+
+
+@dataclass
+class GatedSAEConfig(_BuiltinGatedSAEConfig):
+    """Configuration for an inference :class:`GatedSAE` (same fields as SAELens's)."""
+
+    @override
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "GatedSAEConfig":
+        # Resolve to this class whether or not the plugin is registered with SAELens.
+        return _config_from_dict(cls, config_dict)
+
+
+class GatedSAE(_BuiltinGatedSAE):
+    """Inference Gated SAE whose encoder shares one matmul between gate and magnitude."""
+
+    def __init__(self, cfg: _BuiltinGatedSAEConfig, use_error_term: bool = False):
+        super().__init__(_upgrade_config(cfg, GatedSAEConfig), use_error_term)
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode ``x`` into gated feature activations ``1[pi_gate > 0] * ReLU(pi_mag)``."""
+        return encode_gated(self, x).feature_acts
+
+    @override
+    @classmethod
+    def get_sae_class_for_architecture(cls, architecture: str) -> type["GatedSAE"]:
+        if architecture == GatedSAEConfig.architecture():
+            return cls
+        return super().get_sae_class_for_architecture(architecture)
+
+    @override
+    @classmethod
+    def get_sae_config_class_for_architecture(
+        cls, architecture: str
+    ) -> type[SAEConfig]:
+        if architecture == GatedSAEConfig.architecture():
+            return GatedSAEConfig
+        return super().get_sae_config_class_for_architecture(architecture)
+
+
+@dataclass
+class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
+    """Configuration for training a Gated SAE as arXiv 2404.16014 specifies.
+
+    Fields marked "recipe default" are resolved from ``recipe`` when the config is built, so
+    a saved config always records the values that were used.
+
+    Args:
+        recipe: ``"paper"`` (App. D.1 and G: plain L1 on ``ReLU(pi_gate)``, decoder frozen in
+            the auxiliary loss, unit-norm decoder rows) or ``"april_update"`` (the authors'
+            later variant: L1 weighted by decoder norms, trainable decoder everywhere, no
+            norm constraint; identical to SAELens's built-in gated training).
+        l1_coefficient: Sparsity coefficient lambda, applied to ``ReLU(pi_gate)``.
+        l1_warm_up_steps: Steps over which lambda rises linearly from 0 (SAELens's scheduler).
+        aux_coefficient: Weight of the auxiliary reconstruction loss (1.0 in the paper).
+        freeze_decoder_in_aux: Recipe default (paper True, april_update False). Stop gradients
+            from the auxiliary loss into ``W_dec`` and the decoder-side ``b_dec`` (paper
+            §3.2.2; the centring ``b_dec`` still receives gradient, as in App. G).
+        l1_scale_by_decoder_norm: Recipe default (paper False, april_update True). Multiply
+            each feature's penalty by ``||W_dec[i]||``.
+        unit_norm_decoder: Recipe default (paper True, april_update False). Keep every
+            ``W_dec`` row at unit norm: the gradient component parallel to each row is removed
+            before each optimizer step and rows are renormalised after it.
+        decoder_init_norm: Recipe default (paper 1.0, april_update 0.1). Norm of the random
+            ``W_dec`` rows at initialisation (``W_enc = W_dec.T``; biases and ``r_mag`` start at
+            0). Forced to 1.0 when ``unit_norm_decoder`` is True.
+        weight_tying: ``"r_mag"`` (paper: ``W_mag = exp(r_mag) * W_gate``) or ``"none"``, which
+            freezes ``r_mag`` at 0 (the paper's "no r_mag" ablation).
+    """
+
+    recipe: Recipe = "paper"
+    aux_coefficient: float = 1.0
+    freeze_decoder_in_aux: bool | None = None
+    l1_scale_by_decoder_norm: bool | None = None
+    unit_norm_decoder: bool | None = None
+    decoder_init_norm: float | None = None
+    weight_tying: WeightTying = "r_mag"
+
+    @override
+    def __post_init__(self) -> None:
+        self._validate()
+        self._apply_recipe_defaults()
+        self._warn_about_discouraged_combinations()
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(
+                f"Unknown recipe {self.recipe!r}: expected one of {sorted(RECIPES)}."
+            )
+        if self.weight_tying not in _WEIGHT_TYING_OPTIONS:
+            raise ValueError(
+                f"Unknown weight_tying {self.weight_tying!r}: expected one of "
+                f"{list(_WEIGHT_TYING_OPTIONS)}."
+            )
+        for name in ("l1_coefficient", "aux_coefficient"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+        if self.l1_warm_up_steps < 0:
+            raise ValueError(
+                f"l1_warm_up_steps must be >= 0, got {self.l1_warm_up_steps}."
+            )
+        if self.decoder_init_norm is not None and not self.decoder_init_norm > 0:
+            raise ValueError(
+                f"decoder_init_norm must be > 0, got {self.decoder_init_norm}."
+            )
+
+    def _apply_recipe_defaults(self) -> None:
+        recipe = RECIPES[self.recipe]
+        if self.freeze_decoder_in_aux is None:
+            self.freeze_decoder_in_aux = recipe.freeze_decoder_in_aux
+        if self.l1_scale_by_decoder_norm is None:
+            self.l1_scale_by_decoder_norm = recipe.l1_scale_by_decoder_norm
+        if self.unit_norm_decoder is None:
+            self.unit_norm_decoder = recipe.unit_norm_decoder
+        if self.decoder_init_norm is None:
+            self.decoder_init_norm = recipe.decoder_init_norm
+        if self.unit_norm_decoder and self.decoder_init_norm != 1.0:
+            logger.warning(
+                "decoder_init_norm=%s is ignored: unit_norm_decoder=True keeps decoder "
+                "rows at norm 1, so they are initialised at norm 1.",
+                self.decoder_init_norm,
+            )
+            self.decoder_init_norm = 1.0
+
+    def _warn_about_discouraged_combinations(self) -> None:
+        # Both combinations are called out in the authors' April 2024 comments (gated-sae
+        # paper reference, B2): they let the sparsity penalty be gamed or trained inconsistently.
+        if self.l1_scale_by_decoder_norm and self.freeze_decoder_in_aux:
+            logger.warning(
+                "Discouraged combination: l1_scale_by_decoder_norm=True with "
+                "freeze_decoder_in_aux=True. The authors advise freezing the decoder in both "
+                "the sparsity penalty and the auxiliary loss, or in neither."
+            )
+        if not self.l1_scale_by_decoder_norm and not self.unit_norm_decoder:
+            logger.warning(
+                "Discouraged combination: l1_scale_by_decoder_norm=False with "
+                "unit_norm_decoder=False. The plain L1 penalty can then be reduced by "
+                "shrinking encoder outputs while growing decoder norms."
+            )
+
+    @override
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "GatedTrainingSAEConfig":
+        # Resolve to this class whether or not the plugin is registered with SAELens.
+        return _config_from_dict(cls, config_dict)
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return GatedSAEConfig
+
+
+class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
+    """Gated SAE for training with SAELens's ``SAETrainer`` and runners.
+
+    Losses (per example, averaged over the batch; App. G):
+
+    - ``mse_loss``: ``||x - x_hat||^2`` with ``x_hat = f @ W_dec + b_dec``;
+    - ``l1_loss``: ``lambda * ||ReLU(pi_gate)||_1`` (times ``||W_dec[i]||`` per feature if
+      ``l1_scale_by_decoder_norm``);
+    - ``auxiliary_reconstruction_loss``: ``aux_coefficient * ||x - (ReLU(pi_gate) @ sg(W_dec)
+      + sg(b_dec))||^2`` (without ``sg`` unless ``freeze_decoder_in_aux``).
+
+    A built-in ``GatedTrainingSAEConfig`` passed in is upgraded to this plugin's config, with
+    the plugin's recipe defaults for fields it does not have.
+    """
+
+    cfg: GatedTrainingSAEConfig  # pyright: ignore[reportIncompatibleVariableOverride]
+
+    def __init__(
+        self, cfg: _BuiltinGatedTrainingSAEConfig, use_error_term: bool = False
+    ):
+        super().__init__(_upgrade_config(cfg, GatedTrainingSAEConfig), use_error_term)
+        if self.cfg.weight_tying == "none":
+            self.r_mag.requires_grad_(False)
+        self._batch_guard = BatchGuard()
+        attach_to_optimizer_steps(self)
+
+    @property
+    def _uses_r_mag(self) -> bool:
+        return self.cfg.weight_tying == "r_mag"
+
+    def encode_gated(self, x: torch.Tensor) -> GatedEncoding:
+        """Run the encoder and return every intermediate the losses need."""
+        return encode_gated(self, x, use_r_mag=self._uses_r_mag)
+
+    @override
+    def encode_with_hidden_pre(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        encoding = self.encode_gated(x)
+        return encoding.feature_acts, encoding.magnitude_pre
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._batch_guard.check(step_input.sae_in)
+        encoding = self.encode_gated(step_input.sae_in)
+        sae_out = self.decode(encoding.feature_acts)
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        losses = {
+            "mse_loss": mse_loss,
+            **self.gate_losses(encoding, step_input.coefficients),
+        }
+        total_loss = mse_loss
+        for name, value in losses.items():
+            if name != "mse_loss":
+                total_loss = total_loss + value
+        return TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=encoding.feature_acts,
+            hidden_pre=encoding.magnitude_pre,
+            loss=total_loss,
+            losses=losses,
+        )
+
+    def gate_losses(
+        self, encoding: GatedEncoding, coefficients: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        """Sparsity penalty and auxiliary reconstruction loss, both driven by ``pi_gate``.
+
+        Args:
+            encoding: Output of :meth:`encode_gated` for the batch.
+            coefficients: Current coefficient values from SAELens's schedulers (``"l1"``).
+        """
+        via_gate = torch.relu(encoding.gate_pre)
+        penalty = via_gate
+        if self.cfg.l1_scale_by_decoder_norm:
+            penalty = via_gate * self.W_dec.norm(dim=1)
+        l1_loss = coefficients["l1"] * penalty.sum(dim=-1).mean()
+
+        W_dec, b_dec = self.W_dec, self.b_dec
+        if self.cfg.freeze_decoder_in_aux:
+            W_dec, b_dec = W_dec.detach(), b_dec.detach()
+        via_gate_reconstruction = via_gate @ W_dec + b_dec
+        aux_loss = (via_gate_reconstruction - encoding.sae_in).pow(2).sum(dim=-1).mean()
+        return {
+            "l1_loss": l1_loss,
+            "auxiliary_reconstruction_loss": self.cfg.aux_coefficient * aux_loss,
+        }
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return self.gate_losses(
+            self.encode_gated(step_input.sae_in), step_input.coefficients
+        )
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called just before an optimizer holding this SAE's parameters steps.
+
+        Raises on a non-finite training batch before it can reach the weights, and removes
+        the gradient component parallel to each decoder row under ``unit_norm_decoder``.
+        """
+        self._batch_guard.raise_if_bad()
+        if self.cfg.unit_norm_decoder:
+            remove_parallel_decoder_grad(self.W_dec)
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called just after an optimizer holding this SAE's parameters stepped."""
+        if self.cfg.unit_norm_decoder:
+            normalize_decoder_rows(self.W_dec)
+
+    @override
+    @torch.no_grad()
+    def log_histograms(self) -> dict[str, NDArray[Any]]:
+        # float64: numpy cannot cut 64 bins out of float32 values that lie within a few ulps
+        # of each other, which is what unit-norm decoder rows do.
+        values = {
+            "weights/W_dec_norms": self.W_dec.norm(dim=1),
+            "weights/b_gate": self.b_gate,
+            "weights/b_mag": self.b_mag,
+            "weights/r_mag": self.r_mag,
+        }
+        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        if self.cfg.unit_norm_decoder and "W_dec" in state_dict:
+            _fold_decoder_norms_into_state_dict(state_dict)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        if not self.cfg.unit_norm_decoder:
+            super().fold_activation_norm_scaling_factor(scaling_factor)
+            return
+        # Fold the factor into the biases so the decoder keeps unit-norm rows and feature
+        # activations come out in the units of the raw activations.
+        for bias in (self.b_dec, self.b_gate, self.b_mag):
+            bias.data /= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    @override
+    @classmethod
+    def get_sae_class_for_architecture(
+        cls, architecture: str
+    ) -> type["GatedTrainingSAE"]:
+        if architecture == GatedTrainingSAEConfig.architecture():
+            return cls
+        return super().get_sae_class_for_architecture(architecture)
+
+    @override
+    @classmethod
+    def get_sae_config_class_for_architecture(
+        cls, architecture: str
+    ) -> type[TrainingSAEConfig]:
+        if architecture == GatedTrainingSAEConfig.architecture():
+            return GatedTrainingSAEConfig
+        return super().get_sae_config_class_for_architecture(architecture)
+
+
+@torch.no_grad()
+def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
+    """Project each ``W_dec`` row's gradient onto the tangent space of its row sphere."""
+    if W_dec.grad is None:
+        return
+    parallel = (W_dec.grad * W_dec).sum(dim=1, keepdim=True) / (
+        W_dec.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+    )
+    W_dec.grad.sub_(parallel * W_dec)
+
+
+@torch.no_grad()
+def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
+    """Rescale every ``W_dec`` row to unit norm, in place (keeps optimizer state bound)."""
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def _fold_decoder_norms_into_state_dict(state_dict: dict[str, Any]) -> None:
+    # A decoder with non-unit rows (e.g. trained with the april_update recipe) is brought to
+    # unit norm without changing the function: each row's norm moves into the encoder side.
+    norms = state_dict["W_dec"].norm(dim=1).clamp_min(1e-12)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-6):
+        return
+    state_dict["W_dec"] = state_dict["W_dec"] / norms[:, None]
+    state_dict["W_enc"] = state_dict["W_enc"] * norms[None, :]
+    state_dict["b_gate"] = state_dict["b_gate"] * norms
+    state_dict["b_mag"] = state_dict["b_mag"] * norms

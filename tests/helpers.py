@@ -1,0 +1,198 @@
+"""Builders and a plain reference implementation of the paper's loss, shared by tests."""
+
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import SAE
+
+from sae_lens_gated import GatedTrainingSAEConfig
+
+
+def build_gated_training_cfg(**kwargs: Any) -> GatedTrainingSAEConfig:
+    defaults: dict[str, Any] = {"d_in": 16, "d_sae": 48}
+    defaults.update(kwargs)
+    return GatedTrainingSAEConfig(**defaults)
+
+
+@torch.no_grad()
+def randomize_gated_params(sae: Any, seed: int = 0, unit_decoder: bool = False) -> None:
+    """Give every gated parameter a generic random value (biases and r_mag non-zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    W_dec = torch.randn(d_sae, d_in, generator=gen) * 0.3
+    if unit_decoder:
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    sae.W_dec.data.copy_(W_dec)
+    sae.W_enc.data.copy_(torch.randn(d_in, d_sae, generator=gen) * 0.3)
+    sae.b_dec.data.copy_(torch.randn(d_in, generator=gen) * 0.2)
+    sae.b_gate.data.copy_(torch.randn(d_sae, generator=gen) * 0.2)
+    sae.b_mag.data.copy_(torch.randn(d_sae, generator=gen) * 0.2)
+    sae.r_mag.data.copy_(torch.randn(d_sae, generator=gen) * 0.3)
+
+
+def copy_params(source: SAE[Any], target: SAE[Any]) -> None:
+    target.load_state_dict(
+        {k: v.clone() for k, v in source.state_dict().items()}, strict=True
+    )
+
+
+def reference_paper_losses(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    l1_coefficient: float,
+    aux_coefficient: float = 1.0,
+    apply_b_dec_to_input: bool = True,
+    freeze_decoder_in_aux: bool = True,
+    l1_scale_by_decoder_norm: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Paper App. G written out plainly: separate W_gate / W_mag matmuls, no sharing."""
+    W_gate, W_dec = params["W_enc"], params["W_dec"]
+    b_dec, b_gate, b_mag, r_mag = (
+        params["b_dec"],
+        params["b_gate"],
+        params["b_mag"],
+        params["r_mag"],
+    )
+    W_mag = W_gate * torch.exp(r_mag)[None, :]
+    x_center = x - b_dec if apply_b_dec_to_input else x
+    active = (x_center @ W_gate + b_gate > 0).float()
+    mags = torch.relu(x_center @ W_mag + b_mag)
+    x_hat = (active * mags) @ W_dec + b_dec
+    reconstruct = ((x_hat - x) ** 2).sum(-1).mean()
+    via_gate = torch.relu(x_center @ W_gate + b_gate)
+    weights = W_dec.norm(dim=1) if l1_scale_by_decoder_norm else torch.ones_like(b_gate)
+    sparsity = l1_coefficient * (via_gate * weights).sum(-1).mean()
+    W_aux = W_dec.detach() if freeze_decoder_in_aux else W_dec
+    b_aux = b_dec.detach() if freeze_decoder_in_aux else b_dec
+    aux = aux_coefficient * ((via_gate @ W_aux + b_aux - x) ** 2).sum(-1).mean()
+    return {
+        "mse_loss": reconstruct,
+        "l1_loss": sparsity,
+        "auxiliary_reconstruction_loss": aux,
+    }
+
+
+class SparseSyntheticData:
+    """Endless stream of batches built from random sparse codes over fixed directions."""
+
+    def __init__(
+        self,
+        d_in: int,
+        n_features: int = 64,
+        batch_size: int = 128,
+        p_fire: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        directions = torch.randn(n_features, d_in, generator=self.gen)
+        self.directions = directions / directions.norm(dim=1, keepdim=True)
+        self.batch_size, self.p_fire = batch_size, p_fire
+        self.on_next: list[Any] = []
+
+    def __iter__(self) -> "SparseSyntheticData":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        for callback in self.on_next:
+            callback()
+        n = self.directions.shape[0]
+        fires = torch.rand(self.batch_size, n, generator=self.gen) < self.p_fire
+        mags = 1.0 + 0.2 * torch.rand(self.batch_size, n, generator=self.gen)
+        return (fires * mags) @ self.directions
+
+
+def make_trainer(
+    sae: Any, data: Any, steps: int, batch_size: int = 128, **kwargs: Any
+) -> Any:
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    settings: dict[str, Any] = {
+        "total_training_samples": steps * batch_size,
+        "train_batch_size_samples": batch_size,
+        "lr": 3e-3,
+        "lr_end": 3e-4,
+        "lr_scheduler_name": "constant",
+        "lr_warm_up_steps": 0,
+        "lr_decay_steps": 0,
+        "n_restart_cycles": 1,
+        "adam_beta1": 0.0,
+        "adam_beta2": 0.999,
+        "device": "cpu",
+        "autocast": False,
+        "dead_feature_window": 1000,
+        "feature_sampling_window": 1000,
+        "n_checkpoints": 0,
+        "checkpoint_path": None,
+        "save_final_checkpoint": False,
+        "logger": LoggingConfig(log_to_wandb=False),
+        "n_batches_for_norm_estimate": 10,
+    }
+    settings.update(kwargs)
+    return SAETrainer(cfg=SAETrainerConfig(**settings), sae=sae, data_provider=data)
+
+
+def tiny_model() -> Any:
+    """A 2-layer HookedTransformer with random weights, built from a config (no download)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=2,
+            d_model=32,
+            n_ctx=16,
+            d_head=8,
+            n_heads=4,
+            d_mlp=64,
+            d_vocab=128,
+            act_fn="gelu",
+            normalization_type="LN",
+            device="cpu",
+            seed=0,
+        )
+    )
+
+
+def tiny_token_dataset(n_rows: int = 400, context_size: int = 16, seed: int = 0) -> Any:
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 128, (n_rows, context_size), generator=gen)
+    return Dataset.from_dict({"tokens": tokens.tolist()})
+
+
+def tiny_runner_dict(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
+    """A LanguageModelSAERunnerConfig dict for the tiny model (no W&B unless overridden)."""
+    sae = {"architecture": "gated", "d_in": 32, "d_sae": 128, "l1_coefficient": 0.5}
+    sae.update(overrides.pop("sae", {}))
+    logger = {"log_to_wandb": False, "wandb_project": "sae_lens_gated_tests"}
+    logger.update(overrides.pop("logger", {}))
+    cfg: dict[str, Any] = {
+        "sae": sae,
+        "logger": logger,
+        "model_name": "tiny-random",
+        "hook_name": "blocks.0.hook_resid_post",
+        "dataset_path": "",
+        "is_dataset_tokenized": True,
+        "streaming": False,
+        "context_size": 16,
+        "prepend_bos": False,
+        "training_tokens": 64 * 40,
+        "train_batch_size_tokens": 64,
+        "store_batch_size_prompts": 8,
+        "n_batches_in_buffer": 8,
+        "lr": 1e-3,
+        "adam_beta1": 0.0,
+        "device": "cpu",
+        "n_eval_batches": 1,
+        "eval_batch_size_prompts": 4,
+        "dead_feature_window": 10,
+        "feature_sampling_window": 20,
+        "n_checkpoints": 0,
+        "checkpoint_path": str(tmp_path / "checkpoints"),
+        "output_path": str(tmp_path / "output"),
+        "seed": 0,
+        "verbose": False,
+    }
+    cfg.update(overrides)
+    return cfg
