@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 import os
 
 from sae_lens_gated.metrics import relative_reconstruction_bias
+from sae_lens_gated.presets import paper_runner_overrides
 from sae_lens_gated.registration import is_registered, register, unregister
 from sae_lens_gated.saes.gated_sae import (
     RECIPES,
@@ -22,9 +23,11 @@ from sae_lens_gated.saes.gated_sae import (
     encode_gated,
 )
 from sae_lens_gated.training.batch_guard import NonFiniteBatchError
+from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleEvent
 
 __all__ = [
     "RECIPES",
+    "DeadFeatureResampler",
     "GatedEncoding",
     "GatedRecipe",
     "GatedSAE",
@@ -32,9 +35,11 @@ __all__ = [
     "GatedTrainingSAE",
     "GatedTrainingSAEConfig",
     "NonFiniteBatchError",
+    "ResampleEvent",
     "__version__",
     "encode_gated",
     "is_registered",
+    "paper_runner_overrides",
     "register",
     "relative_reconstruction_bias",
     "unregister",

@@ -1,5 +1,7 @@
 """Metrics the Gated SAE paper reports."""
 
+import math
+
 import torch
 
 
@@ -23,8 +25,15 @@ def relative_reconstruction_bias(x: torch.Tensor, x_hat: torch.Tensor) -> float:
         raise ValueError(
             f"Need a non-empty batch of vectors, got shape {tuple(x.shape)}."
         )
-    x64, x_hat64 = x.detach().double(), x_hat.detach().double()
-    cross = (x_hat64 * x64).sum(dim=-1).mean()
-    if cross == 0:
+    gamma = float(relative_reconstruction_bias_tensor(x, x_hat))
+    if not math.isfinite(gamma):
         raise ValueError("E[x_hat . x] is 0: gamma is undefined for this batch.")
-    return float(x_hat64.pow(2).sum(dim=-1).mean() / cross)
+    return gamma
+
+
+def relative_reconstruction_bias_tensor(
+    x: torch.Tensor, x_hat: torch.Tensor
+) -> torch.Tensor:
+    """gamma as a 0-d float64 tensor on the inputs' device (no host synchronisation)."""
+    x64, x_hat64 = x.detach().double(), x_hat.detach().double()
+    return x_hat64.pow(2).sum(dim=-1).mean() / (x_hat64 * x64).sum(dim=-1).mean()

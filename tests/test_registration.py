@@ -97,6 +97,11 @@ def test_runner_cli_parser_offers_the_plugin_fields():
             "none",
             "--freeze_decoder_in_aux",
             "true",
+            "--resample_steps",
+            "30000",
+            "60000",
+            "--resample_window",
+            "20000",
         ]
     )
     assert type(cfg.sae) is GatedTrainingSAEConfig
@@ -105,6 +110,8 @@ def test_runner_cli_parser_offers_the_plugin_fields():
     assert cfg.sae.weight_tying == "none"
     assert cfg.sae.freeze_decoder_in_aux is True
     assert cfg.sae.l1_scale_by_decoder_norm is True  # april_update default
+    assert cfg.sae.resample_steps == [30000, 60000]
+    assert cfg.sae.resample_window == 20000
 
 
 def test_runner_given_a_builtin_config_object_trains_the_plugin(tmp_path: Path):

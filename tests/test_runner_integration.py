@@ -1,10 +1,13 @@
 """SAELens's own LanguageModelSAETrainingRunner training the plugin, offline."""
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+import wandb
 from sae_lens import (
     SAE,
     LanguageModelSAERunnerConfig,
@@ -13,7 +16,12 @@ from sae_lens import (
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
 from sae_lens_gated import GatedSAE, GatedTrainingSAE
-from tests.helpers import tiny_model, tiny_runner_dict, tiny_token_dataset
+from tests.helpers import (
+    read_offline_wandb_history,
+    tiny_model,
+    tiny_runner_dict,
+    tiny_token_dataset,
+)
 
 
 def _run(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
@@ -24,15 +32,21 @@ def _run(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
     return runner.run()
 
 
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B in offline mode writing under tmp_path (its settings are re-read per test)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()
+    return tmp_path
+
+
 def _max_norm_error(W_dec: torch.Tensor) -> float:
     return float((W_dec.detach().norm(dim=1) - 1).abs().max())
 
 
-def test_runner_trains_the_plugin_from_a_dict_config_with_offline_wandb(
-    tmp_path: Path, monkeypatch: Any
-):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+@pytest.mark.usefixtures("offline_wandb")
+def test_runner_trains_the_plugin_from_a_dict_config_with_offline_wandb(tmp_path: Path):
     cfg = LanguageModelSAERunnerConfig.from_dict(
         tiny_runner_dict(
             tmp_path,
@@ -130,3 +144,103 @@ def test_unit_norm_holds_after_load_and_on_resume_from_a_checkpoint(tmp_path: Pa
     sae = _run(resumed)
     assert _max_norm_error(sae.W_dec) <= 1e-5
     assert not torch.equal(sae.W_dec, restored.W_dec)
+
+
+_RESAMPLING = {
+    "resample_every": 20,
+    "resample_window": 10,
+    "resample_pool_size": 256,
+    "resample_lr_warmup_steps": 5,
+    "l1_coefficient": 20.0,  # with lr 1e-2, enough to kill a few features of the tiny model
+}
+
+
+@pytest.mark.usefixtures("offline_wandb")
+def test_gated_metrics_reach_the_offline_wandb_run(tmp_path: Path):
+    cfg = LanguageModelSAERunnerConfig.from_dict(
+        tiny_runner_dict(
+            tmp_path,
+            sae=_RESAMPLING,
+            lr=1e-2,
+            training_tokens=64 * 60,
+            logger={
+                "log_to_wandb": True,
+                "wandb_log_frequency": 5,
+                "eval_every_n_wandb_logs": 4,
+            },
+        )
+    )
+    sae = _run(cfg)
+    assert sae.resampler is not None and sae.resampler.n_events == 3
+    (run_dir,) = tmp_path.glob("wandb/offline-run-*")
+    history = read_offline_wandb_history(run_dir)
+    for key in (
+        "losses/mse_loss",
+        "losses/l1_loss",
+        "losses/auxiliary_reconstruction_loss",
+        "metrics/relative_reconstruction_bias",
+        "metrics/gate_l0",
+        "metrics/l0",
+        "resampling/n_resampled",
+        "resampling/n_events",
+    ):
+        values = history.get(key)
+        assert values and all(isinstance(v, (int, float)) for v in values), key
+    assert len(history["losses/l1_loss"]) == 12  # every 5 steps
+    assert history["resampling/n_events"][-1] == 3
+    assert history["resampling/n_resampled"][-1] == sae.resampler.n_resampled
+    assert sae.resampler.n_resampled > 0
+    gammas = history["metrics/relative_reconstruction_bias"]
+    assert all(math.isfinite(v) for v in gammas) and len(set(gammas)) > 1
+    assert all(
+        g >= l0 for g, l0 in zip(history["metrics/gate_l0"], history["metrics/l0"])
+    )
+    for key in (
+        "weights/r_mag",
+        "weights/b_gate",
+        "weights/b_mag",
+        "weights/W_dec_norms",
+    ):
+        assert history.get(f"{key}/_type") == ["histogram"] * 3, key
+        assert sum(history[f"{key}/values"][-1]) == 128
+
+
+def _resampled_in_checkpoint(checkpoint: Path) -> int:
+    from safetensors.torch import load_file
+
+    return int(
+        load_file(checkpoint / "gated_resampler_state.safetensors")["n_resampled"]
+    )
+
+
+def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path):
+    first = LanguageModelSAERunnerConfig.from_dict(
+        tiny_runner_dict(
+            tmp_path, sae=_RESAMPLING, training_tokens=64 * 50, n_checkpoints=1
+        )
+    )
+    sae = _run(first)
+    assert sae.resampler is not None
+    assert sae.resampler.n_events == 2
+    mid = sorted(
+        Path(first.checkpoint_path or "").iterdir(), key=lambda p: int(p.name)
+    )[0]
+    assert (mid / "gated_resampler_state.safetensors").exists()
+
+    resumed_cfg = LanguageModelSAERunnerConfig.from_dict(
+        tiny_runner_dict(
+            tmp_path,
+            sae=_RESAMPLING,
+            lr=1e-2,
+            training_tokens=64 * 70,
+            resume_from_checkpoint=str(mid),
+            output_path=str(tmp_path / "resumed"),
+        )
+    )
+    resumed = _run(resumed_cfg)
+    assert resumed.resampler is not None
+    # 26 steps before the checkpoint, 44 after: events at steps 20, 40 and 60.
+    assert resumed.resampler.completed_steps == 70
+    assert resumed.resampler.n_events == 3
+    assert resumed.resampler.n_resampled >= _resampled_in_checkpoint(mid)
+    assert _max_norm_error(resumed.W_dec) <= 1e-5

@@ -18,10 +18,13 @@ What differs from the built-in:
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
+import wandb
 from numpy.typing import NDArray
 from sae_lens.saes.gated_sae import GatedSAE as _BuiltinGatedSAE
 from sae_lens.saes.gated_sae import GatedSAEConfig as _BuiltinGatedSAEConfig
@@ -38,10 +41,17 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 from sae_lens.util import filter_valid_dataclass_fields
+from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
+from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
 from sae_lens_gated.training.batch_guard import BatchGuard
+from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.optimizer_hooks import attach_to_optimizer_steps
+from sae_lens_gated.training.resampling import (
+    DeadFeatureResampler,
+    ResamplingSchedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +71,14 @@ class GatedRecipe:
         l1_scale_by_decoder_norm: Weight each feature's sparsity penalty by its decoder row norm.
         unit_norm_decoder: Keep every ``W_dec`` row at exactly unit norm during training.
         decoder_init_norm: Norm of the ``W_dec`` rows at initialisation.
+        resample_dead: Resample dead features at scheduled steps.
     """
 
     freeze_decoder_in_aux: bool
     l1_scale_by_decoder_norm: bool
     unit_norm_decoder: bool
     decoder_init_norm: float
+    resample_dead: bool
 
 
 RECIPES: dict[str, GatedRecipe] = {
@@ -76,6 +88,7 @@ RECIPES: dict[str, GatedRecipe] = {
         l1_scale_by_decoder_norm=False,
         unit_norm_decoder=True,
         decoder_init_norm=1.0,
+        resample_dead=True,
     ),
     # The authors' April 2024 follow-up (a norm-weighted penalty instead of the unit-norm
     # constraint, decoder trainable in both terms); this is what SAELens's built-in trains.
@@ -84,10 +97,16 @@ RECIPES: dict[str, GatedRecipe] = {
         l1_scale_by_decoder_norm=True,
         unit_norm_decoder=False,
         decoder_init_norm=0.1,
+        resample_dead=False,
     ),
 }
 
 _WEIGHT_TYING_OPTIONS = ("r_mag", "none")
+
+RESAMPLER_STATE_FILENAME = "gated_resampler_state.safetensors"
+
+# Bricken et al. 2023 ("Neuron Resampling"): events at these steps, 12,500-step window.
+DEFAULT_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
 
 
 class GatedEncoding(NamedTuple):
@@ -247,6 +266,25 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
             0). Forced to 1.0 when ``unit_norm_decoder`` is True.
         weight_tying: ``"r_mag"`` (paper: ``W_mag = exp(r_mag) * W_gate``) or ``"none"``, which
             freezes ``r_mag`` at 0 (the paper's "no r_mag" ablation).
+        clip_grad_norm: SAELens's trainer always clips the global gradient norm to 1.0 (the
+            paper does not clip). With False the unclipped gradient is restored just before
+            each optimizer step, which matches the paper.
+        resample_dead: Recipe default (paper True, april_update False). Resample dead
+            features (Bricken et al. 2023, paper App. D.1) at scheduled events.
+        resample_steps: Event steps, counted in completed training steps. With neither this
+            nor ``resample_every`` set, Bricken et al.'s 25k/50k/75k/100k is used.
+        resample_every: Event period in steps (instead of ``resample_steps``).
+        resample_window: A feature is dead at an event if it has not fired in this many
+            preceding training steps (Bricken et al.: 12,500). Events must be at least this
+            many steps after the start and after each other.
+        resample_pool_size: Recent training inputs kept to sample new directions from
+            (Bricken et al.: 819,200). They are only held during the last
+            ``ceil(pool / batch)`` steps before an event: ``pool x d_in`` values of memory.
+        resample_encoder_scale: New encoder columns get this times the mean encoder column
+            norm of the alive features (Bricken et al.: 0.2).
+        resample_lr_warmup_steps: After an event the learning rate restarts at 0.1x its
+            scheduled value and returns to it on a cosine over this many steps (paper App.
+            D.1: 1000; 0 turns the re-warm off).
     """
 
     recipe: Recipe = "paper"
@@ -256,11 +294,20 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     unit_norm_decoder: bool | None = None
     decoder_init_norm: float | None = None
     weight_tying: WeightTying = "r_mag"
+    clip_grad_norm: bool = True
+    resample_dead: bool | None = None
+    resample_steps: list[int] | None = None
+    resample_every: int | None = None
+    resample_window: int = 12_500
+    resample_pool_size: int = 819_200
+    resample_encoder_scale: float = 0.2
+    resample_lr_warmup_steps: int = 1000
 
     @override
     def __post_init__(self) -> None:
         self._validate()
         self._apply_recipe_defaults()
+        self._validate_resampling()
         self._warn_about_discouraged_combinations()
         super().__post_init__()
 
@@ -287,6 +334,47 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
                 f"decoder_init_norm must be > 0, got {self.decoder_init_norm}."
             )
 
+    def _validate_resampling(self) -> None:
+        for name in ("resample_window", "resample_pool_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.resample_every is not None and self.resample_every < 1:
+            raise ValueError(f"resample_every must be >= 1, got {self.resample_every}.")
+        if self.resample_lr_warmup_steps < 0:
+            raise ValueError(
+                f"resample_lr_warmup_steps must be >= 0, got {self.resample_lr_warmup_steps}."
+            )
+        if not (
+            math.isfinite(self.resample_encoder_scale)
+            and self.resample_encoder_scale > 0
+        ):
+            raise ValueError(
+                f"resample_encoder_scale must be finite and > 0, got {self.resample_encoder_scale}."
+            )
+        if self.resample_steps is not None and self.resample_every is not None:
+            raise ValueError("Set resample_steps or resample_every, not both.")
+        if self.resample_steps is not None:
+            steps = list(self.resample_steps)
+            if not steps or any(b <= a for a, b in zip(steps, steps[1:])):
+                raise ValueError(
+                    f"resample_steps must be a non-empty, strictly increasing list, got {steps}."
+                )
+            gaps = [steps[0]] + [b - a for a, b in zip(steps, steps[1:])]
+            if min(gaps) < self.resample_window:
+                raise ValueError(
+                    f"resample_steps {steps} puts an event less than resample_window="
+                    f"{self.resample_window} steps after the start of training or after "
+                    "the previous event; a feature can only be judged dead after a full window."
+                )
+        if (
+            self.resample_every is not None
+            and self.resample_every < self.resample_window
+        ):
+            raise ValueError(
+                f"resample_every={self.resample_every} is shorter than resample_window="
+                f"{self.resample_window}; a feature can only be judged dead after a full window."
+            )
+
     def _apply_recipe_defaults(self) -> None:
         recipe = RECIPES[self.recipe]
         if self.freeze_decoder_in_aux is None:
@@ -297,6 +385,14 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
             self.unit_norm_decoder = recipe.unit_norm_decoder
         if self.decoder_init_norm is None:
             self.decoder_init_norm = recipe.decoder_init_norm
+        if self.resample_dead is None:
+            self.resample_dead = recipe.resample_dead
+        if (
+            self.resample_dead
+            and self.resample_steps is None
+            and self.resample_every is None
+        ):
+            self.resample_steps = list(DEFAULT_RESAMPLE_STEPS)
         if self.unit_norm_decoder and self.decoder_init_norm != 1.0:
             logger.warning(
                 "decoder_init_norm=%s is ignored: unit_norm_decoder=True keeps decoder "
@@ -320,6 +416,22 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
                 "unit_norm_decoder=False. The plain L1 penalty can then be reduced by "
                 "shrinking encoder outputs while growing decoder norms."
             )
+        if self.resample_dead and not self.unit_norm_decoder:
+            logger.warning(
+                "Discouraged combination: resample_dead=True with unit_norm_decoder=False. "
+                "Resampled decoder rows get unit norm while the other rows keep theirs."
+            )
+
+    def resampling_schedule(self) -> ResamplingSchedule:
+        """The resampling settings of this config, for :class:`DeadFeatureResampler`."""
+        return ResamplingSchedule(
+            event_steps=tuple(self.resample_steps or ()),
+            every=self.resample_every,
+            window=self.resample_window,
+            pool_size=self.resample_pool_size,
+            encoder_scale=self.resample_encoder_scale,
+            lr_warmup_steps=self.resample_lr_warmup_steps,
+        )
 
     @override
     @classmethod
@@ -356,6 +468,17 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         if self.cfg.weight_tying == "none":
             self.r_mag.requires_grad_(False)
         self._batch_guard = BatchGuard()
+        self.resampler: DeadFeatureResampler | None = None
+        if self.cfg.resample_dead:
+            seed = int(torch.randint(0, 2**62, ()).item())
+            self.resampler = DeadFeatureResampler(
+                self.cfg.resampling_schedule(), self.cfg.d_sae, seed
+            )
+        self._clip_undo = None if self.cfg.clip_grad_norm else GradientClipUndo()
+        if self._clip_undo is not None:
+            self._clip_undo.attach(self.parameters())
+        self._logging_step: int | None = None
+        self._scheduled_lrs: list[tuple[dict[str, Any], float]] = []
         attach_to_optimizer_steps(self)
 
     @property
@@ -387,6 +510,18 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         for name, value in losses.items():
             if name != "mse_loss":
                 total_loss = total_loss + value
+        if self.resampler is not None:
+            self.resampler.observe(step_input.sae_in, encoding.feature_acts)
+        self._logging_step = (
+            step_input.n_training_steps if step_input.is_logging_step else None
+        )
+        metrics: dict[str, Any] = {}
+        if step_input.is_logging_step:
+            with torch.no_grad():
+                metrics["relative_reconstruction_bias"] = (
+                    relative_reconstruction_bias_tensor(step_input.sae_in, sae_out)
+                )
+                metrics["gate_l0"] = (encoding.gate_pre > 0).float().sum(-1).mean()
         return TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -394,6 +529,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             hidden_pre=encoding.magnitude_pre,
             loss=total_loss,
             losses=losses,
+            metrics=metrics,
         )
 
     def gate_losses(
@@ -433,20 +569,104 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             self.encode_gated(step_input.sae_in), step_input.coefficients
         )
 
+    @torch.no_grad()
+    def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        """``||x - x_hat||^2`` per example (the loss resampling weights inputs by)."""
+        return (self.decode(self.encode(x)) - x.to(self.dtype)).pow(2).sum(dim=-1)
+
+    @torch.no_grad()
+    def centred_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the encoder sees it before the matmul (processed, minus ``b_dec``)."""
+        return self.process_sae_in(x)
+
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called just before an optimizer holding this SAE's parameters steps.
 
-        Raises on a non-finite training batch before it can reach the weights, and removes
-        the gradient component parallel to each decoder row under ``unit_norm_decoder``.
+        In order: raise on a non-finite training batch before it can reach the weights;
+        restore gradients clipped by the training loop (``clip_grad_norm=False``); remove
+        the gradient component parallel to each decoder row (``unit_norm_decoder``); apply
+        the learning-rate re-warm after a resampling event.
         """
         self._batch_guard.raise_if_bad()
+        if self._clip_undo is not None:
+            self._clip_undo.restore(list(self.parameters()))
         if self.cfg.unit_norm_decoder:
             remove_parallel_decoder_grad(self.W_dec)
+        factor = 1.0 if self.resampler is None else self.resampler.lr_factor()
+        if factor != 1.0:
+            own = {id(p) for p in self.parameters()}
+            for group in optimizer.param_groups:
+                if any(id(p) in own for p in group["params"]):
+                    self._scheduled_lrs.append((group, group["lr"]))
+                    group["lr"] = group["lr"] * factor
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called just after an optimizer holding this SAE's parameters stepped."""
+        """Called just after an optimizer holding this SAE's parameters stepped.
+
+        Puts back the scheduled learning rate (so LR schedulers see their own value),
+        renormalises decoder rows, and runs a resampling event if one is due.
+        """
+        for group, lr in self._scheduled_lrs:
+            group["lr"] = lr
+        self._scheduled_lrs.clear()
         if self.cfg.unit_norm_decoder:
             normalize_decoder_rows(self.W_dec)
+        if self.resampler is not None:
+            self.resampler.step_completed(self, optimizer)
+            self._log_resampling()
+
+    def _log_resampling(self) -> None:
+        # SAELens's trainer prefixes TrainStepOutput.metrics with "metrics/", so the
+        # resampling counters go to its W&B run directly, at its logging steps.
+        if self._logging_step is None or self.resampler is None or wandb.run is None:
+            return
+        wandb.log(
+            {
+                "resampling/n_resampled": self.resampler.n_resampled,
+                "resampling/n_events": self.resampler.n_events,
+                "resampling/lr_factor": self.resampler.lr_factor(),
+            },
+            step=self._logging_step,
+        )
+
+    @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        weights_path, cfg_path = super().save_model(path)
+        if self.resampler is not None:
+            save_file(
+                self.resampler.state_dict(), Path(path) / RESAMPLER_STATE_FILENAME
+            )
+        return weights_path, cfg_path
+
+    @override
+    def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
+        super().load_weights_from_checkpoint(checkpoint_path)
+        state_path = Path(checkpoint_path) / RESAMPLER_STATE_FILENAME
+        if self.resampler is None:
+            return
+        if not state_path.exists():
+            logger.warning(
+                "%s has no %s: resampling restarts its schedule from step 0.",
+                checkpoint_path,
+                RESAMPLER_STATE_FILENAME,
+            )
+            return
+        try:
+            state = load_file(state_path)
+        except Exception as error:
+            raise ValueError(
+                f"Could not read resampler state {state_path}: {error}"
+            ) from error
+        self.resampler.load_state_dict(state, device=self.W_dec.device)
+
+    @override
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign and self._clip_undo is not None:
+            self._clip_undo.attach(self.parameters())  # parameter objects were replaced
+        return result
 
     @override
     @torch.no_grad()

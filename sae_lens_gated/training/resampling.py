@@ -1,0 +1,310 @@
+"""Dead-feature resampling (Bricken et al. 2023, adapted to gated SAEs as in the paper, App. D).
+
+At each event, features that have not fired in the last ``resample_window`` training steps
+get a new decoder row: a pooled recent training input (centred), chosen with probability
+proportional to the square of its reconstruction loss and normalised to unit norm. Their
+encoder column points the same way, scaled to ``resample_encoder_scale`` times the mean
+encoder column norm of the alive features; their ``b_gate``, ``b_mag`` and ``r_mag`` are
+reset to 0, and so are the optimizer moments of exactly those slices. The learning rate
+then restarts at 0.1x and returns to its scheduled value on a cosine.
+
+The state (step count, firing history, input pool, random generator, event counters) is a
+plain tensor dict saved next to SAELens's checkpoints, so resuming is exact.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LR_DIP = 0.1  # Paper App. D.1: LR drops to 0.1x after each event.
+_LOSS_CHUNK = 8192  # Pooled inputs per forward pass when scoring the pool.
+
+
+class ResampleTarget(Protocol):
+    """What the resampler needs from an SAE."""
+
+    W_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_dec: torch.nn.Parameter
+    b_gate: torch.nn.Parameter
+    b_mag: torch.nn.Parameter
+    r_mag: torch.nn.Parameter
+
+    def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def centred_input(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ResamplingSchedule:
+    """When to resample and how.
+
+    Args:
+        event_steps: Explicit event steps (counted in completed training steps), or empty.
+        every: Event period if ``event_steps`` is empty.
+        window: A feature is dead if it has not fired in this many steps before an event.
+        pool_size: Recent training inputs kept (only during the steps before an event).
+        encoder_scale: New encoder columns get this times the mean alive column norm.
+        lr_warmup_steps: Length of the cosine LR re-warm after an event (0: none).
+    """
+
+    event_steps: tuple[int, ...]
+    every: int | None
+    window: int
+    pool_size: int
+    encoder_scale: float
+    lr_warmup_steps: int
+
+    def next_event(self, completed_steps: int) -> int | None:
+        """The first event step strictly after ``completed_steps``."""
+        if self.event_steps:
+            return next((s for s in self.event_steps if s > completed_steps), None)
+        assert self.every is not None
+        return (completed_steps // self.every + 1) * self.every
+
+
+@dataclass(frozen=True)
+class ResampleEvent:
+    """What one resampling event did."""
+
+    step: int
+    n_dead: int
+    resampled: torch.Tensor  # indices of resampled features
+
+
+class DeadFeatureResampler:
+    """Tracks firing and recent inputs, and resamples dead features at scheduled steps."""
+
+    def __init__(self, schedule: ResamplingSchedule, d_sae: int, seed: int) -> None:
+        self.schedule = schedule
+        self.d_sae = d_sae
+        self.completed_steps = 0
+        self.n_events = 0
+        self.n_resampled = 0
+        self.last_event_step: int | None = None
+        self.last_event: ResampleEvent | None = None
+        self.fired_in_window: torch.Tensor | None = None
+        self.pool: torch.Tensor | None = None
+        self.pool_count = 0  # rows written since the pool was allocated
+        self.generator_state = torch.Generator().manual_seed(seed).get_state()
+        self._batch_size_checked = False
+
+    # ---- during the forward pass ----------------------------------------------------------
+
+    def observe(self, sae_in: torch.Tensor, feature_acts: torch.Tensor) -> None:
+        """Record which features fired and, shortly before an event, the batch itself."""
+        event = self.schedule.next_event(self.completed_steps)
+        if event is None:
+            return
+        steps_left = event - self.completed_steps  # including this one
+        if steps_left <= self.schedule.window:
+            fired = (feature_acts > 0).reshape(-1, self.d_sae).any(dim=0)
+            if self.fired_in_window is None or steps_left == self.schedule.window:
+                self.fired_in_window = fired
+            else:
+                self.fired_in_window = self.fired_in_window | fired
+        batch = sae_in.detach().reshape(-1, sae_in.shape[-1])
+        self._check_batch_size(batch.shape[0])
+        if (steps_left - 1) * batch.shape[0] < self.schedule.pool_size:
+            self._add_to_pool(batch)
+
+    def _check_batch_size(self, batch_size: int) -> None:
+        if self._batch_size_checked:
+            return
+        self._batch_size_checked = True
+        if batch_size > self.schedule.pool_size:
+            logger.warning(
+                "resample_pool_size=%d is smaller than one training batch (%d inputs): "
+                "resampling will only choose among the last %d inputs.",
+                self.schedule.pool_size,
+                batch_size,
+                self.schedule.pool_size,
+            )
+
+    def _add_to_pool(self, batch: torch.Tensor) -> None:
+        size = self.schedule.pool_size
+        if self.pool is None:
+            self.pool = torch.empty(
+                size, batch.shape[1], dtype=batch.dtype, device=batch.device
+            )
+            self.pool_count = 0
+        batch = batch[-size:]
+        start = self.pool_count % size
+        first = min(size - start, batch.shape[0])
+        self.pool[start : start + first] = batch[:first]
+        self.pool[: batch.shape[0] - first] = batch[first:]
+        self.pool_count += batch.shape[0]
+
+    # ---- around the optimizer step ------------------------------------------------------------
+
+    def lr_factor(self) -> float:
+        """LR multiplier for the step about to be taken (cosine from 0.1 back to 1)."""
+        warmup = self.schedule.lr_warmup_steps
+        if self.last_event_step is None or warmup <= 0:
+            return 1.0
+        t = self.completed_steps - self.last_event_step
+        if t >= warmup:
+            return 1.0
+        return LR_DIP + (1 - LR_DIP) * 0.5 * (1 - math.cos(math.pi * t / warmup))
+
+    def step_completed(
+        self, sae: ResampleTarget, optimizer: torch.optim.Optimizer
+    ) -> ResampleEvent | None:
+        """Count a finished optimizer step and run the event scheduled after it, if any."""
+        self.completed_steps += 1
+        if self.schedule.next_event(self.completed_steps - 1) != self.completed_steps:
+            return None
+        self.last_event = self._run_event(sae, optimizer)
+        return self.last_event
+
+    @torch.no_grad()
+    def _run_event(
+        self, sae: ResampleTarget, optimizer: torch.optim.Optimizer
+    ) -> ResampleEvent:
+        step = self.completed_steps
+        self.n_events += 1
+        fired, pool, n_pooled = (
+            self.fired_in_window,
+            self.pool,
+            min(self.pool_count, self.schedule.pool_size),
+        )
+        self.fired_in_window, self.pool, self.pool_count = None, None, 0
+        dead = torch.zeros(self.d_sae, dtype=torch.bool) if fired is None else ~fired
+        dead_idx = dead.nonzero().flatten().to(sae.W_dec.device)
+        empty = torch.empty(0, dtype=torch.long)
+        if dead_idx.numel() == 0 or pool is None or n_pooled == 0:
+            reason = (
+                "no dead features"
+                if dead_idx.numel() == 0
+                else "the input pool is empty"
+            )
+            logger.info(
+                "Resampling event %d at step %d: %s, nothing to do.",
+                self.n_events,
+                step,
+                reason,
+            )
+            return ResampleEvent(
+                step=step, n_dead=int(dead_idx.numel()), resampled=empty
+            )
+
+        inputs = self._sample_inputs(sae, pool[:n_pooled], int(dead_idx.numel()))
+        directions = sae.centred_input(inputs)
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        alive = ~dead.to(sae.W_enc.device)
+        column_norms = sae.W_enc.norm(dim=0)
+        mean_norm = column_norms[alive].mean() if alive.any() else column_norms.mean()
+
+        directions = directions.to(sae.W_dec.dtype)
+        sae.W_dec.data[dead_idx] = directions
+        sae.W_enc.data[:, dead_idx] = (
+            directions * self.schedule.encoder_scale * mean_norm
+        ).T
+        for bias in (sae.b_gate, sae.b_mag, sae.r_mag):
+            bias.data[dead_idx] = 0
+        _reset_optimizer_slices(optimizer, sae, dead_idx)
+
+        self.n_resampled += int(dead_idx.numel())
+        self.last_event_step = step
+        logger.info(
+            "Resampling event %d at step %d: resampled %d dead features.",
+            self.n_events,
+            step,
+            dead_idx.numel(),
+        )
+        return ResampleEvent(
+            step=step, n_dead=int(dead_idx.numel()), resampled=dead_idx
+        )
+
+    def _sample_inputs(
+        self, sae: ResampleTarget, pool: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        losses = torch.cat(
+            [
+                sae.per_example_reconstruction_error(chunk).double()
+                for chunk in pool.split(_LOSS_CHUNK)
+            ]
+        )
+        weights = losses.pow(2).cpu()
+        if not weights.sum() > 0:
+            weights = torch.ones_like(weights)
+        generator = torch.Generator()
+        generator.set_state(self.generator_state)
+        chosen = torch.multinomial(
+            weights, n, replacement=n > int((weights > 0).sum()), generator=generator
+        )
+        self.generator_state = generator.get_state()
+        return pool[chosen.to(pool.device)]
+
+    # ---- checkpointing ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All resampler state as tensors (for a safetensors file)."""
+        state: dict[str, torch.Tensor] = {
+            "completed_steps": torch.tensor(self.completed_steps),
+            "n_events": torch.tensor(self.n_events),
+            "n_resampled": torch.tensor(self.n_resampled),
+            "last_event_step": torch.tensor(
+                -1 if self.last_event_step is None else self.last_event_step
+            ),
+            "pool_count": torch.tensor(self.pool_count),
+            "generator_state": self.generator_state.clone(),
+        }
+        if self.fired_in_window is not None:
+            state["fired_in_window"] = self.fired_in_window.detach().cpu().clone()
+        if self.pool is not None:
+            state["pool"] = self.pool.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: Any) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        required = {
+            "completed_steps",
+            "n_events",
+            "n_resampled",
+            "last_event_step",
+            "pool_count",
+            "generator_state",
+        }
+        missing = required - set(state)
+        if missing:
+            raise ValueError(f"Resampler state is missing {sorted(missing)}.")
+        self.completed_steps = int(state["completed_steps"])
+        self.n_events = int(state["n_events"])
+        self.n_resampled = int(state["n_resampled"])
+        last = int(state["last_event_step"])
+        self.last_event_step = None if last < 0 else last
+        self.pool_count = int(state["pool_count"])
+        self.generator_state = state["generator_state"].to(torch.uint8).clone()
+        fired = state.get("fired_in_window")
+        if fired is not None and fired.shape != (self.d_sae,):
+            raise ValueError(
+                f"Resampler state has fired_in_window of shape {tuple(fired.shape)}, "
+                f"expected ({self.d_sae},)."
+            )
+        self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
+        pool = state.get("pool")
+        self.pool = None if pool is None else pool.to(device)
+
+
+def _reset_optimizer_slices(
+    optimizer: torch.optim.Optimizer, sae: ResampleTarget, idx: torch.Tensor
+) -> None:
+    """Zero every per-element optimizer state (Adam's moments) of the resampled slices."""
+    slices: list[tuple[torch.nn.Parameter, tuple[Any, ...]]] = [
+        (sae.W_dec, (idx,)),
+        (sae.W_enc, (slice(None), idx)),
+        (sae.b_gate, (idx,)),
+        (sae.b_mag, (idx,)),
+        (sae.r_mag, (idx,)),
+    ]
+    for param, index in slices:
+        state = optimizer.state.get(param, {})
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value[index] = 0

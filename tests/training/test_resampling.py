@@ -1,0 +1,424 @@
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
+from sae_lens_gated.training.resampling import DeadFeatureResampler
+from tests.helpers import (
+    SparseSyntheticData,
+    build_gated_training_cfg,
+    make_trainer,
+    randomize_gated_params,
+)
+
+
+def _resampling_cfg(**kwargs: Any) -> GatedTrainingSAEConfig:
+    settings: dict[str, Any] = {
+        "d_in": 16,
+        "d_sae": 128,
+        "l1_coefficient": 3.0,
+        "resample_every": 100,
+        "resample_window": 50,
+        "resample_pool_size": 1024,
+        "resample_lr_warmup_steps": 20,
+    }
+    settings.update(kwargs)
+    return build_gated_training_cfg(**settings)
+
+
+class FiringRecorder:
+    """Which features fired in each training forward pass (not in no-grad scoring)."""
+
+    def __init__(self, sae: GatedTrainingSAE) -> None:
+        self.steps: list[torch.Tensor] = []
+        sae.hook_sae_acts_post.add_hook(self._record)  # type: ignore[arg-type]
+
+    def _record(self, acts: torch.Tensor, hook: Any) -> None:  # noqa: ARG002
+        if torch.is_grad_enabled():
+            self.steps.append((acts > 0).any(dim=0).detach().clone())
+
+    def dead_over(self, first: int, last: int) -> torch.Tensor:
+        return ~torch.stack(self.steps[first:last]).any(dim=0)
+
+
+def _dying_data(seed: int = 0) -> SparseSyntheticData:
+    """Four true directions for a 128-feature SAE with a high lambda: many features die."""
+    return SparseSyntheticData(d_in=16, n_features=4, p_fire=0.1, seed=seed)
+
+
+def _dead_on_fresh_data(sae: GatedTrainingSAE, data: SparseSyntheticData) -> int:
+    with torch.no_grad():
+        acts = torch.cat([sae.encode(next(data)) for _ in range(20)])
+    return int((~(acts > 0).any(dim=0)).sum())
+
+
+def test_event_resamples_exactly_the_features_dead_in_the_window():
+    sae = GatedTrainingSAE(_resampling_cfg())
+    recorder = FiringRecorder(sae)
+    make_trainer(sae, _dying_data(), steps=100).fit()
+    assert sae.resampler is not None
+    event = sae.resampler.last_event
+    assert event is not None and event.step == 100
+    expected = recorder.dead_over(50, 100).nonzero().flatten()
+    assert expected.numel() >= 10  # the setting is built to kill features
+    assert torch.equal(event.resampled.sort().values, expected)
+    assert sae.resampler.n_events == 1
+    assert sae.resampler.n_resampled == expected.numel()
+
+
+def test_dead_count_drops_after_events():
+    data = _dying_data(seed=1)
+    eval_data = _dying_data(seed=2)
+    sae = GatedTrainingSAE(_resampling_cfg(resample_steps=[100], resample_every=None))
+    trainer = make_trainer(sae, data, steps=100)
+    trainer.fit()
+    assert sae.resampler is not None and sae.resampler.last_event is not None
+    n_resampled = sae.resampler.last_event.resampled.numel()
+    # dead just before the event = resampled set; now check after some training
+    make_trainer(sae, data, steps=60).fit()
+    dead_after = _dead_on_fresh_data(sae, eval_data)
+    assert n_resampled >= 10
+    assert dead_after < n_resampled
+
+
+def _controlled_event(seed: int = 0) -> dict[str, Any]:
+    """Drive one event by hand: features 2, 5 and 7 never fire; 3 marked pool inputs
+    carry all the reconstruction loss."""
+    cfg = build_gated_training_cfg(
+        d_in=8, d_sae=10, resample_every=5, resample_window=5, resample_pool_size=20
+    )
+    sae = GatedTrainingSAE(cfg)
+    randomize_gated_params(sae, seed=seed, unit_decoder=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    for _ in range(3):  # give every parameter Adam state
+        optimizer.zero_grad()
+        sae.W_enc.sum().backward()
+        for p in sae.parameters():
+            if p.grad is None:
+                p.grad = torch.randn_like(p)
+        torch.optim.Adam.step(optimizer)  # type: ignore[arg-type]
+    # The hooks above ran; reset the resampler's step count for a clean schedule.
+    resampler = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=10, seed=seed)
+    sae.resampler = resampler
+    marked = torch.randn(3, 8) + 100.0
+    sae.per_example_reconstruction_error = lambda x: (x[:, 0] > 50).double() * x[:, 0]  # type: ignore[method-assign]
+    dead = torch.tensor([2, 5, 7])
+    for step in range(5):
+        batch = torch.randn(4, 8)
+        if step == 2:
+            batch[1:] = marked
+        acts = torch.rand(4, 10) + 0.1
+        acts[:, dead] = 0
+        resampler.observe(batch, acts)
+        if step < 4:
+            resampler.step_completed(sae, optimizer)
+    params_before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    state_before = {
+        n: {k: v.clone() for k, v in optimizer.state[p].items()}
+        for n, p in sae.named_parameters()
+    }
+    alive_norm = sae.W_enc.detach().norm(dim=0)[[0, 1, 3, 4, 6, 8, 9]].mean()
+    event = resampler.step_completed(sae, optimizer)
+    return {
+        "sae": sae,
+        "optimizer": optimizer,
+        "event": event,
+        "marked": marked,
+        "dead": dead,
+        "params_before": params_before,
+        "state_before": state_before,
+        "alive_norm": alive_norm,
+    }
+
+
+def test_resampled_rows_are_unit_directions_of_high_loss_centred_inputs():
+    run = _controlled_event()
+    sae, event, dead = run["sae"], run["event"], run["dead"]
+    assert event is not None and torch.equal(event.resampled, dead)
+    new_rows = sae.W_dec.detach()[dead]
+    torch.testing.assert_close(new_rows.norm(dim=1), torch.ones(3), atol=1e-6, rtol=0)
+    centred = run["marked"] - run["params_before"]["b_dec"]
+    expected = centred / centred.norm(dim=1, keepdim=True)
+    cos = new_rows @ expected.T  # each new row is one of the three marked inputs
+    assert torch.equal(cos.argmax(dim=1).sort().values, torch.arange(3))
+    torch.testing.assert_close(cos.max(dim=1).values, torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_resampled_encoder_columns_and_biases():
+    run = _controlled_event()
+    sae, dead = run["sae"], run["dead"]
+    W_enc = sae.W_enc.detach()
+    torch.testing.assert_close(
+        W_enc[:, dead].norm(dim=0), torch.full((3,), 0.2 * float(run["alive_norm"]))
+    )
+    cos = torch.nn.functional.cosine_similarity(
+        W_enc[:, dead].T, sae.W_dec.detach()[dead]
+    )
+    torch.testing.assert_close(cos, torch.ones(3))
+    for name in ("b_gate", "b_mag", "r_mag"):
+        assert torch.equal(getattr(sae, name).detach()[dead], torch.zeros(3))
+
+
+def test_untouched_weights_and_optimizer_state_are_bit_identical():
+    run = _controlled_event()
+    sae, optimizer, dead = run["sae"], run["optimizer"], run["dead"]
+    alive = torch.tensor([i for i in range(10) if i not in dead.tolist()])
+    slices = {
+        "W_dec": lambda t, i: t[i],
+        "W_enc": lambda t, i: t[:, i],
+        "b_gate": lambda t, i: t[i],
+        "b_mag": lambda t, i: t[i],
+        "r_mag": lambda t, i: t[i],
+    }
+    for name, param in sae.named_parameters():
+        before = run["params_before"][name]
+        state_before = run["state_before"][name]
+        if name not in slices:  # b_dec is not touched at all
+            assert torch.equal(param.detach(), before)
+            for key, value in optimizer.state[param].items():
+                assert torch.equal(value, state_before[key])
+            continue
+        take = slices[name]
+        assert torch.equal(take(param.detach(), alive), take(before, alive)), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = optimizer.state[param][key]
+            assert torch.equal(take(value, alive), take(state_before[key], alive)), name
+            assert torch.equal(
+                take(value, dead), torch.zeros_like(take(value, dead))
+            ), name
+            assert take(state_before[key], dead).abs().sum() > 0
+        assert torch.equal(optimizer.state[param]["step"], state_before["step"])
+
+
+def test_inputs_are_drawn_with_probability_proportional_to_squared_loss():
+    sae = GatedTrainingSAE(build_gated_training_cfg(d_in=4, d_sae=6))
+    resampler = DeadFeatureResampler(sae.cfg.resampling_schedule(), d_sae=6, seed=0)
+    pool = torch.zeros(3, 4)
+    pool[:, 0] = torch.tensor([0.0, 1.0, 2.0])  # losses 0, 1, 2 -> weights 0, 1, 4
+    sae.per_example_reconstruction_error = lambda x: x[:, 0].double()  # type: ignore[method-assign]
+    draws = resampler._sample_inputs(sae, pool, 20_000)[:, 0]
+    assert (draws == 0).sum() == 0
+    frac_two = float((draws == 2).float().mean())
+    assert frac_two == pytest.approx(0.8, abs=0.015)
+
+
+def test_no_op_events_are_logged(caplog: pytest.LogCaptureFixture):
+    cfg = build_gated_training_cfg(
+        d_in=8, d_sae=4, resample_every=3, resample_window=3, resample_pool_size=8
+    )
+    sae = GatedTrainingSAE(cfg)
+    optimizer = torch.optim.SGD(sae.parameters(), lr=0.0)
+    resampler = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=4, seed=0)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="sae_lens_gated"):
+        for _ in range(3):  # everything fires: nothing dead
+            resampler.observe(torch.randn(2, 8), torch.ones(2, 4))
+            resampler.step_completed(sae, optimizer)
+        for _ in range(3):  # nothing observed: no firing record, no pool
+            resampler.step_completed(sae, optimizer)
+    assert resampler.n_events == 2 and resampler.n_resampled == 0
+    assert "no dead features, nothing to do" in caplog.text
+    assert caplog.text.count("nothing to do") == 2
+    for key, value in sae.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_no_event_and_no_tracking_in_the_first_window():
+    cfg = build_gated_training_cfg(
+        d_in=8, d_sae=4, resample_every=10, resample_window=4, resample_pool_size=8
+    )
+    resampler = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=4, seed=0)
+    sae = GatedTrainingSAE(cfg)
+    optimizer = torch.optim.SGD(sae.parameters(), lr=0.0)
+    for step in range(6):
+        resampler.observe(torch.randn(2, 8), torch.zeros(2, 4))
+        assert resampler.fired_in_window is None, step  # window is steps 6..9
+        assert resampler.step_completed(sae, optimizer) is None
+
+
+def _record_lrs(sae: GatedTrainingSAE) -> tuple[list[float], list[float], Any]:
+    during: list[float] = []
+    scheduled: list[float] = []
+    params = {id(p) for p in sae.parameters()}
+
+    def pre(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if any(id(p) in params for g in optimizer.param_groups for p in g["params"]):
+            during.append(optimizer.param_groups[0]["lr"])
+
+    def post(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if any(id(p) in params for g in optimizer.param_groups for p in g["params"]):
+            scheduled.append(optimizer.param_groups[0]["lr"])
+
+    handles = [
+        register_optimizer_step_pre_hook(pre),
+        register_optimizer_step_post_hook(post),
+    ]
+    return during, scheduled, handles
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "cosineannealing"])
+def test_learning_rate_rewarms_on_a_cosine_and_composes_with_the_scheduler(
+    scheduler: str,
+):
+    sae = GatedTrainingSAE(_resampling_cfg(resample_lr_warmup_steps=20))
+    during, scheduled, handles = _record_lrs(sae)
+    try:
+        make_trainer(
+            sae,
+            _dying_data(),
+            steps=140,
+            lr_scheduler_name=scheduler,
+            lr_warm_up_steps=10,
+        ).fit()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sae.resampler is not None and sae.resampler.n_resampled > 0
+    ratios = [d / s for d, s in zip(during, scheduled)]
+    assert all(r == pytest.approx(1.0) for r in ratios[:100])
+    for t in range(20):
+        expected = 0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * t / 20))
+        assert ratios[100 + t] == pytest.approx(expected, rel=1e-9), t
+    assert all(r == pytest.approx(1.0) for r in ratios[120:])
+    if scheduler == "cosineannealing":
+        assert scheduled[130] < scheduled[20]  # SAELens's schedule kept decaying
+
+
+def _exact_resume_cfg() -> GatedTrainingSAEConfig:
+    return _resampling_cfg(
+        resample_steps=[70], resample_every=None, resample_pool_size=512
+    )
+
+
+def test_checkpoint_and_resume_is_exact(tmp_path: Path):
+    steps, batch = 100, 128
+
+    torch.manual_seed(0)
+    one_go = GatedTrainingSAE(_exact_resume_cfg())
+    init = {k: v.clone() for k, v in one_go.state_dict().items()}
+    assert one_go.resampler is not None
+    init_generator = one_go.resampler.generator_state.clone()
+    make_trainer(one_go, _dying_data(), steps).fit()
+
+    torch.manual_seed(1)  # a different init, overwritten by the checkpoint
+    first = GatedTrainingSAE(_exact_resume_cfg())
+    first.load_state_dict(init)
+    assert first.resampler is not None
+    first.resampler.generator_state = init_generator
+    data = _dying_data()
+    # Stop at the checkpoint: SAELens saves one at the middle of training.
+    trainer = make_trainer(
+        first, data, steps, n_checkpoints=1, checkpoint_path=str(tmp_path)
+    )
+    trainer.fit()
+    checkpoints = sorted(tmp_path.iterdir(), key=lambda p: int(p.name))
+    mid = checkpoints[0]
+    assert (mid / "gated_resampler_state.safetensors").exists()
+    mid_steps = int(mid.name) // batch
+    assert mid_steps < 70  # the event falls in the second half
+
+    torch.manual_seed(2)
+    resumed = GatedTrainingSAE(_exact_resume_cfg())
+    resumed_data = _dying_data()
+    for _ in range(mid_steps):
+        next(resumed_data)
+    resumed_trainer = make_trainer(resumed, resumed_data, steps)
+    resumed_trainer.load_trainer_state(mid)
+    resumed.load_weights_from_checkpoint(mid)
+    resumed_trainer.fit()
+
+    assert resumed.resampler is not None
+    assert resumed.resampler.n_events == one_go.resampler.n_events == 1
+    assert resumed.resampler.n_resampled == one_go.resampler.n_resampled > 0
+    for name, value in one_go.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"resample_window": -5}, "resample_window must be >= 1"),
+        ({"resample_every": 0}, "resample_every must be >= 1"),
+        (
+            {"resample_every": 100, "resample_window": 500},
+            "shorter than resample_window",
+        ),
+        (
+            {"resample_steps": [100, 150], "resample_window": 80},
+            "less than resample_window",
+        ),
+        ({"resample_steps": [50], "resample_window": 80}, "less than resample_window"),
+        ({"resample_steps": [300, 200]}, "strictly increasing"),
+        ({"resample_steps": []}, "non-empty"),
+        ({"resample_steps": [300], "resample_every": 300}, "not both"),
+        ({"resample_pool_size": 0}, "resample_pool_size must be >= 1"),
+        (
+            {"resample_encoder_scale": 0.0},
+            "resample_encoder_scale must be finite and > 0",
+        ),
+        ({"resample_lr_warmup_steps": -1}, "resample_lr_warmup_steps must be >= 0"),
+        ({"resample_window": 30_000}, r"\[25000, 50000, 75000, 100000\]"),
+    ],
+)
+def test_bad_resampling_configs_are_rejected(kwargs: dict[str, Any], message: str):
+    with pytest.raises(ValueError, match=message):
+        build_gated_training_cfg(**kwargs)
+
+
+def test_resampling_defaults_and_warnings(caplog: pytest.LogCaptureFixture):
+    paper = build_gated_training_cfg()
+    assert paper.resample_dead is True
+    assert paper.resample_steps == [25_000, 50_000, 75_000, 100_000]
+    assert (paper.resample_window, paper.resample_pool_size) == (12_500, 819_200)
+    assert (paper.resample_encoder_scale, paper.resample_lr_warmup_steps) == (0.2, 1000)
+    april = build_gated_training_cfg(recipe="april_update")
+    assert april.resample_dead is False and april.resample_steps is None
+    with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
+        build_gated_training_cfg(recipe="april_update", resample_dead=True)
+    assert "resample_dead=True with unit_norm_decoder=False" in caplog.text
+
+
+def test_pool_smaller_than_a_batch_warns_at_the_first_step(
+    caplog: pytest.LogCaptureFixture,
+):
+    sae = GatedTrainingSAE(
+        build_gated_training_cfg(
+            resample_every=10, resample_window=10, resample_pool_size=64
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
+        make_trainer(sae, SparseSyntheticData(d_in=16), steps=2).fit()
+    assert (
+        "resample_pool_size=64 is smaller than one training batch (128 inputs)"
+        in caplog.text
+    )
+
+
+def test_resampler_state_round_trips_and_rejects_bad_state():
+    cfg = build_gated_training_cfg(
+        resample_every=4, resample_window=4, resample_pool_size=8
+    )
+    resampler = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=48, seed=3)
+    sae = GatedTrainingSAE(cfg)
+    optimizer = torch.optim.SGD(sae.parameters(), lr=0.0)
+    for _ in range(2):
+        resampler.observe(torch.randn(3, 16), torch.rand(3, 48))
+        resampler.step_completed(sae, optimizer)
+    state = resampler.state_dict()
+    copy = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=48, seed=99)
+    copy.load_state_dict(state, device="cpu")
+    for key, value in copy.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(ValueError, match="missing"):
+        copy.load_state_dict({"n_events": torch.tensor(1)}, device="cpu")
+    bad = dict(state, fired_in_window=torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"fired_in_window of shape \(5,\)"):
+        copy.load_state_dict(bad, device="cpu")
