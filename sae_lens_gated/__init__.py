@@ -21,6 +21,7 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
     encode_gated,
+    encode_gated_features,
 )
 from sae_lens_gated.training.batch_guard import NonFiniteBatchError
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleEvent
@@ -38,6 +39,7 @@ __all__ = [
     "ResampleEvent",
     "__version__",
     "encode_gated",
+    "encode_gated_features",
     "is_registered",
     "paper_runner_overrides",
     "register",

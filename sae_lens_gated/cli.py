@@ -31,6 +31,22 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
 
+    bench = commands.add_parser(
+        "bench",
+        help="Time training steps and encoding against SAELens's gated and standard SAEs.",
+        description="Interleaved, median-of-repeats timings of a full SAETrainer step for "
+        "the plugin (paper and april_update recipes), SAELens's built-in gated SAE and "
+        "SAELens's standard SAE; inference encode; peak memory; fraction of the dense "
+        "matmul roofline. The last line is a JSON summary.",
+    )
+    bench.add_argument("--d-in", type=int, default=512)
+    bench.add_argument("--d-sae", type=int, default=8192)
+    bench.add_argument("--batch", type=int, default=4096)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--seed", type=int, default=0)
+
     commands.add_parser(
         "train",
         help="Run SAELens's training runner CLI with the plugin registered.",
@@ -70,4 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sys.stdout.write(format_table([row]) + "\n")
         sys.stdout.write(f"Saved the gated SAE to {args.out}\n")
+    elif args.command == "bench":
+        from sae_lens_gated.benchmark import BenchConfig, format_report, run_benchmark
+
+        result = run_benchmark(
+            BenchConfig(
+                d_in=args.d_in,
+                d_sae=args.d_sae,
+                batch=args.batch,
+                device=args.device,
+                dtype=args.dtype,
+                repeats=args.repeats,
+                seed=args.seed,
+            )
+        )
+        sys.stdout.write(format_report(result) + "\n")
     return 0

@@ -7,6 +7,7 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
     encode_gated,
+    encode_gated_features,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "GatedTrainingSAE",
     "GatedTrainingSAEConfig",
     "encode_gated",
+    "encode_gated_features",
 ]

@@ -42,9 +42,11 @@ from sae_lens.saes.sae import (
 )
 from sae_lens.util import filter_valid_dataclass_fields
 from safetensors.torch import load_file, save_file
+from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
 from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
+from sae_lens_gated.saes.gated_encoder import GatedFunctionOptions, GatedSAEFunction
 from sae_lens_gated.training.batch_guard import BatchGuard
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.optimizer_hooks import attach_to_optimizer_steps
@@ -115,15 +117,23 @@ class GatedEncoding(NamedTuple):
     Attributes:
         sae_in: The input after dtype cast, ``hook_sae_input`` and run-time normalisation,
             before the ``b_dec`` centring: the space reconstructions are compared in.
-        gate_pre: ``pi_gate``, the gate pre-activation.
+        gate_acts: ``ReLU(pi_gate)``, which the sparsity and auxiliary losses use.
         magnitude_pre: ``pi_mag``, the magnitude pre-activation (after ``hook_sae_acts_pre``).
         feature_acts: ``1[pi_gate > 0] * ReLU(pi_mag)`` (after ``hook_sae_acts_post``).
+        penalty: Sum of ``gate_acts`` over the batch and features, each feature weighted by
+            ``penalty_weights`` if given (0-d tensor).
+        reconstruction: ``feature_acts @ W_dec + b_dec`` before ``hook_sae_recons`` (only
+            when decoding was requested).
+        aux_reconstruction: ``gate_acts @ W_dec + b_dec`` (only when decoding was requested).
     """
 
     sae_in: torch.Tensor
-    gate_pre: torch.Tensor
+    gate_acts: torch.Tensor
     magnitude_pre: torch.Tensor
     feature_acts: torch.Tensor
+    penalty: torch.Tensor
+    reconstruction: torch.Tensor | None = None
+    aux_reconstruction: torch.Tensor | None = None
 
 
 def _check_d_in(sae: SAE[Any], sae_in: torch.Tensor) -> None:
@@ -135,11 +145,18 @@ def _check_d_in(sae: SAE[Any], sae_in: torch.Tensor) -> None:
 
 
 def encode_gated(
-    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor, use_r_mag: bool = True
+    sae: "GatedSAE | GatedTrainingSAE",
+    x: torch.Tensor,
+    use_r_mag: bool = True,
+    penalty_weights: torch.Tensor | None = None,
+    decode: bool = False,
+    aux_decoder_trainable: bool = False,
 ) -> GatedEncoding:
-    """Run the gated encoder with a single encoder matmul shared by both paths.
+    """Run the gated encoder: one encoder matmul shared by the gate and magnitude paths.
 
-    This is the one implementation of the gated encoder used for inference and training.
+    This and :func:`encode_gated_features` are the only implementations of the gated encoder,
+    used for inference and training; both run
+    :class:`~sae_lens_gated.saes.gated_encoder.GatedSAEFunction`.
 
     Args:
         sae: The SAE whose parameters to use.
@@ -147,36 +164,101 @@ def encode_gated(
             ``hook_z`` SAEs).
         use_r_mag: If False, ``pi_mag = pre + b_mag`` and ``r_mag`` is left out of the graph
             (the paper's "no r_mag" ablation).
+        penalty_weights: Per-feature weights of the sparsity penalty (``None``: all 1).
+        decode: Also compute both reconstructions inside the same function (training);
+            ignored while hooks are attached to the activation or reconstruction hook
+            points, whose outputs must feed the decoder.
+        aux_decoder_trainable: With ``decode``, let the auxiliary reconstruction train the
+            decoder (False: stop-gradient).
     """
+    decode = decode and not _has_hooks(
+        sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.hook_sae_recons
+    )
+    sae_in = _normalised_input(sae, x)
+    outputs = _run_gated_function(
+        sae,
+        sae_in,
+        use_r_mag,
+        penalty_weights,
+        GatedFunctionOptions(
+            centre=sae.cfg.apply_b_dec_to_input,
+            decode=decode,
+            aux_decoder_trainable=aux_decoder_trainable,
+        ),
+    )
+    feature_acts, gate_acts, magnitude, penalty = outputs[:4]
+    batch_shape = (*sae_in.shape[:-1], sae.cfg.d_sae)
+    magnitude = magnitude.reshape(batch_shape)
+    gate_acts = gate_acts.reshape(batch_shape)
+    hooked = sae.hook_sae_acts_pre(magnitude)
+    if hooked is not magnitude:
+        # A hook replaced the pre-activation: the features follow the replacement.
+        feature_acts = (gate_acts > 0).to(hooked.dtype) * sae.activation_fn(hooked)
+    feature_acts = sae.hook_sae_acts_post(feature_acts.reshape(batch_shape))
+    reconstructions = [r.reshape(sae_in.shape) for r in outputs[4:]]
+    return GatedEncoding(
+        sae_in, gate_acts, hooked, feature_acts, penalty, *reconstructions
+    )
+
+
+def encode_gated_features(
+    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor, use_r_mag: bool = True
+) -> torch.Tensor:
+    """Only the feature activations of :func:`encode_gated`, as cheaply as possible.
+
+    Without gradients and without hooks on ``hook_sae_acts_pre``, the gate and magnitude
+    pre-activations never exist for the whole batch at once: the features are the only
+    ``(batch, d_sae)`` allocation.
+
+    Args:
+        sae: The SAE whose parameters to use.
+        x: Input activations.
+        use_r_mag: See :func:`encode_gated`.
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in sae.parameters())
+    )
+    if needs_grad or _has_hooks(sae.hook_sae_acts_pre):
+        return encode_gated(sae, x, use_r_mag=use_r_mag).feature_acts
+    sae_in = _normalised_input(sae, x)
+    options = GatedFunctionOptions(
+        centre=sae.cfg.apply_b_dec_to_input, decode=False, features_only=True
+    )
+    (feature_acts,) = _run_gated_function(sae, sae_in, use_r_mag, None, options)
+    return sae.hook_sae_acts_post(feature_acts.reshape(*sae_in.shape[:-1], -1))
+
+
+def _normalised_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
     # process_sae_in without its centring step: the un-centred input is the target of the
-    # auxiliary reconstruction, and centring is folded into the matmul below.
+    # auxiliary reconstruction, and the centring happens inside the gated function.
     sae_in = sae.reshape_fn_in(x.to(sae.dtype))
     _check_d_in(sae, sae_in)
-    sae_in = sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae_in))
-
-    pre = _centred_encoder_product(sae, sae_in)
-    gate_pre = pre + sae.b_gate
-    magnitude_pre = (pre * sae.r_mag.exp() if use_r_mag else pre) + sae.b_mag
-    magnitude_pre = sae.hook_sae_acts_pre(magnitude_pre)
-    active = (gate_pre > 0).to(magnitude_pre.dtype)
-    feature_acts = sae.hook_sae_acts_post(active * sae.activation_fn(magnitude_pre))
-    return GatedEncoding(sae_in, gate_pre, magnitude_pre, feature_acts)
+    return sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae_in))
 
 
-def _centred_encoder_product(sae: SAE[Any], sae_in: torch.Tensor) -> torch.Tensor:
-    """``(sae_in - b_dec * apply_b_dec_to_input) @ W_enc``."""
-    if not sae.cfg.apply_b_dec_to_input:
-        return sae_in @ sae.W_enc
-    centred = sae_in - sae.b_dec
-    if sae_in.requires_grad or not (
-        torch.is_grad_enabled() and sae.b_dec.requires_grad
-    ):
-        return centred @ sae.W_enc
-    # Autograd would spend a full (batch x d_sae x d_in) matmul on d(loss)/d(centred) only to
-    # sum it over the batch into b_dec's gradient. This zero-valued term routes exactly that
-    # gradient through one (d_in x d_sae) matrix-vector product instead.
-    b_dec_gradient_path = sae.b_dec - sae.b_dec.detach()
-    return centred.detach() @ sae.W_enc - b_dec_gradient_path @ sae.W_enc
+def _run_gated_function(
+    sae: "GatedSAE | GatedTrainingSAE",
+    sae_in: torch.Tensor,
+    use_r_mag: bool,
+    penalty_weights: torch.Tensor | None,
+    options: GatedFunctionOptions,
+) -> tuple[torch.Tensor, ...]:
+    outputs = GatedSAEFunction.apply(
+        sae_in.reshape(-1, sae_in.shape[-1]),
+        sae.W_enc,
+        sae.b_gate,
+        sae.r_mag if use_r_mag else None,
+        sae.b_mag,
+        sae.W_dec,
+        sae.b_dec,
+        penalty_weights,
+        options,
+    )
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _has_hooks(*points: HookPoint) -> bool:
+    return any(point._forward_hooks or point._forward_pre_hooks for point in points)
 
 
 def _upgrade_config(cfg: SAEConfig, target: type[T_CONFIG]) -> T_CONFIG:
@@ -219,7 +301,7 @@ class GatedSAE(_BuiltinGatedSAE):
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``x`` into gated feature activations ``1[pi_gate > 0] * ReLU(pi_mag)``."""
-        return encode_gated(self, x).feature_acts
+        return encode_gated_features(self, x)
 
     @override
     @classmethod
@@ -485,9 +567,17 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def _uses_r_mag(self) -> bool:
         return self.cfg.weight_tying == "r_mag"
 
-    def encode_gated(self, x: torch.Tensor) -> GatedEncoding:
-        """Run the encoder and return every intermediate the losses need."""
-        return encode_gated(self, x, use_r_mag=self._uses_r_mag)
+    def encode_gated(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
+        """Run the encoder (and with ``decode`` both decoders) for the training losses."""
+        weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
+        return encode_gated(
+            self,
+            x,
+            use_r_mag=self._uses_r_mag,
+            penalty_weights=weights,
+            decode=decode,
+            aux_decoder_trainable=not self.cfg.freeze_decoder_in_aux,
+        )
 
     @override
     def encode_with_hidden_pre(
@@ -497,10 +587,19 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         return encoding.feature_acts, encoding.magnitude_pre
 
     @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return encode_gated_features(self, x, use_r_mag=self._uses_r_mag)
+
+    @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self._batch_guard.check(step_input.sae_in)
-        encoding = self.encode_gated(step_input.sae_in)
-        sae_out = self.decode(encoding.feature_acts)
+        encoding = self.encode_gated(step_input.sae_in, decode=True)
+        if encoding.reconstruction is None:
+            sae_out = self.decode(encoding.feature_acts)
+        else:
+            sae_out = self.run_time_activation_norm_fn_out(
+                self.hook_sae_recons(encoding.reconstruction)
+            )
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         losses = {
             "mse_loss": mse_loss,
@@ -521,7 +620,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
                 metrics["relative_reconstruction_bias"] = (
                     relative_reconstruction_bias_tensor(step_input.sae_in, sae_out)
                 )
-                metrics["gate_l0"] = (encoding.gate_pre > 0).float().sum(-1).mean()
+                metrics["gate_l0"] = (encoding.gate_acts > 0).float().sum(-1).mean()
         return TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -541,16 +640,15 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             encoding: Output of :meth:`encode_gated` for the batch.
             coefficients: Current coefficient values from SAELens's schedulers (``"l1"``).
         """
-        via_gate = torch.relu(encoding.gate_pre)
-        penalty = via_gate
-        if self.cfg.l1_scale_by_decoder_norm:
-            penalty = via_gate * self.W_dec.norm(dim=1)
-        l1_loss = coefficients["l1"] * penalty.sum(dim=-1).mean()
+        n_examples = encoding.gate_acts.numel() // self.cfg.d_sae
+        l1_loss = coefficients["l1"] * encoding.penalty / n_examples
 
-        W_dec, b_dec = self.W_dec, self.b_dec
-        if self.cfg.freeze_decoder_in_aux:
-            W_dec, b_dec = W_dec.detach(), b_dec.detach()
-        via_gate_reconstruction = via_gate @ W_dec + b_dec
+        via_gate_reconstruction = encoding.aux_reconstruction
+        if via_gate_reconstruction is None:
+            W_dec, b_dec = self.W_dec, self.b_dec
+            if self.cfg.freeze_decoder_in_aux:
+                W_dec, b_dec = W_dec.detach(), b_dec.detach()
+            via_gate_reconstruction = encoding.gate_acts @ W_dec + b_dec
         aux_loss = (via_gate_reconstruction - encoding.sae_in).pow(2).sum(dim=-1).mean()
         return {
             "l1_loss": l1_loss,

@@ -17,14 +17,22 @@ class BatchGuard:
     waiting only on an event recorded in the forward pass, which the device has passed by the
     time the backward pass has been queued: no extra synchronisation of the device queue. A
     bad batch therefore raises before any weight or optimizer state is updated with it.
+
+    Inside ``torch.compile`` no host round trip can be traced, so the finiteness flag is kept
+    as a tensor and read in the optimizer pre-step hook instead (on CUDA that read waits for
+    the queued work: one synchronisation per step in compiled mode).
     """
 
     def __init__(self) -> None:
         self._pending: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
+        self._deferred: torch.Tensor | None = None
 
     def check(self, sae_in: torch.Tensor) -> None:
-        """Record (CUDA) or check (other devices) that ``sae_in`` is finite."""
+        """Record (CUDA, compiled code) or check (otherwise) that ``sae_in`` is finite."""
         finite = torch.isfinite(sae_in).all()
+        if torch.compiler.is_compiling():
+            self._deferred = finite
+            return
         if sae_in.device.type != "cuda":
             if not bool(finite):
                 raise _error(sae_in)
@@ -37,6 +45,12 @@ class BatchGuard:
 
     def raise_if_bad(self) -> None:
         """Raise :class:`NonFiniteBatchError` if a recorded batch was not finite."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and not bool(deferred):
+            raise NonFiniteBatchError(
+                "A training batch contained NaN or inf values; the optimizer step was "
+                "stopped before updating any weights. Check the activation source."
+            )
         while self._pending:
             flag, event = self._pending.popleft()
             event.synchronize()

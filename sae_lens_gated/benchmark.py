@@ -1,0 +1,310 @@
+"""``sae-lens-gated bench``: the plugin's gated SAE against SAELens's, measured side by side.
+
+Every variant runs a real training step of SAELens's own ``SAETrainer`` (forward, backward,
+gradient clipping, Adam, LR and coefficient schedulers, and the plugin's optimizer hooks)
+on the same batch. Variants are interleaved (A B C D A B C D ...) after a warm-up, and the
+median of the repetitions is reported, so slow drifts of a noisy machine hit all of them
+alike and the ratios measured in one run are comparable.
+"""
+
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.gated_sae import GatedSAE as BuiltinGatedSAE
+from sae_lens.saes.gated_sae import GatedSAEConfig as BuiltinGatedSAEConfig
+from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
+from sae_lens.saes.gated_sae import (
+    GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
+)
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+
+from sae_lens_gated.saes.gated_sae import (
+    GatedSAE,
+    GatedSAEConfig,
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
+)
+
+# Matmuls of (batch x d_in x d_sae) per training step, forward + backward.
+MATMULS_PER_STEP = {
+    "plugin (paper)": 7,  # encoder; decoder; frozen aux decoder | 4 in backward
+    "plugin (april_update)": 8,  # the aux decoder is trainable: one more W_dec gradient
+    "SAELens built-in gated": 13,  # 3 encoder matmuls, 2 decoders | 8 in backward
+    "SAELens standard": 6,  # encoder, decoder | 4 in backward (incl. the input gradient)
+}
+
+
+@dataclass
+class BenchConfig:
+    """Settings of ``sae-lens-gated bench``.
+
+    Args:
+        d_in: Input width.
+        d_sae: Dictionary size (the same for every variant).
+        batch: Activations per training step.
+        device: Torch device.
+        dtype: ``"float32"``, or ``"bfloat16"`` for bf16 autocast with float32 master weights.
+        repeats: Timed repetitions per variant (after one warm-up step each).
+        seed: Seed for weights and the batch.
+    """
+
+    d_in: int = 512
+    d_sae: int = 8192
+    batch: int = 4096
+    device: str = "cpu"
+    dtype: str = "float32"
+    repeats: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}.")
+        if min(self.d_in, self.d_sae, self.batch, self.repeats) < 1:
+            raise ValueError("d_in, d_sae, batch and repeats must all be >= 1.")
+
+
+def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Measure every variant and return the numbers behind the report."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    x = torch.randn(cfg.batch, cfg.d_in, device=device)
+    trainers = _build_trainers(cfg)
+    encoders = _build_encoders(cfg)
+
+    n_rounds = cfg.repeats + 1
+    step_times: dict[str, list[float]] = {name: [] for name in trainers}
+    encode_times: dict[str, list[float]] = {name: [] for name in encoders}
+    peaks: dict[str, list[float]] = {name: [] for name in trainers}
+    gemm_times: list[float] = []
+    out = torch.empty(cfg.batch, cfg.d_sae, device=device, dtype=_work_dtype(cfg))
+    gemm_a = x.to(out.dtype)
+    gemm_b = torch.randn(cfg.d_in, cfg.d_sae, device=device, dtype=out.dtype)
+
+    rounds = tqdm(range(n_rounds), desc="bench rounds", disable=not progress)
+    for round_index in rounds:
+        for name, trainer in trainers.items():
+            seconds, peak = _measure(lambda t=trainer: t.step(x), device)
+            if round_index > 0:  # the first round is warm-up
+                step_times[name].append(seconds)
+                peaks[name].append(peak)
+        with torch.no_grad():
+            for name, sae in encoders.items():
+                seconds, _ = _measure(lambda s=sae: s.encode(x), device)
+                if round_index > 0:
+                    encode_times[name].append(seconds)
+        seconds, _ = _measure(lambda: torch.mm(gemm_a, gemm_b, out=out), device)
+        if round_index > 0:
+            gemm_times.append(seconds)
+
+    step = {name: statistics.median(v) for name, v in step_times.items()}
+    encode = {name: statistics.median(v) for name, v in encode_times.items()}
+    peak = {name: statistics.median(v) for name, v in peaks.items()}
+    gemm = statistics.median(gemm_times)
+    flops_per_matmul = 2 * cfg.batch * cfg.d_in * cfg.d_sae
+    paper, builtin = "plugin (paper)", "SAELens built-in gated"
+    standard = "SAELens standard"
+    achieved = MATMULS_PER_STEP[paper] * flops_per_matmul / step[paper]
+    return {
+        "config": asdict(cfg),
+        "machine": _machine(device),
+        "step_seconds": step,
+        "step_spread": {n: _spread(v) for n, v in step_times.items()},
+        "encode_seconds": encode,
+        "peak_memory_bytes": peak,
+        "memory_measure": _memory_measure_name(device),
+        "gemm_seconds": gemm,
+        "gemm_flops_per_second": flops_per_matmul / gemm,
+        "plugin_flops_per_second": achieved,
+        "tokens_per_second": {n: cfg.batch / t for n, t in step.items()},
+        "summary": {
+            "step_ratio_vs_standard": step[paper] / step[standard],
+            "speedup_vs_builtin": step[builtin] / step[paper],
+            "april_update_speedup_vs_builtin": step[builtin]
+            / step["plugin (april_update)"],
+            "encode_speedup_vs_builtin": encode["SAELens built-in"] / encode["plugin"],
+            "peak_mem_ratio_vs_builtin": peak[paper] / peak[builtin]
+            if peak[builtin] > 0
+            else float("nan"),
+            "fraction_of_gemm_roofline": achieved / (flops_per_matmul / gemm),
+            "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae,
+            "batch": cfg.batch,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+        },
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A readable table of :func:`run_benchmark`'s result, then its summary as one JSON line."""
+    cfg, summary = result["config"], result["summary"]
+    standard = result["step_seconds"]["SAELens standard"]
+    builtin = result["step_seconds"]["SAELens built-in gated"]
+    lines = [
+        f"Training step, batch={cfg['batch']}, d_in={cfg['d_in']}, d_sae={cfg['d_sae']}, "
+        f"{cfg['device']}, {cfg['dtype']} (median of {cfg['repeats']}, interleaved)",
+        f"{'variant':<26}{'step s':>9}{'spread':>9}{'x std':>7}{'vs built-in':>12}"
+        f"{'tokens/s':>11}{'peak MiB':>10}",
+    ]
+    for name, seconds in result["step_seconds"].items():
+        lines.append(
+            f"{name:<26}{seconds:>9.3f}{result['step_spread'][name]:>8.1%} "
+            f"{seconds / standard:>6.2f}{builtin / seconds:>11.2f}x"
+            f"{result['tokens_per_second'][name]:>11.0f}"
+            f"{result['peak_memory_bytes'][name] / 2**20:>10.0f}"
+        )
+    encode = result["encode_seconds"]
+    lines += [
+        f"Inference encode: plugin {encode['plugin']:.3f} s, built-in "
+        f"{encode['SAELens built-in']:.3f} s ({summary['encode_speedup_vs_builtin']:.2f}x)",
+        f"Dense matmul ({cfg['batch']}x{cfg['d_in']} @ {cfg['d_in']}x{cfg['d_sae']}): "
+        f"{result['gemm_seconds']:.3f} s = {result['gemm_flops_per_second'] / 1e9:.0f} GFLOP/s; "
+        f"plugin step achieves {result['plugin_flops_per_second'] / 1e9:.0f} GFLOP/s "
+        f"({summary['fraction_of_gemm_roofline']:.0%} of that, counting "
+        f"{MATMULS_PER_STEP['plugin (paper)']} matmuls per step)",
+        f"Peak memory: {result['memory_measure']}.",
+        f"Machine: {json.dumps(result['machine'])}",
+        json.dumps(summary),
+    ]
+    return "\n".join(lines)
+
+
+def _build_trainers(cfg: BenchConfig) -> dict[str, SAETrainer[Any, Any]]:
+    shape: dict[str, Any] = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "device": cfg.device}
+    saes: dict[str, TrainingSAE[Any]] = {
+        "plugin (paper)": GatedTrainingSAE(GatedTrainingSAEConfig(**shape)),
+        "plugin (april_update)": GatedTrainingSAE(
+            GatedTrainingSAEConfig(recipe="april_update", **shape)
+        ),
+        "SAELens built-in gated": BuiltinGatedTrainingSAE(
+            BuiltinGatedTrainingSAEConfig(**shape)
+        ),
+        "SAELens standard": StandardTrainingSAE(StandardTrainingSAEConfig(**shape)),
+    }
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=10**9 * cfg.batch,
+        train_batch_size_samples=cfg.batch,
+        lr=3e-4,
+        lr_end=3e-5,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=0,
+        lr_decay_steps=0,
+        n_restart_cycles=1,
+        adam_beta1=0.0,
+        adam_beta2=0.999,
+        device=cfg.device,
+        autocast=cfg.dtype == "bfloat16",
+        dead_feature_window=1000,
+        feature_sampling_window=1000,
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=1,
+    )
+    return {
+        name: SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
+        for name, sae in saes.items()
+    }
+
+
+def _build_encoders(cfg: BenchConfig) -> dict[str, Any]:
+    shape: dict[str, Any] = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "device": cfg.device}
+    plugin = GatedSAE(GatedSAEConfig(**shape))
+    builtin = BuiltinGatedSAE(BuiltinGatedSAEConfig(**shape))
+    with torch.no_grad():
+        for sae in (plugin, builtin):  # non-trivial gates: biases and r_mag away from 0
+            sae.r_mag.normal_(0, 0.1)
+            sae.b_gate.normal_(0, 0.1)
+            sae.b_mag.normal_(0, 0.1)
+        builtin.load_state_dict(plugin.state_dict())
+    return {"plugin": plugin, "SAELens built-in": builtin}
+
+
+def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """Wall time of ``fn`` and the peak memory it added (bytes)."""
+    gc.collect()
+    _synchronize(device)
+    base = _reset_peak_memory(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return seconds, max(0.0, _peak_memory(device) - base)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory_measure_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated during the step, minus memory allocated before it"
+    return (
+        "peak resident set size (VmHWM, reset through /proc/self/clear_refs) during the step, "
+        "minus the resident size before it"
+    )
+
+
+def _reset_peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return float(torch.cuda.memory_allocated(device))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan")
+    return _proc_status_bytes("VmRSS")
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _work_dtype(cfg: BenchConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+
+def _spread(values: list[float]) -> float:
+    """Interquartile range relative to the median."""
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return (quartiles[2] - quartiles[0]) / statistics.median(values)
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
