@@ -52,6 +52,7 @@ from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.optimizer_hooks import attach_to_optimizer_steps
 from sae_lens_gated.training.resampling import (
     DeadFeatureResampler,
+    ParameterSlice,
     ResamplingSchedule,
 )
 
@@ -676,6 +677,43 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def centred_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the encoder sees it before the matmul (processed, minus ``b_dec``)."""
         return self.process_sae_in(x)
+
+    @torch.no_grad()
+    def reinitialize_features(
+        self,
+        idx: torch.Tensor,
+        directions: torch.Tensor,
+        alive: torch.Tensor,
+        encoder_scale: float,
+    ) -> list[ParameterSlice]:
+        """Restart features ``idx`` along unit ``directions`` (dead-feature resampling).
+
+        The decoder rows become the directions; the encoder columns point the same way with
+        ``encoder_scale`` times the mean encoder column norm of the ``alive`` features; the
+        gate and magnitude biases and ``r_mag`` become 0, so both paths start identical.
+
+        Args:
+            idx: Indices of the features to restart.
+            directions: Unit vectors, one row per feature in ``idx``.
+            alive: Boolean mask of the features that are not being restarted.
+            encoder_scale: Relative norm of the new encoder columns (Bricken et al.: 0.2).
+
+        Returns:
+            The ``(parameter, index)`` slices written, whose optimizer state must be reset.
+        """
+        self.W_dec.data[idx] = directions
+        norms = self.W_enc.norm(dim=0)
+        mean_norm = norms[alive].mean() if alive.any() else norms.mean()
+        self.W_enc.data[:, idx] = (directions * encoder_scale * mean_norm).T
+        for bias in (self.b_gate, self.b_mag, self.r_mag):
+            bias.data[idx] = 0
+        return [
+            (self.W_dec, (idx,)),
+            (self.W_enc, (slice(None), idx)),
+            (self.b_gate, (idx,)),
+            (self.b_mag, (idx,)),
+            (self.r_mag, (idx,)),
+        ]
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called just before an optimizer holding this SAE's parameters steps.

@@ -25,19 +25,27 @@ LR_DIP = 0.1  # Paper App. D.1: LR drops to 0.1x after each event.
 _LOSS_CHUNK = 8192  # Pooled inputs per forward pass when scoring the pool.
 
 
+ParameterSlice = tuple[torch.nn.Parameter, tuple[Any, ...]]
+
+
 class ResampleTarget(Protocol):
     """What the resampler needs from an SAE."""
 
-    W_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter
-    b_dec: torch.nn.Parameter
-    b_gate: torch.nn.Parameter
-    b_mag: torch.nn.Parameter
-    r_mag: torch.nn.Parameter
 
     def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def centred_input(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def reinitialize_features(
+        self,
+        idx: torch.Tensor,
+        directions: torch.Tensor,
+        alive: torch.Tensor,
+        encoder_scale: float,
+    ) -> list[ParameterSlice]:
+        """Give features ``idx`` the unit ``directions``; return every slice written."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -196,18 +204,13 @@ class DeadFeatureResampler:
         inputs = self._sample_inputs(sae, pool[:n_pooled], int(dead_idx.numel()))
         directions = sae.centred_input(inputs)
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        alive = ~dead.to(sae.W_enc.device)
-        column_norms = sae.W_enc.norm(dim=0)
-        mean_norm = column_norms[alive].mean() if alive.any() else column_norms.mean()
-
-        directions = directions.to(sae.W_dec.dtype)
-        sae.W_dec.data[dead_idx] = directions
-        sae.W_enc.data[:, dead_idx] = (
-            directions * self.schedule.encoder_scale * mean_norm
-        ).T
-        for bias in (sae.b_gate, sae.b_mag, sae.r_mag):
-            bias.data[dead_idx] = 0
-        _reset_optimizer_slices(optimizer, sae, dead_idx)
+        touched = sae.reinitialize_features(
+            dead_idx,
+            directions.to(sae.W_dec.dtype),
+            ~dead.to(sae.W_dec.device),
+            self.schedule.encoder_scale,
+        )
+        _reset_optimizer_slices(optimizer, touched)
 
         self.n_resampled += int(dead_idx.numel())
         self.last_event_step = step
@@ -293,16 +296,9 @@ class DeadFeatureResampler:
 
 
 def _reset_optimizer_slices(
-    optimizer: torch.optim.Optimizer, sae: ResampleTarget, idx: torch.Tensor
+    optimizer: torch.optim.Optimizer, slices: list[ParameterSlice]
 ) -> None:
     """Zero every per-element optimizer state (Adam's moments) of the resampled slices."""
-    slices: list[tuple[torch.nn.Parameter, tuple[Any, ...]]] = [
-        (sae.W_dec, (idx,)),
-        (sae.W_enc, (slice(None), idx)),
-        (sae.b_gate, (idx,)),
-        (sae.b_mag, (idx,)),
-        (sae.r_mag, (idx,)),
-    ]
     for param, index in slices:
         state = optimizer.state.get(param, {})
         for value in state.values():
