@@ -9,6 +9,12 @@ __version__ = "0.1.0"
 
 import os
 
+from sae_lens_gated.conversion import (
+    GatedSAEExportError,
+    save_dictionary_learning,
+    to_jumprelu,
+)
+from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.metrics import relative_reconstruction_bias
 from sae_lens_gated.presets import paper_runner_overrides
 from sae_lens_gated.registration import is_registered, register, unregister
@@ -33,6 +39,8 @@ __all__ = [
     "GatedRecipe",
     "GatedSAE",
     "GatedSAEConfig",
+    "GatedSAEExportError",
+    "GatedSAELoadError",
     "GatedTrainingSAE",
     "GatedTrainingSAEConfig",
     "NonFiniteBatchError",
@@ -41,9 +49,12 @@ __all__ = [
     "encode_gated",
     "encode_gated_features",
     "is_registered",
+    "load_gated_sae",
     "paper_runner_overrides",
     "register",
     "relative_reconstruction_bias",
+    "save_dictionary_learning",
+    "to_jumprelu",
     "unregister",
 ]
 

@@ -5,8 +5,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sae_lens_gated import __version__
+from sae_lens_gated.conversion import (
+    EXPORT_FORMATS,
+    GatedSAEExportError,
+    check_new_folder,
+    export_sae,
+)
+from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
 
 
@@ -54,7 +62,47 @@ def _build_parser() -> argparse.ArgumentParser:
         "e.g. `sae-lens-gated train --architecture gated --model_name gpt2 ...`.",
         add_help=False,
     )
+    _add_convert_parser(commands)
     return parser
+
+
+def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="Convert a gated SAE to SAELens gated, SAELens JumpReLU or dictionary_learning.",
+        description="Load SRC (a local SAELens or dictionary_learning folder, a SAELens "
+        "release, or a Hugging Face repo id) and write it to the new folder DST.",
+    )
+    convert.add_argument("src", metavar="SRC")
+    convert.add_argument("dst", metavar="DST", type=Path)
+    convert.add_argument("--to", required=True, choices=EXPORT_FORMATS)
+    convert.add_argument(
+        "--folder", default=None, help="Subfolder of SRC, or the SAE id in a release."
+    )
+    convert.add_argument("--device", default="cpu")
+    convert.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "float64", "float16", "bfloat16"),
+        help="Default: as SRC records it.",
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        check_new_folder(args.dst)  # fail before a possibly long download
+        sae = load_gated_sae(
+            args.src, args.folder, device=args.device, dtype=args.dtype
+        )
+        written = export_sae(sae, args.dst, args.to)
+    except (GatedSAELoadError, GatedSAEExportError, FileExistsError) as error:
+        sys.stderr.write(f"sae-lens-gated convert: error: {error}\n")
+        return 1
+    sys.stdout.write(
+        f"Wrote {args.to} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to "
+        f"{args.dst}: {', '.join(p.name for p in written)}\n"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,4 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         sys.stdout.write(format_report(result) + "\n")
+    elif args.command == "convert":
+        return _convert(args)
     return 0

@@ -1,5 +1,8 @@
 """Builders and a plain reference implementation of the paper's loss, shared by tests."""
 
+import functools
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -239,3 +242,127 @@ def read_offline_wandb_history(run_dir: Any) -> dict[str, list[Any]]:
             key = item.key or "/".join(item.nested_key)
             history.setdefault(key, []).append(json.loads(item.value_json))
     return history
+
+
+@functools.cache
+def dictionary_learning_module() -> Any:
+    """dictionary_learning's own ``dictionary.py`` (``GatedAutoEncoder`` and friends).
+
+    The package's ``__init__.py`` imports ``nnsight`` (a heavy, model-hosting dependency the
+    tests do not install), so ``dictionary.py``, which needs only torch and einops, is
+    loaded straight from the installed package directory instead: the real class, not a
+    copy.
+    """
+    spec = importlib.util.find_spec("dictionary_learning")
+    assert spec is not None and spec.submodule_search_locations is not None, (
+        "dictionary-learning is not installed: pip install --no-deps dictionary-learning==0.1.0"
+    )
+    path = Path(next(iter(spec.submodule_search_locations))) / "dictionary.py"
+    module_spec = importlib.util.spec_from_file_location(
+        "_dictionary_learning_dictionary", path
+    )
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@torch.no_grad()
+def random_dictionary_learning_ae(
+    d_in: int = 16, d_sae: int = 48, seed: int = 0
+) -> Any:
+    """dictionary_learning's real ``GatedAutoEncoder`` with generic random parameters.
+
+    Decoder columns are left at non-unit norms and every bias and ``r_mag`` is non-zero, so
+    no term of the forward pass can be dropped by mistake unnoticed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ae = dictionary_learning_module().GatedAutoEncoder(d_in, d_sae)
+    ae.encoder.weight.copy_(torch.randn(d_sae, d_in, generator=gen) * 0.3)
+    ae.decoder.weight.copy_(torch.randn(d_in, d_sae, generator=gen) * 0.3)
+    ae.decoder_bias.copy_(torch.randn(d_in, generator=gen) * 0.2)
+    ae.gate_bias.copy_(torch.randn(d_sae, generator=gen) * 0.2)
+    ae.mag_bias.copy_(torch.randn(d_sae, generator=gen) * 0.2)
+    ae.r_mag.copy_(torch.randn(d_sae, generator=gen) * 0.3)
+    return ae
+
+
+def write_dictionary_learning_folder(
+    path: Path, ae: Any, layer: int = 3, **trainer_overrides: Any
+) -> Path:
+    """Save ``ae`` the way dictionary_learning's ``trainSAE`` does (``ae.pt`` + ``config.json``).
+
+    The config has the fields of ``GatedSAETrainer.config`` and ``ActivationBuffer.config``.
+    """
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    trainer = {
+        "dict_class": "GatedAutoEncoder",
+        "trainer_class": "GatedSAETrainer",
+        "activation_dim": ae.activation_dim,
+        "dict_size": ae.dict_size,
+        "lr": 5e-5,
+        "l1_penalty": 0.1,
+        "warmup_steps": 1000,
+        "sparsity_warmup_steps": 2000,
+        "decay_start": None,
+        "seed": 0,
+        "device": "cuda:0",
+        "layer": layer,
+        "lm_name": "EleutherAI/pythia-70m-deduped",
+        "wandb_name": "GatedSAETrainer-pythia70m",
+        "submodule_name": f"resid_post_layer_{layer}",
+    }
+    trainer.update(trainer_overrides)
+    buffer = {
+        "d_submodule": ae.activation_dim,
+        "io": "out",
+        "n_ctxs": 2000,
+        "ctx_len": 128,
+        "refresh_batch_size": 24,
+        "out_batch_size": 4096,
+        "device": "cuda:0",
+    }
+    (path / "config.json").write_text(
+        json.dumps({"trainer": trainer, "buffer": buffer}, indent=4)
+    )
+    torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, path / "ae.pt")
+    return path
+
+
+def populate_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay out ``files`` (repo path -> local file) as huggingface_hub's cache holds a repo.
+
+    ``<cache>/models--<owner>--<name>/refs/main`` names a commit, ``blobs/<hash>`` holds each
+    file and ``snapshots/<commit>/<repo path>`` links to its blob, which is all an offline
+    ``hf_hub_download`` reads. Returns the snapshot folder.
+    """
+    import hashlib
+    import os
+
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "blobs").mkdir(exist_ok=True)
+    snapshot = repo_dir / "snapshots" / commit
+    for repo_path, local in files.items():
+        data = local.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / repo_path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (following links), keyed by relative path."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

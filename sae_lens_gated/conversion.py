@@ -1,0 +1,432 @@
+"""Take gated SAEs to formats other tools read: SAELens JumpReLU and dictionary_learning.
+
+Also holds what loading and export share: the dictionary_learning key map and config names,
+and :func:`as_gated_sae`, which turns anything gated (the plugin's training class, SAELens's
+built-in classes) into the plugin's inference :class:`GatedSAE`.
+"""
+
+import copy
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAEConfig
+
+from sae_lens_gated.saes.gated_sae import GatedSAE, GatedSAEConfig
+
+ExportFormat = Literal["saelens", "jumprelu", "dictionary_learning"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = (
+    "saelens",
+    "jumprelu",
+    "dictionary_learning",
+)
+
+
+class GatedSAEExportError(ValueError):
+    """A gated SAE that cannot be written exactly in the requested format."""
+
+
+class KeyMapping(NamedTuple):
+    """How one SAELens gated tensor is stored by dictionary_learning's ``GatedAutoEncoder``.
+
+    Attributes:
+        saelens: Name in SAELens (``sae_weights.safetensors``).
+        dictionary_learning: Name in dictionary_learning's ``ae.pt`` state dict.
+        transposed: Whether dictionary_learning stores the transpose (``nn.Linear`` layout).
+    """
+
+    saelens: str
+    dictionary_learning: str
+    transposed: bool
+
+
+# The one key map, used by the dictionary_learning loader and exporter alike.
+DICTIONARY_LEARNING_KEY_MAP: tuple[KeyMapping, ...] = (
+    KeyMapping("W_enc", "encoder.weight", True),
+    KeyMapping("W_dec", "decoder.weight", True),
+    KeyMapping("b_dec", "decoder_bias", False),
+    KeyMapping("b_gate", "gate_bias", False),
+    KeyMapping("b_mag", "mag_bias", False),
+    KeyMapping("r_mag", "r_mag", False),
+)
+GATED_PARAM_NAMES: tuple[str, ...] = tuple(
+    m.saelens for m in DICTIONARY_LEARNING_KEY_MAP
+)
+
+DICTIONARY_LEARNING_WEIGHTS_FILENAME = "ae.pt"
+DICTIONARY_LEARNING_CONFIG_FILENAME = "config.json"
+DICTIONARY_LEARNING_DICT_CLASS = "GatedAutoEncoder"
+DICTIONARY_LEARNING_TRAINER_CLASS = "GatedSAETrainer"
+# Metadata key under which a loaded dictionary_learning config.json is kept, so that
+# exporting back writes the same training record.
+DICTIONARY_LEARNING_CONFIG_METADATA_KEY = "dictionary_learning_config"
+
+# dictionary_learning names the hooked submodule "<kind>_layer_<n>"; SAELens uses
+# TransformerLens hook names. SAELens's own converter assumes resid_post.
+_SUBMODULE_KINDS_TO_HOOKS = {
+    "resid_post": "hook_resid_post",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+}
+_SUBMODULE_NAME = re.compile(r"(?P<kind>[a-z_]+?)_layer_(?P<layer>\d+)")
+_HOOK_NAME = re.compile(r"blocks\.(?P<layer>\d+)\.(?P<hook>hook_[a-z_]+)")
+
+
+def gated_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """Expected SAELens shape of each gated tensor."""
+    return {
+        "W_enc": (d_in, d_sae),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+        "b_gate": (d_sae,),
+        "b_mag": (d_sae,),
+        "r_mag": (d_sae,),
+    }
+
+
+def dictionary_learning_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """Expected dictionary_learning shape of each tensor in ``ae.pt``."""
+    shapes = gated_shapes(d_in, d_sae)
+    return {
+        m.dictionary_learning: shapes[m.saelens][::-1]
+        if m.transposed
+        else shapes[m.saelens]
+        for m in DICTIONARY_LEARNING_KEY_MAP
+    }
+
+
+def state_dict_from_dictionary_learning(
+    state: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Rename (and transpose) a dictionary_learning ``GatedAutoEncoder`` state dict."""
+    return {
+        m.saelens: (
+            state[m.dictionary_learning].T
+            if m.transposed
+            else state[m.dictionary_learning]
+        ).contiguous()
+        for m in DICTIONARY_LEARNING_KEY_MAP
+    }
+
+
+def hook_name_for_submodule(layer: Any, submodule_name: Any) -> str | None:
+    """The TransformerLens hook of a dictionary_learning ``(layer, submodule_name)``.
+
+    A missing ``submodule_name`` means the residual stream after the layer, as SAELens's
+    dictionary_learning converter assumes; an unrecognised one gives None.
+    """
+    if not isinstance(layer, int):
+        return None
+    kind = "resid_post"
+    if isinstance(submodule_name, str):
+        match = _SUBMODULE_NAME.fullmatch(submodule_name)
+        if match is None or int(match["layer"]) != layer:
+            return None
+        kind = match["kind"]
+    hook = _SUBMODULE_KINDS_TO_HOOKS.get(kind)
+    return None if hook is None else f"blocks.{layer}.{hook}"
+
+
+def _submodule_for_hook_name(hook_name: Any) -> tuple[int | None, str | None]:
+    if not isinstance(hook_name, str):
+        return None, None
+    match = _HOOK_NAME.fullmatch(hook_name)
+    if match is None:
+        return None, None
+    layer = int(match["layer"])
+    for kind, hook in _SUBMODULE_KINDS_TO_HOOKS.items():
+        if hook == match["hook"]:
+            return layer, f"{kind}_layer_{layer}"
+    return layer, None
+
+
+def build_gated_sae(
+    cfg: GatedSAEConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> GatedSAE:
+    """Build the plugin's :class:`GatedSAE` around the six gated tensors.
+
+    The SAE is created on the meta device and the tensors are assigned, so no random
+    initialisation is computed and no second copy of the weights is held.
+
+    Args:
+        cfg: The inference config; its ``device`` and ``dtype`` are replaced by the arguments.
+        state_dict: Exactly the tensors named in :data:`GATED_PARAM_NAMES`, SAELens layout.
+        device: Device of the returned SAE.
+        dtype: Dtype of the returned SAE.
+    """
+    cfg.device = "meta"
+    sae = GatedSAE(cfg)
+    sae.load_state_dict(dict(state_dict), assign=True)
+    return sae.to(device=device, dtype=dtype)
+
+
+def as_gated_sae(sae: SAE[Any]) -> GatedSAE:
+    """Return ``sae`` as the plugin's inference :class:`GatedSAE`.
+
+    The plugin's inference SAE is returned as is; any other gated SAE (the plugin's
+    :class:`GatedTrainingSAE`, SAELens's built-in gated classes) is copied into a new one
+    with the same tensors, device, dtype and inference config.
+
+    Args:
+        sae: Any SAELens SAE whose config says ``architecture="gated"``.
+    """
+    if type(sae) is GatedSAE:
+        return sae
+    architecture = sae.cfg.architecture()
+    if architecture != GatedSAEConfig.architecture() or not all(
+        isinstance(getattr(sae, name, None), torch.Tensor) for name in GATED_PARAM_NAMES
+    ):
+        raise GatedSAEExportError(
+            f"Expected a gated SAE, got {type(sae).__name__} with "
+            f"architecture={architecture!r}."
+        )
+    cfg_dict = (
+        sae.cfg.get_inference_sae_cfg_dict()
+        if isinstance(sae.cfg, TrainingSAEConfig)
+        else sae.cfg.to_dict()
+    )
+    state = {name: getattr(sae, name).detach().clone() for name in GATED_PARAM_NAMES}
+    return build_gated_sae(
+        GatedSAEConfig.from_dict(copy.deepcopy(cfg_dict)), state, sae.device, sae.dtype
+    )
+
+
+def _float64_device(tensor: torch.Tensor) -> torch.device:
+    # MPS has no float64; compute there on the CPU instead.
+    return torch.device("cpu") if tensor.device.type == "mps" else tensor.device
+
+
+@torch.no_grad()
+def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
+    """The SAELens :class:`JumpReLUSAE` that computes exactly the same features.
+
+    Paper App. E: with ``pre = (x - b_dec) @ W_enc`` and ``z = pre * exp(r_mag) + b_mag``, the
+    gate ``pre + b_gate > 0`` is ``z > b_mag - exp(r_mag) * b_gate``, so the gated features
+    ``1[pi_gate > 0] * ReLU(z)`` are SAELens's JumpReLU ``ReLU(z) * 1[z > threshold]`` with
+    ``W_enc' = W_enc * exp(r_mag)``, ``b_enc = b_mag`` and that threshold (negative thresholds
+    included: the ReLU keeps those features non-negative). The decoder, ``b_dec`` and input
+    processing are unchanged. Computed in float64, then cast to the SAE's dtype.
+
+    Args:
+        sae: Any gated SAE (see :func:`as_gated_sae`).
+    """
+    gated = as_gated_sae(sae)
+    device = _float64_device(gated.W_enc)
+    scale = gated.r_mag.to(device, torch.float64).exp()
+    W_enc = gated.W_enc.to(device, torch.float64) * scale
+    b_mag = gated.b_mag.to(device, torch.float64)
+    threshold = b_mag - scale * gated.b_gate.to(device, torch.float64)
+    metadata = copy.deepcopy(gated.cfg.metadata)
+    metadata["converted_from_architecture"] = GatedSAEConfig.architecture()
+    cfg = JumpReLUSAEConfig(
+        d_in=gated.cfg.d_in,
+        d_sae=gated.cfg.d_sae,
+        dtype=gated.cfg.dtype,
+        device="meta",
+        apply_b_dec_to_input=gated.cfg.apply_b_dec_to_input,
+        normalize_activations=gated.cfg.normalize_activations,
+        reshape_activations=gated.cfg.reshape_activations,
+        metadata=metadata,
+    )
+    jumprelu = JumpReLUSAE(cfg)
+    state = {
+        "W_enc": W_enc,
+        "b_enc": b_mag,
+        "threshold": threshold,
+        "W_dec": gated.W_dec.detach().clone(),
+        "b_dec": gated.b_dec.detach().clone(),
+    }
+    jumprelu.load_state_dict(
+        {k: v.to(gated.device, gated.dtype) for k, v in state.items()}, assign=True
+    )
+    return jumprelu.to(device=gated.device, dtype=gated.dtype)
+
+
+def _check_dictionary_learning_compatible(cfg: SAEConfig) -> None:
+    if cfg.normalize_activations != "none":
+        raise GatedSAEExportError(
+            f"dictionary_learning's GatedAutoEncoder takes raw activations, but this SAE has "
+            f"normalize_activations={cfg.normalize_activations!r}. Fold a constant scaling "
+            "factor in first (sae.fold_activation_norm_scaling_factor(factor)); run-time "
+            "normalisations cannot be represented."
+        )
+    if cfg.reshape_activations != "none":
+        raise GatedSAEExportError(
+            f"dictionary_learning's GatedAutoEncoder has no notion of per-head activations, "
+            f"but this SAE has reshape_activations={cfg.reshape_activations!r}."
+        )
+
+
+@torch.no_grad()
+def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
+    """The ``ae.pt`` state dict of dictionary_learning's ``GatedAutoEncoder`` for ``sae``.
+
+    dictionary_learning always subtracts ``decoder_bias`` before the encoder. For an SAE
+    with ``apply_b_dec_to_input=False`` the difference is folded into the biases exactly
+    (in float64): ``gate_bias = b_gate + b_dec @ W_enc`` and
+    ``mag_bias = b_mag + exp(r_mag) * (b_dec @ W_enc)``.
+
+    Args:
+        sae: Any gated SAE (see :func:`as_gated_sae`) without run-time normalisation or
+            per-head reshaping.
+    """
+    gated = as_gated_sae(sae)
+    _check_dictionary_learning_compatible(gated.cfg)
+    params = {name: getattr(gated, name).detach() for name in GATED_PARAM_NAMES}
+    if not gated.cfg.apply_b_dec_to_input:
+        device = _float64_device(gated.W_enc)
+        shift = params["b_dec"].to(device, torch.float64) @ params["W_enc"].to(
+            device, torch.float64
+        )
+        scale = params["r_mag"].to(device, torch.float64).exp()
+        params["b_gate"] = (params["b_gate"].to(device, torch.float64) + shift).to(
+            gated.device, gated.dtype
+        )
+        params["b_mag"] = (
+            params["b_mag"].to(device, torch.float64) + scale * shift
+        ).to(gated.device, gated.dtype)
+    return {
+        m.dictionary_learning: (
+            params[m.saelens].T if m.transposed else params[m.saelens]
+        )
+        .contiguous()
+        .cpu()
+        .clone()
+        for m in DICTIONARY_LEARNING_KEY_MAP
+    }
+
+
+def dictionary_learning_config(sae: SAE[Any]) -> dict[str, Any]:
+    """The ``config.json`` dictionary_learning writes next to a ``GatedAutoEncoder``.
+
+    A config kept from a dictionary_learning source (metadata key
+    ``dictionary_learning_config``) is reused; the architecture fields and sizes are always
+    set from the SAE, and ``layer``, ``lm_name``, ``submodule_name`` and ``buffer.ctx_len``
+    are filled from the SAELens metadata where the kept config lacks them (None if unknown).
+
+    Args:
+        sae: Any gated SAE (see :func:`as_gated_sae`).
+    """
+    metadata = sae.cfg.metadata
+    kept = metadata.get(DICTIONARY_LEARNING_CONFIG_METADATA_KEY) or {}
+    config: dict[str, Any] = copy.deepcopy(dict(kept))
+    trainer: dict[str, Any] = dict(config.get("trainer") or {})
+    layer, submodule_name = _submodule_for_hook_name(metadata.get("hook_name"))
+    trainer.setdefault("trainer_class", DICTIONARY_LEARNING_TRAINER_CLASS)
+    trainer.setdefault("layer", layer)
+    trainer.setdefault("lm_name", metadata.get("model_name"))
+    trainer.setdefault("submodule_name", submodule_name)
+    trainer.update(
+        dict_class=DICTIONARY_LEARNING_DICT_CLASS,
+        activation_dim=sae.cfg.d_in,
+        dict_size=sae.cfg.d_sae,
+    )
+    buffer: dict[str, Any] = dict(config.get("buffer") or {})
+    buffer.setdefault("ctx_len", metadata.get("context_size"))
+    config["trainer"] = trainer
+    config["buffer"] = buffer
+    return config
+
+
+def check_new_folder(path: str | Path) -> None:
+    """Raise ``FileExistsError`` unless ``path`` is absent or an empty folder."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(
+            f"Refusing to write to {path}: it already exists and is not an empty folder."
+        )
+
+
+def write_new_folder(path: str | Path, write: Callable[[Path], object]) -> list[Path]:
+    """Create the folder ``path`` with ``write(folder)``, all or nothing.
+
+    An existing non-empty ``path`` is refused (never overwritten). Files are written into a
+    temporary sibling folder that is renamed to ``path`` only once ``write`` has returned,
+    so a failure leaves no partial folder behind.
+
+    Args:
+        path: The folder to create; an empty existing folder is replaced.
+        write: Writes the files into the folder it is given.
+
+    Returns:
+        The written files, in ``path``.
+    """
+    path = Path(path)
+    check_new_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [path / name for name in names]
+
+
+def save_dictionary_learning(sae: SAE[Any], path: str | Path) -> tuple[Path, Path]:
+    """Save a gated SAE as dictionary_learning's ``ae.pt`` + ``config.json``.
+
+    ``dictionary_learning.GatedAutoEncoder.from_pretrained(path / "ae.pt")`` then computes
+    the same features and reconstructions (see :func:`dictionary_learning_state_dict` for
+    the ``apply_b_dec_to_input=False`` fold and what is refused). ``ae.pt`` is a plain state
+    dict of tensors, loadable with ``torch.load(..., weights_only=True)``. The folder is
+    created all or nothing, and an existing non-empty ``path`` is refused.
+
+    Args:
+        sae: Any gated SAE (see :func:`as_gated_sae`).
+        path: The folder to create.
+
+    Returns:
+        The paths of ``ae.pt`` and ``config.json``.
+    """
+    state = dictionary_learning_state_dict(sae)
+    config = dictionary_learning_config(sae)
+
+    def write(folder: Path) -> None:
+        torch.save(state, folder / DICTIONARY_LEARNING_WEIGHTS_FILENAME)
+        with open(folder / DICTIONARY_LEARNING_CONFIG_FILENAME, "w") as f:
+            json.dump(config, f, indent=4)
+
+    write_new_folder(path, write)
+    path = Path(path)
+    return (
+        path / DICTIONARY_LEARNING_WEIGHTS_FILENAME,
+        path / DICTIONARY_LEARNING_CONFIG_FILENAME,
+    )
+
+
+def export_sae(sae: SAE[Any], path: str | Path, to: ExportFormat) -> list[Path]:
+    """Write a gated SAE to a new folder in one of the supported formats.
+
+    Args:
+        sae: Any gated SAE (see :func:`as_gated_sae`).
+        path: The folder to create (an existing non-empty folder is refused).
+        to: ``"saelens"`` (``"gated"`` SAELens folder), ``"jumprelu"`` (SAELens JumpReLU
+            folder, :func:`to_jumprelu`) or ``"dictionary_learning"``
+            (:func:`save_dictionary_learning`).
+
+    Returns:
+        The written files.
+    """
+    if to == "dictionary_learning":
+        return list(save_dictionary_learning(sae, path))
+    if to == "saelens":
+        target: SAE[Any] = as_gated_sae(sae)
+    elif to == "jumprelu":
+        target = to_jumprelu(sae)
+    else:
+        raise ValueError(f"Unknown format {to!r}: expected one of {EXPORT_FORMATS}.")
+    return write_new_folder(path, target.save_model)
