@@ -29,6 +29,12 @@ from sae_lens_gated.saes.gated_sae import (
     encode_gated,
     encode_gated_features,
 )
+from sae_lens_gated.saes.gated_untied_sae import (
+    GatedUntiedSAE,
+    GatedUntiedSAEConfig,
+    GatedUntiedTrainingSAE,
+    GatedUntiedTrainingSAEConfig,
+)
 from sae_lens_gated.training.batch_guard import NonFiniteBatchError
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleEvent
 
@@ -43,6 +49,10 @@ __all__ = [
     "GatedSAELoadError",
     "GatedTrainingSAE",
     "GatedTrainingSAEConfig",
+    "GatedUntiedSAE",
+    "GatedUntiedSAEConfig",
+    "GatedUntiedTrainingSAE",
+    "GatedUntiedTrainingSAEConfig",
     "NonFiniteBatchError",
     "ResampleEvent",
     "__version__",

@@ -19,34 +19,58 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
 )
+from sae_lens_gated.saes.gated_untied_sae import ARCHITECTURE as UNTIED_ARCHITECTURE
+from sae_lens_gated.saes.gated_untied_sae import (
+    GatedUntiedSAE,
+    GatedUntiedSAEConfig,
+    GatedUntiedTrainingSAE,
+    GatedUntiedTrainingSAEConfig,
+)
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "gated"
 
-_PLUGIN_INFERENCE_ENTRY = (GatedSAE, GatedSAEConfig)
-_PLUGIN_TRAINING_ENTRY = (GatedTrainingSAE, GatedTrainingSAEConfig)
+# architecture -> (inference entry, training entry)
+_PLUGIN_ENTRIES: dict[str, tuple[tuple[Any, Any], tuple[Any, Any]]] = {
+    ARCHITECTURE: (
+        (GatedSAE, GatedSAEConfig),
+        (GatedTrainingSAE, GatedTrainingSAEConfig),
+    ),
+    UNTIED_ARCHITECTURE: (
+        (GatedUntiedSAE, GatedUntiedSAEConfig),
+        (GatedUntiedTrainingSAE, GatedUntiedTrainingSAEConfig),
+    ),
+}
 
 # The entries that were registered before register() replaced them (None: there was none).
-_replaced: dict[str, Any] = {}
+_replaced: dict[str, tuple[Any, Any]] = {}
 
 
 def is_registered() -> bool:
-    """Whether ``"gated"`` currently resolves to this plugin in both SAELens registries."""
-    return (
-        SAE_CLASS_REGISTRY.get(ARCHITECTURE) == _PLUGIN_INFERENCE_ENTRY
-        and SAE_TRAINING_CLASS_REGISTRY.get(ARCHITECTURE) == _PLUGIN_TRAINING_ENTRY
+    """Whether ``"gated"`` (and ``"gated_untied"``) resolve to this plugin in SAELens."""
+    return all(
+        SAE_CLASS_REGISTRY.get(name) == inference
+        and SAE_TRAINING_CLASS_REGISTRY.get(name) == training
+        for name, (inference, training) in _PLUGIN_ENTRIES.items()
     )
 
 
 def register() -> None:
-    """Make ``architecture="gated"`` train and load this plugin's Gated SAE. Idempotent."""
+    """Make ``architecture="gated"`` train and load this plugin's Gated SAE. Idempotent.
+
+    Also registers ``"gated_untied"``, the paper's untied-encoders ablation.
+    """
     if is_registered():
         return
-    _replaced["inference"] = SAE_CLASS_REGISTRY.get(ARCHITECTURE)
-    _replaced["training"] = SAE_TRAINING_CLASS_REGISTRY.get(ARCHITECTURE)
-    SAE_CLASS_REGISTRY[ARCHITECTURE] = _PLUGIN_INFERENCE_ENTRY
-    SAE_TRAINING_CLASS_REGISTRY[ARCHITECTURE] = _PLUGIN_TRAINING_ENTRY
+    for name, (inference, training) in _PLUGIN_ENTRIES.items():
+        if name not in _replaced:
+            _replaced[name] = (
+                SAE_CLASS_REGISTRY.get(name),
+                SAE_TRAINING_CLASS_REGISTRY.get(name),
+            )
+        SAE_CLASS_REGISTRY[name] = inference
+        SAE_TRAINING_CLASS_REGISTRY[name] = training
     logger.info(
         "sae_lens_gated: architecture %r now trains the paper's Gated SAE "
         "(sae_lens_gated.unregister() restores SAELens's built-in).",
@@ -56,14 +80,11 @@ def register() -> None:
 
 def unregister() -> None:
     """Restore the exact registry entries :func:`register` replaced. Idempotent."""
-    if not _replaced:
-        return
-    for registry, key in (
-        (SAE_CLASS_REGISTRY, "inference"),
-        (SAE_TRAINING_CLASS_REGISTRY, "training"),
-    ):
-        previous = _replaced.pop(key)
-        if previous is None:
-            registry.pop(ARCHITECTURE, None)
-        else:
-            registry[ARCHITECTURE] = previous
+    for name in list(_replaced):
+        for registry, previous in zip(
+            (SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY), _replaced.pop(name)
+        ):
+            if previous is None:
+                registry.pop(name, None)
+            else:
+                registry[name] = previous

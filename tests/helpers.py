@@ -30,7 +30,8 @@ def randomize_gated_params(sae: Any, seed: int = 0, unit_decoder: bool = False) 
     sae.b_dec.data.copy_(torch.randn(d_in, generator=gen) * 0.2)
     sae.b_gate.data.copy_(torch.randn(d_sae, generator=gen) * 0.2)
     sae.b_mag.data.copy_(torch.randn(d_sae, generator=gen) * 0.2)
-    sae.r_mag.data.copy_(torch.randn(d_sae, generator=gen) * 0.3)
+    if hasattr(sae, "r_mag"):  # absent from the untied ablation
+        sae.r_mag.data.copy_(torch.randn(d_sae, generator=gen) * 0.3)
 
 
 def copy_params(source: SAE[Any], target: SAE[Any]) -> None:
@@ -48,15 +49,18 @@ def reference_paper_losses(
     freeze_decoder_in_aux: bool = True,
     l1_scale_by_decoder_norm: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Paper App. G written out plainly: separate W_gate / W_mag matmuls, no sharing."""
+    """Paper App. G written out plainly: separate W_gate / W_mag matmuls, no sharing.
+
+    ``W_mag`` is ``exp(r_mag) * W_gate`` unless ``params`` has its own ``W_mag`` (untied).
+    """
     W_gate, W_dec = params["W_enc"], params["W_dec"]
-    b_dec, b_gate, b_mag, r_mag = (
-        params["b_dec"],
-        params["b_gate"],
-        params["b_mag"],
-        params["r_mag"],
-    )
-    W_mag = W_gate * torch.exp(r_mag)[None, :]
+    b_dec, b_gate, b_mag = params["b_dec"], params["b_gate"], params["b_mag"]
+    r_mag = params.get("r_mag")
+    if "W_mag" in params:
+        W_mag = params["W_mag"]
+    else:
+        assert r_mag is not None
+        W_mag = W_gate * torch.exp(r_mag)[None, :]
     x_center = x - b_dec if apply_b_dec_to_input else x
     active = (x_center @ W_gate + b_gate > 0).float()
     mags = torch.relu(x_center @ W_mag + b_mag)

@@ -9,6 +9,12 @@ from sae_lens_gated.saes.gated_sae import (
     encode_gated,
     encode_gated_features,
 )
+from sae_lens_gated.saes.gated_untied_sae import (
+    GatedUntiedSAE,
+    GatedUntiedSAEConfig,
+    GatedUntiedTrainingSAE,
+    GatedUntiedTrainingSAEConfig,
+)
 
 __all__ = [
     "RECIPES",
@@ -18,6 +24,10 @@ __all__ = [
     "GatedSAEConfig",
     "GatedTrainingSAE",
     "GatedTrainingSAEConfig",
+    "GatedUntiedSAE",
+    "GatedUntiedSAEConfig",
+    "GatedUntiedTrainingSAE",
+    "GatedUntiedTrainingSAEConfig",
     "encode_gated",
     "encode_gated_features",
 ]

@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
 import wandb
@@ -296,8 +296,10 @@ class GatedSAEConfig(_BuiltinGatedSAEConfig):
 class GatedSAE(_BuiltinGatedSAE):
     """Inference Gated SAE whose encoder shares one matmul between gate and magnitude."""
 
+    config_class: ClassVar[type[GatedSAEConfig]] = GatedSAEConfig
+
     def __init__(self, cfg: _BuiltinGatedSAEConfig, use_error_term: bool = False):
-        super().__init__(_upgrade_config(cfg, GatedSAEConfig), use_error_term)
+        super().__init__(_upgrade_config(cfg, self.config_class), use_error_term)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +309,8 @@ class GatedSAE(_BuiltinGatedSAE):
     @override
     @classmethod
     def get_sae_class_for_architecture(cls, architecture: str) -> type["GatedSAE"]:
-        if architecture == GatedSAEConfig.architecture():
+        # Resolve this class's own architecture to itself, registered or not.
+        if architecture == cls.config_class.architecture():
             return cls
         return super().get_sae_class_for_architecture(architecture)
 
@@ -316,8 +319,8 @@ class GatedSAE(_BuiltinGatedSAE):
     def get_sae_config_class_for_architecture(
         cls, architecture: str
     ) -> type[SAEConfig]:
-        if architecture == GatedSAEConfig.architecture():
-            return GatedSAEConfig
+        if architecture == cls.config_class.architecture():
+            return cls.config_class
         return super().get_sae_config_class_for_architecture(architecture)
 
 
@@ -543,13 +546,12 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     """
 
     cfg: GatedTrainingSAEConfig  # pyright: ignore[reportIncompatibleVariableOverride]
+    config_class: ClassVar[type[GatedTrainingSAEConfig]] = GatedTrainingSAEConfig
 
     def __init__(
         self, cfg: _BuiltinGatedTrainingSAEConfig, use_error_term: bool = False
     ):
-        super().__init__(_upgrade_config(cfg, GatedTrainingSAEConfig), use_error_term)
-        if self.cfg.weight_tying == "none":
-            self.r_mag.requires_grad_(False)
+        super().__init__(_upgrade_config(cfg, self.config_class), use_error_term)
         self._batch_guard = BatchGuard()
         self.resampler: DeadFeatureResampler | None = None
         if self.cfg.resample_dead:
@@ -563,6 +565,12 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         self._logging_step: int | None = None
         self._scheduled_lrs: list[tuple[dict[str, Any], float]] = []
         attach_to_optimizer_steps(self)
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        if self.cfg.weight_tying == "none":
+            self.r_mag.requires_grad_(False)
 
     @property
     def _uses_r_mag(self) -> bool:
@@ -840,7 +848,8 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def get_sae_class_for_architecture(
         cls, architecture: str
     ) -> type["GatedTrainingSAE"]:
-        if architecture == GatedTrainingSAEConfig.architecture():
+        # Resolve this class's own architecture to itself, registered or not.
+        if architecture == cls.config_class.architecture():
             return cls
         return super().get_sae_class_for_architecture(architecture)
 
@@ -849,8 +858,8 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def get_sae_config_class_for_architecture(
         cls, architecture: str
     ) -> type[TrainingSAEConfig]:
-        if architecture == GatedTrainingSAEConfig.architecture():
-            return GatedTrainingSAEConfig
+        if architecture == cls.config_class.architecture():
+            return cls.config_class
         return super().get_sae_config_class_for_architecture(architecture)
 
 
@@ -879,6 +888,8 @@ def _fold_decoder_norms_into_state_dict(state_dict: dict[str, Any]) -> None:
     if torch.allclose(norms, torch.ones_like(norms), atol=1e-6):
         return
     state_dict["W_dec"] = state_dict["W_dec"] / norms[:, None]
-    state_dict["W_enc"] = state_dict["W_enc"] * norms[None, :]
+    for key in ("W_enc", "W_mag"):  # W_mag: the untied ablation's magnitude encoder
+        if key in state_dict:
+            state_dict[key] = state_dict[key] * norms[None, :]
     state_dict["b_gate"] = state_dict["b_gate"] * norms
     state_dict["b_mag"] = state_dict["b_mag"] * norms
