@@ -28,16 +28,43 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="Train a gated SAE on synthetic data with known features (offline).",
-        description="Train the paper-recipe gated SAE on the embedded synthetic default, "
-        "print its metrics and save it in SAELens format.",
+        help="Gated SAE vs a 1.5x wider baseline on synthetic data (offline).",
+        description="Train the paper-recipe gated SAE and SAELens's standard SAE at 1.5x "
+        "the width on the embedded synthetic default (or a model's activations with "
+        "--model/--hook), print a side-by-side table, write demo.png and save the gated SAE.",
     )
     demo.add_argument("--out", type=Path, default=Path("gated-demo"))
     demo.add_argument("--steps", type=int, default=3000)
     demo.add_argument("--batch-size", type=int, default=1024)
-    demo.add_argument("--l1-coefficient", type=float, default=1.0)
+    demo.add_argument("--gated-l1", type=float, nargs="+", default=[0.5, 1.0])
+    demo.add_argument("--baseline-l1", type=float, nargs="+", default=[0.35, 1.0])
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
+    _add_model_arguments(demo)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="Lambda sweeps of gated SAEs, their ablations and a baseline; claims, plots.",
+        description="Train every variant over a lambda grid on synthetic activations with "
+        "known features (or a model's with --model/--hook), check the paper's claims, and "
+        "write results.json and PNG plots to --out.",
+    )
+    sweep.add_argument("--out", type=Path, default=Path("gated-sweep"))
+    sweep.add_argument(
+        "--quick", action="store_true", help="The small grid (<10 min on CPU)."
+    )
+    sweep.add_argument("--steps", type=int, default=None)
+    sweep.add_argument("--seeds", type=int, nargs="+", default=None)
+    sweep.add_argument("--variants", nargs="+", default=None)
+    sweep.add_argument(
+        "--l1",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Lambdas for every selected variant.",
+    )
+    sweep.add_argument("--device", default="cpu")
+    _add_model_arguments(sweep)
 
     bench = commands.add_parser(
         "bench",
@@ -64,6 +91,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_convert_parser(commands)
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("language-model activations (needs the network)")
+    group.add_argument("--model", default=None, help="TransformerLens model name.")
+    group.add_argument(
+        "--hook", default=None, help="Hook name, e.g. blocks.6.hook_resid_post."
+    )
+    group.add_argument(
+        "--dataset",
+        default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
+        help="Tokenized Hugging Face dataset.",
+    )
+    group.add_argument("--context-size", type=int, default=128)
+    group.add_argument("--expansion", type=float, default=8.0)
 
 
 def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
@@ -122,18 +164,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from sae_lens_gated.demo import DemoConfig, format_table, run_demo
 
-        row = run_demo(
+        runs = run_demo(
             DemoConfig(
                 out=args.out,
                 steps=args.steps,
                 batch_size=args.batch_size,
-                l1_coefficient=args.l1_coefficient,
+                gated_l1=tuple(args.gated_l1),
+                baseline_l1=tuple(args.baseline_l1),
                 seed=args.seed,
                 device=args.device,
+                model=args.model,
+                hook=args.hook,
+                dataset=args.dataset,
+                context_size=args.context_size,
+                expansion=args.expansion,
             )
         )
-        sys.stdout.write(format_table([row]) + "\n")
-        sys.stdout.write(f"Saved the gated SAE to {args.out}\n")
+        sys.stdout.write(format_table(runs) + "\n")
+        sys.stdout.write(
+            f"Saved the gated SAE, demo.png and demo_results.json to {args.out}\n"
+        )
+    elif args.command == "sweep":
+        from sae_lens_gated.sweep import SweepConfig, format_claims, run_sweep
+
+        results = run_sweep(
+            SweepConfig(
+                out=args.out,
+                quick=args.quick,
+                steps=args.steps,
+                seeds=args.seeds,
+                variants=args.variants,
+                l1=args.l1,
+                device=args.device,
+                model=args.model,
+                hook=args.hook,
+                dataset=args.dataset,
+                context_size=args.context_size,
+                expansion=args.expansion,
+            )
+        )
+        sys.stdout.write(format_claims(results) + "\n")
     elif args.command == "bench":
         from sae_lens_gated.benchmark import BenchConfig, format_report, run_benchmark
 

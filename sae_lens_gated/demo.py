@@ -1,44 +1,37 @@
-"""Train the plugin's Gated SAE on synthetic activations with known ground-truth features.
+"""``sae-lens-gated demo``: the paper-recipe gated SAE against a compute-matched baseline.
 
-Everything runs offline: the synthetic model is built from the embedded default
-:data:`DEFAULT_SYNTHETIC_MODEL`, and training goes through SAELens's own
-``SyntheticSAERunner`` and ``SAETrainer``.
+Trains the gated SAE and SAELens's standard SAE at 1.5x the width (the paper's
+compute-matched baseline) at two sparsity levels each, on the embedded synthetic default
+(offline; features known, so recovery can be scored) or on a language model's activations,
+prints a side-by-side table, writes ``demo.png`` and ``demo_results.json``, and saves the
+gated SAE in SAELens format.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from sae_lens import LoggingConfig
-from sae_lens.synthetic import (
-    SyntheticModel,
-    SyntheticModelConfig,
-    ZipfianFiringProbabilityConfig,
-)
-from sae_lens.synthetic.synthetic_sae_runner import (
-    SyntheticSAERunner,
-    SyntheticSAERunnerConfig,
-)
+from sae_lens.synthetic import SyntheticModelConfig
+from tqdm.auto import tqdm
 
-from sae_lens_gated.metrics import relative_reconstruction_bias
-from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
-
-DEFAULT_SYNTHETIC_MODEL = SyntheticModelConfig(
-    num_features=256,
-    hidden_dim=64,
-    bias=False,
-    seed=0,
-    mean_firing_magnitudes=1.0,
-    std_firing_magnitudes=0.1,
-    firing_probability=ZipfianFiringProbabilityConfig(
-        exponent=0.5, max_prob=0.2, min_prob=0.005
-    ),
+from sae_lens_gated.experiments import (
+    BASELINE,
+    DEFAULT_SYNTHETIC_MODEL,
+    PAPER,
+    VARIANTS,
+    ActivationSource,
+    LanguageModelSource,
+    RunResult,
+    SyntheticSource,
+    TrainingSettings,
+    evaluate,
+    train_sae,
 )
-"""Embedded default: 256 unit, non-orthogonal ground-truth directions in 64 dimensions,
-Zipfian firing probabilities between 0.5% and 20% (about 4.3 active per input), magnitudes
-around 1."""
+from sae_lens_gated.plots import plot_demo
+
+__all__ = ["DEFAULT_SYNTHETIC_MODEL", "DemoConfig", "format_table", "run_demo"]
 
 
 @dataclass
@@ -46,23 +39,31 @@ class DemoConfig:
     """Settings of ``sae-lens-gated demo``.
 
     Args:
-        out: Folder the trained SAE (SAELens format) and ``demo_results.json`` are written to.
-        steps: Training steps.
+        out: Folder for the gated SAE (SAELens format), ``demo.png`` and
+            ``demo_results.json``.
+        steps: Training steps per SAE.
         batch_size: Activations per step.
-        d_sae: Dictionary size of the gated SAE.
-        l1_coefficient: Sparsity coefficient lambda.
-        lr: Adam learning rate (Adam betas are the paper's, (0, 0.999)).
-        eval_samples: Fresh synthetic activations used for the final metrics.
-        seed: Seed for the SAE initialisation and the synthetic data stream.
+        gated_l1: Sparsity coefficients of the gated SAEs.
+        baseline_l1: Sparsity coefficients of the baseline (a different scale).
+        gated_width: Dictionary size of the gated SAE on synthetic data (baseline: 1.5x).
+        lr: Adam learning rate (betas (0, 0.999), the paper's).
+        eval_samples: Held-out synthetic activations for the metrics.
+        seed: Seed of every SAE's initialisation and training stream.
         device: Torch device.
         synthetic_model: Ground-truth generator.
+        model: TransformerLens model name: use its activations instead (needs the network).
+        hook: Hook name for ``model``.
+        dataset: Tokenized dataset for ``model``.
+        context_size: Tokens per prompt for ``model``.
+        expansion: Gated dictionary size as a multiple of the hook width for ``model``.
     """
 
     out: Path = Path("gated-demo")
     steps: int = 3000
     batch_size: int = 1024
-    d_sae: int = 256
-    l1_coefficient: float = 1.0
+    gated_l1: tuple[float, ...] = (0.5, 1.0)
+    baseline_l1: tuple[float, ...] = (0.35, 1.0)
+    gated_width: int = 256
     lr: float = 3e-3
     eval_samples: int = 50_000
     seed: int = 0
@@ -70,113 +71,97 @@ class DemoConfig:
     synthetic_model: SyntheticModelConfig = field(
         default_factory=lambda: DEFAULT_SYNTHETIC_MODEL
     )
+    model: str | None = None
+    hook: str | None = None
+    dataset: str = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+    context_size: int = 128
+    expansion: float = 8.0
 
 
-@dataclass
-class DemoRow:
-    """Metrics of one trained SAE on held-out synthetic activations.
-
-    Args:
-        name: Label of the SAE.
-        l0: Mean number of active features per input.
-        explained_variance: 1 - E||x - x_hat||^2 / E||x - E x||^2.
-        relative_reconstruction_bias: gamma (1 = no shrinkage).
-        dead_features: Features that never fired on the evaluation samples.
-        ground_truth_mcc: Mean cosine of Hungarian-matched decoder rows and true features.
-        ground_truth_f1: Mean F1 of latents as detectors of their matched true feature.
-        true_l0: Mean number of active ground-truth features per input.
-    """
-
-    name: str
-    l0: float
-    explained_variance: float
-    relative_reconstruction_bias: float
-    dead_features: int
-    ground_truth_mcc: float
-    ground_truth_f1: float
-    true_l0: float
-
-
-def run_demo(cfg: DemoConfig) -> DemoRow:
-    """Train the paper-recipe Gated SAE and evaluate it against the ground truth."""
-    torch.manual_seed(cfg.seed)
-    synthetic_model = SyntheticModel(cfg.synthetic_model, device=cfg.device)
-    sae_cfg = GatedTrainingSAEConfig(
-        d_in=cfg.synthetic_model.hidden_dim,
-        d_sae=cfg.d_sae,
-        l1_coefficient=cfg.l1_coefficient,
-        l1_warm_up_steps=cfg.steps // 10,
-        device=cfg.device,
+def run_demo(
+    cfg: DemoConfig, override_model: Any = None, override_dataset: Any = None
+) -> list[RunResult]:
+    """Train and evaluate the demo's SAEs; save the gated one; return their metrics."""
+    settings = TrainingSettings(
+        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device
     )
-    runner_cfg: SyntheticSAERunnerConfig[Any] = SyntheticSAERunnerConfig(
-        synthetic_model=cfg.synthetic_model,
-        sae=sae_cfg,
-        training_samples=cfg.steps * cfg.batch_size,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        lr_warm_up_steps=cfg.steps // 20,
-        adam_beta1=0.0,
-        adam_beta2=0.999,
-        device=cfg.device,
-        output_path=str(cfg.out),
-        checkpoint_path=None,
-        eval_samples=cfg.eval_samples,
-        dead_feature_window=max(cfg.steps // 10, 1),
-        feature_sampling_window=max(cfg.steps // 10, 1),
-        logger=LoggingConfig(log_to_wandb=False),
-    )
-    result = SyntheticSAERunner(
-        runner_cfg,
-        override_synthetic_model=synthetic_model,
-        override_sae=GatedTrainingSAE(sae_cfg),
-    ).run()
-    assert result.final_eval is not None  # eval_samples > 0
-
-    with torch.no_grad():
-        x = synthetic_model.feature_dict(
-            synthetic_model.activation_generator.sample(cfg.eval_samples)
-        )
-        x_hat = result.sae.decode(result.sae.encode(x))
-    final = result.final_eval
-    row = DemoRow(
-        name="gated (paper recipe)",
-        l0=final.sae_l0,
-        explained_variance=final.explained_variance,
-        relative_reconstruction_bias=relative_reconstruction_bias(x, x_hat),
-        dead_features=final.dead_latents,
-        ground_truth_mcc=final.mcc,
-        ground_truth_f1=final.classification.f1_score,
-        true_l0=final.true_l0,
-    )
-    _write_results(cfg, [row])
-    return row
+    source, width = _source(cfg, override_model, override_dataset)
+    variants = {v.name: v for v in VARIANTS}
+    jobs = [(PAPER, l1) for l1 in cfg.gated_l1] + [
+        (BASELINE, l1) for l1 in cfg.baseline_l1
+    ]
+    runs: list[RunResult] = []
+    saved: tuple[float, Any] | None = None
+    target_l0 = source.true_l0 if isinstance(source, SyntheticSource) else 20.0
+    for name, l1 in tqdm(jobs, desc="demo runs"):
+        sae, seconds = train_sae(variants[name], l1, cfg.seed, source, width, settings)
+        run = evaluate(sae, variants[name], l1, cfg.seed, source, seconds)
+        runs.append(run)
+        # Save the gated SAE whose L0 is nearest the true L0 (synthetic) or 20 (a model).
+        if name == PAPER:
+            distance = abs(math.log(max(run.l0, 1e-3)) - math.log(target_l0))
+            if saved is None or distance < saved[0]:
+                saved = (distance, sae)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if saved is not None:
+        saved[1].save_inference_model(cfg.out)
+    plot_demo(runs, cfg.out / "demo.png")
+    _write_results(cfg, runs)
+    return runs
 
 
-def format_table(rows: list[DemoRow]) -> str:
-    """Render demo rows as a fixed-width text table."""
+def format_table(runs: list[RunResult]) -> str:
+    """Render the runs as a fixed-width text table."""
     header = (
-        f"{'SAE':<24}{'L0':>7}{'EV':>8}{'gamma':>8}{'dead':>6}{'GT MCC':>8}{'GT F1':>7}"
+        f"{'SAE':<32}{'lambda':>7}{'width':>6}{'L0':>7}{'EV':>7}{'gamma':>7}"
+        f"{'dead':>6}{'GT MCC':>8}"
     )
     lines = [header, "-" * len(header)]
-    for row in rows:
+    for run in runs:
+        mcc = "-" if run.ground_truth_mcc is None else f"{run.ground_truth_mcc:.3f}"
         lines.append(
-            f"{row.name:<24}{row.l0:>7.2f}{row.explained_variance:>8.3f}"
-            f"{row.relative_reconstruction_bias:>8.3f}{row.dead_features:>6d}"
-            f"{row.ground_truth_mcc:>8.3f}{row.ground_truth_f1:>7.2f}"
+            f"{run.variant:<32}{run.l1_coefficient:>7g}{run.d_sae:>6}{run.l0:>7.2f}"
+            f"{run.explained_variance:>7.3f}{run.relative_reconstruction_bias:>7.3f}"
+            f"{run.dead_fraction:>6.0%}{mcc:>8}"
         )
-    if rows:
-        lines.append(f"(ground truth: {rows[0].true_l0:.2f} active features per input)")
+    lines.append(
+        "gamma = E|x_hat|^2 / E[x_hat.x]: 1 is unbiased, below 1 is shrinkage. "
+        "GT MCC: decoder recovery of the true features."
+    )
     return "\n".join(lines)
 
 
-def _write_results(cfg: DemoConfig, rows: list[DemoRow]) -> None:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {
-        "config": {
-            **{k: v for k, v in asdict(cfg).items() if k != "synthetic_model"},
-            "out": str(cfg.out),
-            "synthetic_model": cfg.synthetic_model.to_dict(),
+def _source(
+    cfg: DemoConfig, override_model: Any, override_dataset: Any
+) -> tuple[ActivationSource, int]:
+    if cfg.model is None and override_model is None:
+        return SyntheticSource(
+            cfg.synthetic_model, cfg.eval_samples, device=cfg.device
+        ), (cfg.gated_width)
+    if cfg.hook is None:
+        raise ValueError("Give --hook with --model.")
+    source = LanguageModelSource(
+        {
+            "model_name": cfg.model or "override",
+            "hook_name": cfg.hook,
+            "dataset_path": cfg.dataset,
+            "context_size": cfg.context_size,
+            "is_dataset_tokenized": True,
+            "streaming": override_dataset is None,
         },
-        "results": [asdict(row) for row in rows],
+        override_model=override_model,
+        override_dataset=override_dataset,
+    )
+    return source, round(cfg.expansion * source.d_in)
+
+
+def _write_results(cfg: DemoConfig, runs: list[RunResult]) -> None:
+    config = {
+        k: v for k, v in asdict(cfg).items() if k not in ("out", "synthetic_model")
     }
+    config.update(
+        out=str(cfg.out),
+        synthetic_model=None if cfg.model else cfg.synthetic_model.to_dict(),
+    )
+    payload = {"config": config, "results": [asdict(r) for r in runs]}
     (cfg.out / "demo_results.json").write_text(json.dumps(payload, indent=2))

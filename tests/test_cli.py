@@ -37,11 +37,43 @@ def test_version(capsys: pytest.CaptureFixture[str]):
 def test_demo_command_prints_the_table_and_saves(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    assert main(["demo", "--steps", "150", "--out", str(tmp_path / "d")]) == 0
+    out_dir = tmp_path / "d"
+    args = [
+        "demo",
+        "--steps",
+        "60",
+        "--out",
+        str(out_dir),
+        "--gated-l1",
+        "1",
+        "--baseline-l1",
+        "1",
+    ]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "gamma" in out and "gated (paper recipe)" in out
-    assert (tmp_path / "d" / "cfg.json").exists()
-    assert (tmp_path / "d" / "sae_weights.safetensors").exists()
+    assert (
+        "gamma" in out
+        and "gated (paper)" in out
+        and "baseline (standard, 1.5x wide)" in out
+    )
+    for name in (
+        "cfg.json",
+        "sae_weights.safetensors",
+        "demo.png",
+        "demo_results.json",
+    ):
+        assert (out_dir / name).exists(), name
+
+
+def test_sweep_command_prints_claims_and_writes_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    args = ["sweep", "--quick", "--steps", "30", "--out", str(tmp_path / "s")]
+    args += ["--variants", "gated (paper)", "gated, no aux loss"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no_aux_loss_closes_the_gates" in out
+    assert (tmp_path / "s" / "results.json").exists()
 
 
 def test_train_command_hands_arguments_to_the_saelens_runner_cli(

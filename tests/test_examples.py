@@ -1,17 +1,22 @@
-"""Every script in examples/ runs offline, with a tiny random model standing in."""
+"""Every script in examples/ runs offline, with tiny random models and local files."""
 
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import pytest
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, HookedSAETransformer, JumpReLUSAE
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformerConfig
 
-from sae_lens_gated import GatedSAE
-from tests.helpers import tiny_model, tiny_token_dataset
+from sae_lens_gated import GatedSAE, GatedSAEConfig
+from tests.helpers import randomize_gated_params, tiny_model, tiny_token_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+HOOK = "blocks.0.hook_resid_post"
 
 
 def _load(name: str) -> ModuleType:
@@ -21,6 +26,42 @@ def _load(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _tiny_sae_model() -> HookedSAETransformer:
+    return HookedSAETransformer(
+        HookedTransformerConfig(
+            n_layers=2,
+            d_model=32,
+            n_ctx=16,
+            d_head=8,
+            n_heads=4,
+            d_mlp=64,
+            d_vocab=128,
+            act_fn="gelu",
+            normalization_type="LN",
+            device="cpu",
+            seed=0,
+        )
+    )
+
+
+def _metadata() -> SAEMetadata:
+    return SAEMetadata(
+        hook_name=HOOK, model_name="tiny-random", context_size=16, prepend_bos=False
+    )
+
+
+def _exact_gated_sae() -> GatedSAE:
+    """A gated SAE that reconstructs exactly: features relu(x) and relu(-x), decoder +-I."""
+    sae = GatedSAE(GatedSAEConfig(d_in=32, d_sae=64, metadata=_metadata()))
+    eye = torch.eye(32)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        for name in ("b_dec", "b_gate", "b_mag", "r_mag"):
+            getattr(sae, name).zero_()
+    return sae
 
 
 def test_train_on_language_model_example(tmp_path: Path):
@@ -51,3 +92,66 @@ def test_train_on_language_model_example(tmp_path: Path):
     )
     x = torch.randn(5, 32)
     torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_and_evaluate_example_scores_an_exact_sae_as_perfect(tmp_path: Path):
+    _exact_gated_sae().save_model(tmp_path / "sae")
+    metrics = _load("load_and_evaluate_saebench").load_and_evaluate(
+        str(tmp_path / "sae"),
+        None,
+        model=tiny_model(),
+        dataset=tiny_token_dataset(),
+        n_batches=2,
+        batch_size_prompts=4,
+    )
+    performance = metrics["model_performance_preservation"]
+    assert performance["ce_loss_with_sae"] == pytest.approx(
+        performance["ce_loss_without_sae"], rel=1e-4
+    )
+    assert metrics["reconstruction_quality"]["explained_variance"] == pytest.approx(
+        1.0, abs=1e-4
+    )
+    assert metrics["shrinkage"]["relative_reconstruction_bias"] == pytest.approx(
+        1.0, abs=1e-4
+    )
+    assert metrics["sparsity"]["l0"] == pytest.approx(
+        32.0, abs=0.5
+    )  # one of +-x per dim
+
+
+def test_convert_to_jumprelu_example(tmp_path: Path):
+    sae = GatedSAE(GatedSAEConfig(d_in=32, d_sae=64, metadata=_metadata()))
+    randomize_gated_params(sae, seed=41)
+    sae.save_model(tmp_path / "gated")
+    difference = _load("convert_to_jumprelu").convert(
+        str(tmp_path / "gated"), tmp_path / "jr"
+    )
+    assert difference < 1e-5
+    assert type(SAE.load_from_disk(tmp_path / "jr")) is JumpReLUSAE
+
+
+def test_hooked_sae_transformer_example_reads_features_and_spliced_loss():
+    model = _tiny_sae_model()
+    sae = GatedSAE(GatedSAEConfig(d_in=32, d_sae=64, metadata=_metadata()))
+    randomize_gated_params(sae, seed=42)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    example = _load("hooked_sae_transformer")
+    result: dict[str, Any] = example.inspect(model, sae, tokens)
+
+    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+    with torch.no_grad():
+        expected = sae.encode(cache[HOOK])
+        spliced = model.run_with_hooks(
+            tokens,
+            return_type="loss",
+            fwd_hooks=[(HOOK, lambda act, hook: sae(act))],  # noqa: ARG005
+        )
+    torch.testing.assert_close(result["features"], expected, rtol=1e-5, atol=1e-6)
+    assert result["spliced_loss"] == pytest.approx(float(spliced), rel=1e-5)
+    assert result["spliced_loss"] != pytest.approx(result["clean_loss"], rel=1e-3)
+    assert (
+        result["top_features"] == expected[0].max(dim=0).values.topk(5).indices.tolist()
+    )
+
+    exact = example.inspect(model, _exact_gated_sae(), tokens)
+    assert exact["spliced_loss"] == pytest.approx(exact["clean_loss"], rel=1e-4)

@@ -4,7 +4,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
 from sae_lens.saes.gated_sae import GatedSAE as BuiltinGatedSAE
@@ -32,18 +31,6 @@ RELEASE = "sae_bench_pythia70m_sweep_gated_ctx128_0730"
 RELEASE_SAE_ID = "blocks.3.hook_resid_post__trainer_0"
 RELEASE_REPO = "canrager/lm_sae"
 RELEASE_FOLDER = "pythia70m_sweep_gated_ctx128_0730/resid_post_layer_3/trainer_0"
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf_cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    # huggingface_hub reads both variables once, when it is imported.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture

@@ -25,8 +25,10 @@ from sae_lens_gated import (
     NonFiniteBatchError,
 )
 from tests.helpers import (
+    SparseSyntheticData,
     build_gated_training_cfg,
     copy_params,
+    make_trainer,
     randomize_gated_params,
     reference_paper_losses,
 )
@@ -229,6 +231,24 @@ def test_single_feature_shrinkage_toy_baseline_halves_while_gated_reconstructs()
     gated = GatedTrainingSAE(build_gated_training_cfg(d_in=1, d_sae=1))
     assert _train_one_feature_toy(baseline) == pytest.approx(0.5, abs=0.01)
     assert _train_one_feature_toy(gated) == pytest.approx(1.0, abs=0.01)
+
+
+def test_without_the_aux_loss_the_gates_close():
+    def l0_after(aux_coefficient: float) -> float:
+        torch.manual_seed(0)
+        sae = GatedTrainingSAE(
+            build_gated_training_cfg(
+                aux_coefficient=aux_coefficient, l1_coefficient=1.0, resample_dead=False
+            )
+        )
+        data = SparseSyntheticData(d_in=16, n_features=16, p_fire=0.1)
+        make_trainer(sae, data, steps=600, lr=1e-2).fit()
+        batch = torch.cat([next(data) for _ in range(8)])
+        with torch.no_grad():
+            return float((sae.encode(batch) > 0).float().sum(-1).mean())
+
+    assert l0_after(0.0) < 0.02  # only the L1 reaches the gate: the gates close
+    assert l0_after(1.0) > 1.0
 
 
 def test_inference_encode_equals_builtin_encode():

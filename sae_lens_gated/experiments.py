@@ -1,0 +1,436 @@
+"""Train and evaluate the SAEs the paper compares, on synthetic or language-model activations.
+
+Shared by ``sae-lens-gated demo`` and ``sae-lens-gated sweep``. Every SAE trains inside
+SAELens's own ``SAETrainer`` (synthetic data) or ``LanguageModelSAETrainingRunner`` (a
+language model's activations), with the same optimizer settings for all variants.
+"""
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.synthetic import (
+    SyntheticModel,
+    SyntheticModelConfig,
+    ZipfianFiringProbabilityConfig,
+)
+from sae_lens.synthetic.evals import mean_correlation_coefficient
+from sae_lens.synthetic.training import SyntheticActivationIterator
+from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+
+from sae_lens_gated.metrics import relative_reconstruction_bias
+from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+from sae_lens_gated.saes.gated_untied_sae import (
+    GatedUntiedTrainingSAE,
+    GatedUntiedTrainingSAEConfig,
+)
+
+DEFAULT_SYNTHETIC_MODEL = SyntheticModelConfig(
+    num_features=256,
+    hidden_dim=64,
+    bias=False,
+    seed=0,
+    mean_firing_magnitudes=1.0,
+    std_firing_magnitudes=0.1,
+    firing_probability=ZipfianFiringProbabilityConfig(
+        exponent=0.5, max_prob=0.2, min_prob=0.005
+    ),
+)
+"""Embedded default: 256 unit, non-orthogonal ground-truth directions in 64 dimensions,
+Zipfian firing probabilities between 0.5% and 20% (about 4.3 active per input), magnitudes
+around 1."""
+
+# Bins of the histograms of non-zero feature activations (in units of the activations).
+MAGNITUDE_BINS = tuple(i * 0.05 for i in range(61))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One SAE design of the comparison.
+
+    Args:
+        name: Label used in tables, plots and ``results.json``.
+        architecture: ``"gated"``, ``"gated_untied"`` or ``"standard"``.
+        overrides: Extra training-config fields (e.g. ``{"recipe": "april_update"}``).
+        width_factor: Dictionary size relative to the gated SAE's.
+        quick_l1: Sparsity coefficients of the ``--quick`` grid.
+        full_l1: Sparsity coefficients of the full grid.
+    """
+
+    name: str
+    architecture: Literal["gated", "gated_untied", "standard"]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    width_factor: float = 1.0
+    quick_l1: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    full_l1: tuple[float, ...] = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
+
+
+PAPER = "gated (paper)"
+APRIL = "gated (april_update)"
+NO_R_MAG = "gated, no r_mag"
+UNTIED = "gated, untied encoders"
+TRAINABLE_AUX = "gated, trainable aux decoder"
+NO_AUX = "gated, no aux loss"
+BASELINE = "baseline (standard, 1.5x wide)"
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant(PAPER, "gated"),
+    Variant(APRIL, "gated", {"recipe": "april_update"}),
+    Variant(NO_R_MAG, "gated", {"weight_tying": "none"}),
+    Variant(UNTIED, "gated_untied"),
+    Variant(TRAINABLE_AUX, "gated", {"freeze_decoder_in_aux": False}),
+    Variant(
+        NO_AUX,
+        "gated",
+        {"aux_coefficient": 0.0},
+        quick_l1=(0.5, 1.0),
+        full_l1=(0.25, 0.5, 1.0),
+    ),
+    # SAELens's standard SAE (ReLU, L1 weighted by decoder norms), 1.5x wider: the paper's
+    # compute-matched baseline. Its lambda is on a different scale from the gated ones.
+    Variant(
+        BASELINE,
+        "standard",
+        width_factor=1.5,
+        quick_l1=(0.1, 0.2, 0.35, 0.5, 1.0),
+        full_l1=(0.05, 0.1, 0.15, 0.2, 0.35, 0.5, 0.7, 1.0),
+    ),
+)
+
+
+@dataclass
+class TrainingSettings:
+    """Optimizer and schedule settings shared by every run.
+
+    Args:
+        steps: Training steps.
+        batch_size: Activations per step.
+        lr: Adam learning rate (Adam betas are the paper's, (0, 0.999)); warmed up linearly
+            over the first 5% of steps.
+        l1_warm_up_fraction: Fraction of the steps over which lambda rises from 0.
+        device: Torch device.
+    """
+
+    steps: int = 1500
+    batch_size: int = 1024
+    lr: float = 3e-3
+    l1_warm_up_fraction: float = 0.1
+    device: str = "cpu"
+
+
+@dataclass
+class RunResult:
+    """Metrics of one trained SAE on held-out activations.
+
+    Args:
+        variant: The :class:`Variant` name.
+        architecture: Its SAELens architecture.
+        l1_coefficient: Sparsity coefficient lambda.
+        seed: Seed of the SAE initialisation and training stream.
+        d_sae: Dictionary size.
+        l0: Mean number of active features per input.
+        mse: Mean over inputs of ``||x - x_hat||^2``.
+        explained_variance: ``1 - E||x - x_hat||^2 / E||x - E x||^2``.
+        relative_reconstruction_bias: gamma = E||x_hat||^2 / E[x_hat . x].
+        dead_fraction: Fraction of features that never fired on the evaluation set.
+        ground_truth_mcc: Mean cosine of Hungarian-matched decoder rows and true features
+            (synthetic data only).
+        seconds: Training time.
+        magnitude_histogram: Counts of non-zero activations in :data:`MAGNITUDE_BINS`.
+    """
+
+    variant: str
+    architecture: str
+    l1_coefficient: float
+    seed: int
+    d_sae: int
+    l0: float
+    mse: float
+    explained_variance: float
+    relative_reconstruction_bias: float
+    dead_fraction: float
+    ground_truth_mcc: float | None
+    seconds: float
+    magnitude_histogram: list[int]
+
+    @property
+    def healthy(self) -> bool:
+        """At least one active feature per input and half the variance explained."""
+        return self.l0 >= 1.0 and self.explained_variance >= 0.5
+
+
+def build_training_sae(
+    variant: Variant,
+    d_in: int,
+    gated_width: int,
+    l1_coefficient: float,
+    settings: TrainingSettings,
+) -> TrainingSAE[Any]:
+    """A fresh training SAE for ``variant`` (resampling off: the comparison is of designs)."""
+    common: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": round(gated_width * variant.width_factor),
+        "l1_coefficient": l1_coefficient,
+        "l1_warm_up_steps": int(settings.steps * settings.l1_warm_up_fraction),
+        "device": settings.device,
+    }
+    if variant.architecture == "standard":
+        return StandardTrainingSAE(
+            StandardTrainingSAEConfig(**common, **variant.overrides)
+        )
+    gated: dict[str, Any] = {"resample_dead": False, **common, **variant.overrides}
+    if variant.architecture == "gated_untied":
+        return GatedUntiedTrainingSAE(GatedUntiedTrainingSAEConfig(**gated))
+    return GatedTrainingSAE(GatedTrainingSAEConfig(**gated))
+
+
+class SyntheticSource:
+    """Synthetic activations with known ground-truth features (SAELens's synthetic model).
+
+    Args:
+        model_cfg: The synthetic model (its ``seed`` fixes the feature directions).
+        eval_samples: Size of the held-out evaluation set.
+        eval_seed: Seed of the evaluation set.
+        device: Torch device.
+    """
+
+    def __init__(
+        self,
+        model_cfg: SyntheticModelConfig,
+        eval_samples: int,
+        eval_seed: int = 12345,
+        device: str = "cpu",
+    ) -> None:
+        self.model = SyntheticModel(model_cfg, device=device)
+        self.d_in = model_cfg.hidden_dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(eval_seed)
+            true_acts = self.model.activation_generator.sample(eval_samples)
+            self.eval_x = self.model.feature_dict(true_acts)
+        self.true_l0 = float((true_acts > 0).float().sum(dim=-1).mean())
+        self.ground_truth = self.model.feature_dict.feature_vectors
+
+    def train(self, sae: TrainingSAE[Any], settings: TrainingSettings) -> None:
+        data = SyntheticActivationIterator(
+            self.model.feature_dict,
+            self.model.activation_generator,
+            settings.batch_size,
+        )
+        SAETrainer(cfg=_trainer_config(settings), sae=sae, data_provider=data).fit()
+
+
+class LanguageModelSource:
+    """Activations of a TransformerLens model at one hook, through SAELens's runner.
+
+    Args:
+        runner_fields: ``LanguageModelSAERunnerConfig`` fields other than ``sae`` and the
+            optimizer settings (``model_name``, ``hook_name``, ``dataset_path``,
+            ``context_size`` ...).
+        eval_batches: Store batches of activations held out for evaluation.
+        override_model: A loaded model to use instead of ``model_name`` (tests, notebooks).
+        override_dataset: A dataset to use instead of ``dataset_path``.
+    """
+
+    def __init__(
+        self,
+        runner_fields: dict[str, Any],
+        eval_batches: int = 4,
+        override_model: Any = None,
+        override_dataset: Any = None,
+    ) -> None:
+        self.runner_fields = runner_fields
+        self.override_dataset = override_dataset
+        if override_model is None:
+            from sae_lens.load_model import load_model
+
+            override_model = load_model(
+                runner_fields.get("model_class_name", "HookedTransformer"),
+                runner_fields["model_name"],
+                device=runner_fields.get("device", "cpu"),
+            )
+        self.model = override_model
+        self.d_in = self._hook_width()
+        probe_cfg = StandardTrainingSAEConfig(d_in=self.d_in, d_sae=1)
+        store = ActivationsStore.from_config(
+            self.model,
+            self._runner_config(probe_cfg, TrainingSettings()),
+            override_dataset=override_dataset,
+        )
+        self.eval_x = torch.cat([store.next_batch() for _ in range(eval_batches)])
+        self.ground_truth: torch.Tensor | None = None
+
+    def _hook_width(self) -> int:
+        hook = self.runner_fields["hook_name"]
+        tokens = torch.zeros((1, 2), dtype=torch.long)
+        _, cache = self.model.run_with_cache(tokens, names_filter=[hook])
+        return int(cache[hook].shape[-1])
+
+    def _runner_config(
+        self, sae_cfg: Any, settings: TrainingSettings
+    ) -> LanguageModelSAERunnerConfig[Any]:
+        fields: dict[str, Any] = {
+            "logger": LoggingConfig(log_to_wandb=False),
+            "checkpoint_path": None,
+            "output_path": None,
+            "verbose": False,
+            **self.runner_fields,
+            # SAELens needs its shuffle buffer to hold at least one training batch.
+            "n_batches_in_buffer": max(
+                self.runner_fields.get("n_batches_in_buffer", 20),
+                math.ceil(2 * settings.batch_size / self.runner_fields["context_size"]),
+            ),
+            "lr": settings.lr,
+            "lr_warm_up_steps": settings.steps // 20,
+            "adam_beta1": 0.0,
+            "adam_beta2": 0.999,
+            "train_batch_size_tokens": settings.batch_size,
+            "training_tokens": settings.steps * settings.batch_size,
+            "device": settings.device,
+        }
+        return LanguageModelSAERunnerConfig(sae=sae_cfg, **fields)
+
+    def train(self, sae: TrainingSAE[Any], settings: TrainingSettings) -> None:
+        LanguageModelSAETrainingRunner(
+            self._runner_config(sae.cfg, settings),
+            override_model=self.model,
+            override_dataset=self.override_dataset,
+            override_sae=sae,
+        ).run()
+
+
+ActivationSource = SyntheticSource | LanguageModelSource
+
+
+def train_sae(
+    variant: Variant,
+    l1_coefficient: float,
+    seed: int,
+    source: ActivationSource,
+    gated_width: int,
+    settings: TrainingSettings,
+) -> tuple[TrainingSAE[Any], float]:
+    """Train one SAE from a fixed seed; return it and the training time in seconds."""
+    torch.manual_seed(seed)
+    sae = build_training_sae(
+        variant, source.d_in, gated_width, l1_coefficient, settings
+    )
+    start = time.perf_counter()
+    source.train(sae, settings)
+    return sae, time.perf_counter() - start
+
+
+def train_and_evaluate(
+    variant: Variant,
+    l1_coefficient: float,
+    seed: int,
+    source: ActivationSource,
+    gated_width: int,
+    settings: TrainingSettings,
+) -> RunResult:
+    """Train one SAE from a fixed seed and measure it on the source's held-out set."""
+    sae, seconds = train_sae(
+        variant, l1_coefficient, seed, source, gated_width, settings
+    )
+    return evaluate(sae, variant, l1_coefficient, seed, source, seconds)
+
+
+@torch.no_grad()
+def evaluate(
+    sae: TrainingSAE[Any],
+    variant: Variant,
+    l1_coefficient: float,
+    seed: int,
+    source: ActivationSource,
+    seconds: float,
+) -> RunResult:
+    """The metrics of :class:`RunResult` for a trained SAE."""
+    sae.eval()
+    x = source.eval_x.to(sae.device)
+    features, reconstructions = [], []
+    for chunk in x.split(8192):
+        f = sae.encode(chunk)
+        features.append(f)
+        reconstructions.append(sae.decode(f))
+    f, x_hat = torch.cat(features), torch.cat(reconstructions)
+    errors = (x_hat - x).pow(2).sum(dim=-1)
+    variance = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+    active = f > 0
+    nonzero = f[active].float().cpu()
+    counts = torch.histogram(
+        nonzero.clamp(max=MAGNITUDE_BINS[-1]), torch.tensor(MAGNITUDE_BINS)
+    )
+    mcc = None
+    if source.ground_truth is not None:
+        mcc = float(mean_correlation_coefficient(sae.W_dec, source.ground_truth))
+    return RunResult(
+        variant=variant.name,
+        architecture=sae.cfg.architecture(),
+        l1_coefficient=l1_coefficient,
+        seed=seed,
+        d_sae=sae.cfg.d_sae,
+        l0=float(active.float().sum(dim=-1).mean()),
+        mse=float(errors.mean()),
+        explained_variance=float(1 - errors.mean() / variance),
+        relative_reconstruction_bias=_gamma_or_nan(x, x_hat),
+        dead_fraction=float((~active.any(dim=0)).float().mean()),
+        ground_truth_mcc=mcc,
+        seconds=seconds,
+        magnitude_histogram=[int(c) for c in counts.hist.tolist()],
+    )
+
+
+def run_grid(
+    variants: list[Variant],
+    grid: dict[str, tuple[float, ...]],
+    seeds: list[int],
+    source: ActivationSource,
+    gated_width: int,
+    settings: TrainingSettings,
+    progress: bool = True,
+) -> Iterator[RunResult]:
+    """Train every (variant, lambda, seed) combination, with a progress bar over runs."""
+    jobs = [(v, l1, s) for v in variants for l1 in grid[v.name] for s in seeds]
+    bar = tqdm(jobs, desc="runs", disable=not progress)
+    for variant, l1, seed in bar:
+        bar.set_postfix_str(f"{variant.name} lambda={l1} seed={seed}")
+        yield train_and_evaluate(variant, l1, seed, source, gated_width, settings)
+
+
+def _gamma_or_nan(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    try:
+        return relative_reconstruction_bias(x, x_hat)
+    except ValueError:  # x_hat == 0 everywhere: every feature dead
+        return math.nan
+
+
+def _trainer_config(settings: TrainingSettings) -> SAETrainerConfig:
+    return SAETrainerConfig(
+        total_training_samples=settings.steps * settings.batch_size,
+        train_batch_size_samples=settings.batch_size,
+        lr=settings.lr,
+        lr_end=settings.lr / 10,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=settings.steps // 20,
+        lr_decay_steps=0,
+        n_restart_cycles=1,
+        adam_beta1=0.0,
+        adam_beta2=0.999,
+        device=settings.device,
+        autocast=False,
+        dead_feature_window=max(1, settings.steps // 10),
+        feature_sampling_window=max(1, settings.steps // 10),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=10,
+    )

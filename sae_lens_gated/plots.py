@@ -1,0 +1,186 @@
+"""PNG plots of sweep and demo results (matplotlib, no display needed)."""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
+
+from sae_lens_gated.experiments import (  # noqa: E402
+    BASELINE,
+    MAGNITUDE_BINS,
+    PAPER,
+    VARIANTS,
+    RunResult,
+)
+
+_MIN_PLOTTED_L0 = 0.5
+
+_STYLE: dict[str, dict[str, Any]] = {
+    v.name: {"color": color, "marker": marker}
+    for v, color, marker in zip(
+        VARIANTS,
+        ("#1f77b4", "#17becf", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#d62728"),
+        ("o", "s", "^", "v", "D", "x", "P"),
+    )
+}
+
+
+def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
+    """L0 against explained variance, one line per variant (higher and further left wins)."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, pts in _by_variant(points).items():
+        # Runs whose gates all but closed would stretch the axis to 0.01; list them instead.
+        shown = sorted(
+            (p for p in pts if p["l0"] >= _MIN_PLOTTED_L0), key=lambda p: p["l0"]
+        )
+        hidden = len(pts) - len(shown)
+        label = name + (
+            f" ({hidden} run(s) with L0 < {_MIN_PLOTTED_L0} not shown)"
+            if hidden
+            else ""
+        )
+        ax.plot(
+            [p["l0"] for p in shown],
+            [p["explained_variance"] for p in shown],
+            label=label,
+            **_STYLE.get(name, {}),
+        )
+    _plain_log_axis(ax)
+    ax.set_xlabel("L0 (active features per input)")
+    ax.set_ylabel("explained variance")
+    ax.set_title("Sparsity-fidelity frontier")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
+    """Relative reconstruction bias against lambda: gated variants and the baseline."""
+    fig, (gated_ax, base_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, pts in _by_variant(points).items():
+        ax = base_ax if name == BASELINE else gated_ax
+        pts = sorted(
+            (p for p in pts if p["healthy"]), key=lambda p: p["l1_coefficient"]
+        )
+        if pts:
+            ax.plot(
+                [p["l1_coefficient"] for p in pts],
+                [p["relative_reconstruction_bias"] for p in pts],
+                label=name,
+                **_STYLE.get(name, {}),
+            )
+    for ax, title in ((gated_ax, "gated SAEs"), (base_ax, "baseline, 1.5x wide")):
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        _plain_log_axis(ax)
+        ax.set_xlabel("sparsity coefficient lambda")
+        ax.set_ylabel("relative reconstruction bias gamma")
+        ax.set_title(f"{title}: healthy runs (gamma < 1 is shrinkage)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_magnitudes(runs: list[RunResult], path: Path) -> None:
+    """Histograms of non-zero activations: gated vs baseline, the runs closest in L0."""
+    pair = _closest_pair(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if pair is not None:
+        for run in pair:
+            _histogram(ax, run)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("non-zero feature activation")
+    ax.set_ylabel("fraction of non-zero activations")
+    ax.set_title("Magnitudes of active features (gated: few tiny activations)")
+    ax.grid(True, alpha=0.3)
+    _save(fig, path)
+
+
+def plot_demo(runs: list[RunResult], path: Path) -> None:
+    """The demo's figure: its runs on the frontier, and their activation magnitudes."""
+    fig, (pareto_ax, hist_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        style = _STYLE.get(run.variant, {})
+        pareto_ax.scatter(
+            run.l0,
+            run.explained_variance,
+            color=style.get("color"),
+            marker=style.get("marker", "o"),
+            s=60,
+        )
+        pareto_ax.annotate(
+            f"{run.variant.split(' (')[0]}\nlambda={run.l1_coefficient:g}, "
+            f"gamma={run.relative_reconstruction_bias:.2f}",
+            (run.l0, run.explained_variance),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(6, -10),
+        )
+    _plain_log_axis(pareto_ax)
+    pareto_ax.margins(x=0.3, y=0.15)  # room for the labels
+    pareto_ax.set_xlabel("L0 (active features per input)")
+    pareto_ax.set_ylabel("explained variance")
+    pareto_ax.set_title("Gated vs 1.5x wider baseline")
+    pareto_ax.grid(True, alpha=0.3)
+    pair = _closest_pair(runs)
+    if pair is not None:
+        for run in pair:
+            _histogram(hist_ax, run)
+        hist_ax.legend(fontsize=8)
+    hist_ax.set_xlabel("non-zero feature activation")
+    hist_ax.set_ylabel("fraction of non-zero activations")
+    hist_ax.set_title("Magnitudes of active features")
+    hist_ax.grid(True, alpha=0.3)
+    _save(fig, path)
+
+
+def _closest_pair(runs: list[RunResult]) -> tuple[RunResult, RunResult] | None:
+    gated = [r for r in runs if r.variant == PAPER and r.l0 > 0]
+    baseline = [r for r in runs if r.variant == BASELINE and r.l0 > 0]
+    if not gated or not baseline:
+        return None
+    return min(
+        ((g, b) for g in gated for b in baseline),
+        key=lambda pair: abs(math.log(pair[0].l0) - math.log(pair[1].l0)),
+    )
+
+
+def _histogram(ax: Axes, run: RunResult) -> None:
+    total = max(1, sum(run.magnitude_histogram))
+    centres = [(a + b) / 2 for a, b in zip(MAGNITUDE_BINS, MAGNITUDE_BINS[1:])]
+    ax.step(
+        centres,
+        [c / total for c in run.magnitude_histogram],
+        where="mid",
+        label=f"{run.variant}, L0={run.l0:.1f}",
+        color=_STYLE.get(run.variant, {}).get("color"),
+    )
+
+
+def _by_variant(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        grouped.setdefault(point["variant"], []).append(point)
+    return grouped
+
+
+def _plain_log_axis(ax: Axes) -> None:
+    """Log x axis labelled 1, 2, 5, 10 ... instead of overlapping powers of ten."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

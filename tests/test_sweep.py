@@ -1,0 +1,143 @@
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sae_lens_gated.experiments import (
+    BASELINE,
+    NO_AUX,
+    PAPER,
+    TRAINABLE_AUX,
+    UNTIED,
+)
+from sae_lens_gated.sweep import (
+    SweepConfig,
+    check_claims,
+    format_claims,
+    frontier_margins,
+    run_sweep,
+)
+from tests.helpers import tiny_model, tiny_token_dataset
+
+
+def _point(
+    variant: str, l1: float, l0: float, ev: float, gamma: float
+) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "l1_coefficient": l1,
+        "l0": l0,
+        "explained_variance": ev,
+        "relative_reconstruction_bias": gamma,
+        "dead_fraction": 0.0,
+        "ground_truth_mcc": None,
+        "healthy": l0 >= 1 and ev >= 0.5,
+    }
+
+
+def test_frontier_margins_interpolate_in_log_l0():
+    better = [_point(PAPER, 1, 4.0, 0.9, 1.0)]
+    worse = [_point(BASELINE, 1, 2.0, 0.6, 0.8), _point(BASELINE, 0.5, 8.0, 0.8, 0.9)]
+    (margin,) = frontier_margins(better, worse)
+    # log 4 is halfway between log 2 and log 8: the baseline is at 0.7 there.
+    assert margin["other_explained_variance"] == pytest.approx(0.7)
+    assert margin["margin"] == pytest.approx(0.2)
+    assert frontier_margins([_point(PAPER, 1, 20.0, 0.9, 1.0)], worse) == []
+
+
+def test_claims_hold_or_fail_on_the_numbers():
+    points = [
+        _point(PAPER, 0.5, 8.0, 0.90, 1.004),
+        _point(PAPER, 1.0, 4.0, 0.85, 0.995),
+        _point(PAPER, 4.0, 0.01, 0.01, 0.7),  # unhealthy: ignored
+        _point(BASELINE, 0.2, 16.0, 0.88, 0.90),
+        _point(BASELINE, 0.5, 8.0, 0.80, 0.80),
+        _point(BASELINE, 1.0, 2.0, 0.55, 0.60),
+        _point(TRAINABLE_AUX, 0.5, 8.0, 0.88, 1.0),
+        _point(TRAINABLE_AUX, 1.0, 2.0, 0.70, 1.0),
+        _point(UNTIED, 0.5, 8.0, 0.91, 1.0),
+        _point(UNTIED, 1.0, 2.0, 0.70, 1.0),
+        _point(NO_AUX, 0.5, 0.2, 0.1, 0.9),
+    ]
+    claims = check_claims(points)
+    assert claims["gated_gamma_near_1"]["holds"]
+    assert claims["baseline_gamma_shrinks"]["holds"]
+    assert claims["gated_beats_wider_baseline"]["holds"]
+    assert claims["gated_beats_wider_baseline"]["mean_margin"] == pytest.approx(
+        ((0.90 - 0.80) + (0.85 - (0.55 + 0.25 * 0.5))) / 2
+    )
+    assert claims["frozen_aux_decoder_helps"]["holds"]
+    # untied is better at L0=8 (0.91 vs 0.90) and worse at L0=4: mean margin decides.
+    assert claims["untied_encoders_do_not_help"]["holds"]
+    assert claims["no_aux_loss_closes_the_gates"]["holds"]
+
+    points[0]["relative_reconstruction_bias"] = 1.05
+    points[4]["relative_reconstruction_bias"] = (
+        0.95  # baseline gamma no longer decreasing
+    )
+    points[6]["explained_variance"] = 0.95  # ablation above the paper recipe at L0=8
+    claims = check_claims(points)
+    assert not claims["gated_gamma_near_1"]["holds"]
+    assert not claims["baseline_gamma_shrinks"]["holds"]
+    assert not claims["frozen_aux_decoder_helps"]["holds"]
+    text = format_claims({"points": points, "claims": claims, "config": {"out": "x"}})
+    assert "gated_gamma_near_1: DOES NOT HOLD" in text
+
+
+def test_quick_sweep_writes_results_claims_and_plots(tmp_path: Path):
+    cfg = SweepConfig(
+        out=tmp_path / "sweep",
+        quick=True,
+        steps=60,
+        eval_samples=4_000,
+        variants=[PAPER, BASELINE, NO_AUX],
+    )
+    results = run_sweep(cfg, progress=False)
+    stored = json.loads((cfg.out / "results.json").read_text())
+    assert stored["claims"] == json.loads(json.dumps(results["claims"]))
+    assert len(stored["runs"]) == 4 + 5 + 2  # the quick lambda grids
+    assert {r["seed"] for r in stored["runs"]} == {0}
+    assert stored["config"]["steps"] == 60 and stored["config"]["seeds"] == [0]
+    assert stored["config"]["synthetic_model"]["seed"] == 0
+    for run in stored["runs"]:
+        assert run["ground_truth_mcc"] is not None
+        assert math.isfinite(run["l0"]) and run["l0"] >= 0
+        assert sum(run["magnitude_histogram"]) > 0 or run["l0"] == 0
+    assert {p["variant"] for p in stored["points"]} == {PAPER, BASELINE, NO_AUX}
+    for name in ("pareto.png", "gamma_vs_lambda.png", "activation_magnitudes.png"):
+        assert (cfg.out / name).stat().st_size > 10_000
+
+
+def test_sweep_runs_on_language_model_activations(tmp_path: Path):
+    cfg = SweepConfig(
+        out=tmp_path / "lm",
+        quick=True,
+        steps=10,
+        batch_size=64,
+        variants=[PAPER],
+        model="tiny-random",
+        hook="blocks.0.hook_resid_post",
+        context_size=16,
+        expansion=2.0,
+    )
+    results = run_sweep(
+        cfg,
+        override_model=tiny_model(),
+        override_dataset=tiny_token_dataset(),
+        progress=False,
+    )
+    assert len(results["runs"]) == 4
+    assert all(
+        r["d_sae"] == 64 and r["ground_truth_mcc"] is None for r in results["runs"]
+    )
+    assert results["config"]["synthetic_model"] is None
+    assert (cfg.out / "pareto.png").exists()
+
+
+def test_sweep_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="Unknown variant"):
+        SweepConfig(variants=["gated (imaginary)"])
+    with pytest.raises(ValueError, match="both --model and --hook"):
+        SweepConfig(model="gpt2")
