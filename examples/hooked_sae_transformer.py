@@ -31,6 +31,9 @@ def inspect(
     features = cache[f"{hook}.hook_sae_acts_post"]
     clean_loss = model(tokens, return_type="loss")
     spliced_loss = model.run_with_saes(tokens, saes=[sae], return_type="loss")
+    assert isinstance(clean_loss, torch.Tensor) and isinstance(
+        spliced_loss, torch.Tensor
+    )
     strongest = features[0].max(dim=0)
     top = strongest.values.topk(5)
     return {
