@@ -329,15 +329,15 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     """Configuration for training a Gated SAE as arXiv 2404.16014 specifies.
 
     Fields marked "recipe default" are resolved from ``recipe`` when the config is built, so
-    a saved config always records the values that were used.
+    a saved config always records the values that were used. The inherited
+    ``l1_coefficient`` (lambda, applied to ``ReLU(pi_gate)``) and ``l1_warm_up_steps``
+    (linear warm-up of lambda from 0 by SAELens's coefficient scheduler) work as in SAELens.
 
     Args:
         recipe: ``"paper"`` (App. D.1 and G: plain L1 on ``ReLU(pi_gate)``, decoder frozen in
             the auxiliary loss, unit-norm decoder rows) or ``"april_update"`` (the authors'
             later variant: L1 weighted by decoder norms, trainable decoder everywhere, no
             norm constraint; identical to SAELens's built-in gated training).
-        l1_coefficient: Sparsity coefficient lambda, applied to ``ReLU(pi_gate)``.
-        l1_warm_up_steps: Steps over which lambda rises linearly from 0 (SAELens's scheduler).
         aux_coefficient: Weight of the auxiliary reconstruction loss (1.0 in the paper).
         freeze_decoder_in_aux: Recipe default (paper True, april_update False). Stop gradients
             from the auxiliary loss into ``W_dec`` and the decoder-side ``b_dec`` (paper
