@@ -16,9 +16,10 @@ alive for the backward pass. Here:
 
 - the encoder matmul is done once; only ``f``, ``g`` and ``pi_mag`` (the three outputs) are
   allocated at ``(batch, d_sae)``, and every other step writes in place or into them;
-- the backward pass needs only ``f`` and ``g`` (where ``f > 0`` the gate is open, so
-  ``x @ W_enc = g - b_gate`` there) and works through the batch in row chunks with two
-  chunk-sized scratch buffers, accumulating the parameter gradients with matmuls;
+- the backward pass needs only the outputs ``f``, ``g`` and ``pi_mag`` (``r_mag``'s gradient
+  uses ``(x @ W_enc) * exp(r_mag) = pi_mag - b_mag``) and works through the batch in row
+  chunks with two chunk-sized scratch buffers, accumulating the parameter gradients with
+  matmuls;
 - ``b_dec``'s gradient through the centring is a matrix-vector product of the batch-summed
   gradient, not a batch matmul.
 
@@ -136,11 +137,19 @@ class GatedSAEFunction(torch.autograd.Function):
                     torch.addmm(bias, gate_acts, dec),
                 )
 
-        ctx.mark_non_differentiable(magnitude)
         # Outputs the loss does not use get None, not a (batch, d_sae) tensor of zeros.
         ctx.set_materialize_grads(False)
+        # Only outputs and parameters are kept: nothing extra stays alive for backward.
         ctx.save_for_backward(
-            x, W_enc, W_dec, b_gate, scale, penalty_weights, feature_acts, gate_acts
+            x,
+            W_enc,
+            W_dec,
+            b_mag,
+            scale,
+            penalty_weights,
+            feature_acts,
+            gate_acts,
+            magnitude,
         )
         ctx.options = options
         ctx.device_type = device_type
@@ -150,11 +159,19 @@ class GatedSAEFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, *grads: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        x, W_enc, W_dec, b_gate, scale, penalty_weights, feature_acts, gate_acts = (
-            ctx.saved_tensors
-        )
+        (
+            x,
+            W_enc,
+            W_dec,
+            b_mag,
+            scale,
+            penalty_weights,
+            feature_acts,
+            gate_acts,
+            magnitude,
+        ) = ctx.saved_tensors
         options: GatedFunctionOptions = ctx.options
-        grad_f, grad_g, _, grad_penalty = grads[:4]
+        grad_f, grad_g, grad_magnitude, grad_penalty = grads[:4]
         grad_x_hat, grad_x_aux = grads[4:6] if options.decode else (None, None)
         work = gate_acts.dtype
         n, d_sae = gate_acts.shape
@@ -176,7 +193,7 @@ class GatedSAEFunction(torch.autograd.Function):
             grad_W_dec = torch.zeros(W_dec.shape, dtype=acc, device=x.device)
             sum_grad_gate = torch.zeros(d_sae, dtype=acc, device=x.device)
             sum_grad_mag = torch.zeros(d_sae, dtype=acc, device=x.device)
-            sum_grad_mag_g = torch.zeros(d_sae, dtype=acc, device=x.device)
+            sum_grad_mag_m = torch.zeros(d_sae, dtype=acc, device=x.device)
             grad_sae_in = (
                 torch.empty(x.shape, dtype=work, device=x.device)
                 if ctx.needs_input_grad[0]
@@ -191,13 +208,16 @@ class GatedSAEFunction(torch.autograd.Function):
                 f, g = feature_acts[rows], gate_acts[rows]
                 scratch_mag = scratch_mag_buffer[: f.shape[0]]
                 scratch_gate = scratch_gate_buffer[: f.shape[0]]
-                # Gradient reaching pi_mag: only where the feature fired.
+                # Gradient reaching pi_mag: through f only where the feature fired, and
+                # directly where pi_mag itself was used (a hook replaced it).
                 _upstream(grad_f, recon_grad, dec, rows, scratch_mag)
                 grad_mag = keep_where_positive(scratch_mag, f, out=scratch_mag)
+                if grad_magnitude is not None:
+                    grad_mag += grad_magnitude[rows]
                 sum_grad_mag += grad_mag.sum(dim=0, dtype=acc)
                 if scale_w is not None:
-                    torch.mul(grad_mag, g, out=scratch_gate)
-                    sum_grad_mag_g += scratch_gate.sum(dim=0, dtype=acc)
+                    torch.mul(grad_mag, magnitude[rows], out=scratch_gate)
+                    sum_grad_mag_m += scratch_gate.sum(dim=0, dtype=acc)
                 # Gradient reaching pi_gate: from the losses on g, where the gate is open.
                 _upstream(grad_g, aux_grad, dec, rows, scratch_gate)
                 if per_feature is not None:
@@ -221,7 +241,8 @@ class GatedSAEFunction(torch.autograd.Function):
             if scale is None:
                 sum_grad_pre = sum_grad_gate + sum_grad_mag
             else:
-                grad_r_mag = scale * (sum_grad_mag_g - b_gate * sum_grad_mag)
+                # d pi_mag / d r_mag = (x @ W_enc) * exp(r_mag) = pi_mag - b_mag
+                grad_r_mag = sum_grad_mag_m - b_mag * sum_grad_mag
                 sum_grad_pre = sum_grad_gate + scale * sum_grad_mag
             grad_b_dec = torch.zeros(x.shape[1], dtype=acc, device=x.device)
             if options.centre:
@@ -238,9 +259,9 @@ class GatedSAEFunction(torch.autograd.Function):
         return (
             None if grad_sae_in is None else grad_sae_in.to(x.dtype),
             grad_W_enc.to(W_enc.dtype),
-            sum_grad_gate.to(b_gate.dtype),
-            None if grad_r_mag is None else grad_r_mag.to(b_gate.dtype),
-            sum_grad_mag.to(b_gate.dtype),
+            sum_grad_gate.to(b_mag.dtype),
+            None if grad_r_mag is None else grad_r_mag.to(b_mag.dtype),
+            sum_grad_mag.to(b_mag.dtype),
             grad_W_dec.to(W_dec.dtype) if options.decode else None,
             grad_b_dec.to(W_dec.dtype),
             None

@@ -122,6 +122,30 @@ def test_hooks_on_activations_route_the_decoder_through_them():
     assert not torch.allclose(hooked.sae_out, plain.sae_out)
 
 
+def test_training_through_a_hook_that_replaces_the_pre_activation():
+    sae = GatedTrainingSAE(build_gated_training_cfg(dtype="float64"))
+    randomize_gated_params(sae, seed=27, unit_decoder=True)
+    sae.hook_sae_acts_pre.add_hook(lambda acts, hook: acts * 2)  # type: ignore[misc]  # noqa: ARG005
+    x = torch.randn(30, 16, dtype=torch.float64)
+    out = sae.training_forward_pass(_step(x))
+    params = [getattr(sae, name) for name in PARAMS]
+    got = torch.autograd.grad(out.losses["mse_loss"], params, allow_unused=True)
+
+    centred = x - sae.b_dec
+    pre = centred @ sae.W_enc
+    f = (pre + sae.b_gate > 0) * torch.relu(2 * (pre * sae.r_mag.exp() + sae.b_mag))
+    mse = ((f @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean()
+    torch.testing.assert_close(out.losses["mse_loss"], mse)
+    want = torch.autograd.grad(mse, params, allow_unused=True)
+    for name, g, w, p in zip(PARAMS, got, want, params):
+        g = torch.zeros_like(p) if g is None else g
+        w = torch.zeros_like(p) if w is None else w
+        assert w.abs().max() > 0 or name == "b_gate", (
+            name
+        )  # the gate's bias: no gradient
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_bf16_autocast_stays_close_to_float32():
     sae = GatedTrainingSAE(build_gated_training_cfg())
     randomize_gated_params(sae, seed=24, unit_decoder=True)
@@ -151,7 +175,7 @@ def _large_saved_tensors(run: Any, n: int, d_sae: int) -> int:
     return count
 
 
-def test_backward_keeps_only_two_batch_by_dictionary_tensors():
+def test_backward_keeps_only_its_three_outputs():
     n, d_sae = 64, 48
     plugin = GatedTrainingSAE(build_gated_training_cfg())
     builtin = BuiltinGatedTrainingSAE(
@@ -161,7 +185,7 @@ def test_backward_keeps_only_two_batch_by_dictionary_tensors():
     x = torch.randn(n, 16)
     assert (
         _large_saved_tensors(lambda: plugin.training_forward_pass(_step(x)), n, d_sae)
-        == 2
+        == 3
     )
     assert (
         _large_saved_tensors(lambda: builtin.training_forward_pass(_step(x)), n, d_sae)
