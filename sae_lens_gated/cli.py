@@ -108,6 +108,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--expansion", type=float, default=8.0)
 
 
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        name: getattr(args, name)
+        for name in ("model", "hook", "dataset", "context_size", "expansion")
+    }
+
+
 def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
     convert = commands.add_parser(
         "convert",
@@ -173,11 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 baseline_l1=tuple(args.baseline_l1),
                 seed=args.seed,
                 device=args.device,
-                model=args.model,
-                hook=args.hook,
-                dataset=args.dataset,
-                context_size=args.context_size,
-                expansion=args.expansion,
+                **_model_options(args),
             )
         )
         sys.stdout.write(format_table(runs) + "\n")
@@ -196,11 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 variants=args.variants,
                 l1=args.l1,
                 device=args.device,
-                model=args.model,
-                hook=args.hook,
-                dataset=args.dataset,
-                context_size=args.context_size,
-                expansion=args.expansion,
+                **_model_options(args),
             )
         )
         sys.stdout.write(format_claims(results) + "\n")

@@ -21,12 +21,11 @@ from sae_lens_gated.experiments import (
     DEFAULT_SYNTHETIC_MODEL,
     PAPER,
     VARIANTS,
-    ActivationSource,
-    LanguageModelSource,
     RunResult,
     SyntheticSource,
     TrainingSettings,
     evaluate,
+    make_source,
     train_sae,
 )
 from sae_lens_gated.plots import plot_demo
@@ -85,7 +84,19 @@ def run_demo(
     settings = TrainingSettings(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device
     )
-    source, width = _source(cfg, override_model, override_dataset)
+    source, width = make_source(
+        synthetic_model=cfg.synthetic_model,
+        eval_samples=cfg.eval_samples,
+        gated_width=cfg.gated_width,
+        model=cfg.model,
+        hook=cfg.hook,
+        dataset=cfg.dataset,
+        context_size=cfg.context_size,
+        expansion=cfg.expansion,
+        device=cfg.device,
+        override_model=override_model,
+        override_dataset=override_dataset,
+    )
     variants = {v.name: v for v in VARIANTS}
     jobs = [(PAPER, l1) for l1 in cfg.gated_l1] + [
         (BASELINE, l1) for l1 in cfg.baseline_l1
@@ -129,30 +140,6 @@ def format_table(runs: list[RunResult]) -> str:
         "GT MCC: decoder recovery of the true features."
     )
     return "\n".join(lines)
-
-
-def _source(
-    cfg: DemoConfig, override_model: Any, override_dataset: Any
-) -> tuple[ActivationSource, int]:
-    if cfg.model is None and override_model is None:
-        return SyntheticSource(
-            cfg.synthetic_model, cfg.eval_samples, device=cfg.device
-        ), (cfg.gated_width)
-    if cfg.hook is None:
-        raise ValueError("Give --hook with --model.")
-    source = LanguageModelSource(
-        {
-            "model_name": cfg.model or "override",
-            "hook_name": cfg.hook,
-            "dataset_path": cfg.dataset,
-            "context_size": cfg.context_size,
-            "is_dataset_tokenized": True,
-            "streaming": override_dataset is None,
-        },
-        override_model=override_model,
-        override_dataset=override_dataset,
-    )
-    return source, round(cfg.expansion * source.d_in)
 
 
 def _write_results(cfg: DemoConfig, runs: list[RunResult]) -> None:

@@ -310,6 +310,46 @@ class LanguageModelSource:
 ActivationSource = SyntheticSource | LanguageModelSource
 
 
+def make_source(
+    *,
+    synthetic_model: SyntheticModelConfig,
+    eval_samples: int,
+    gated_width: int,
+    model: str | None,
+    hook: str | None,
+    dataset: str,
+    context_size: int,
+    expansion: float,
+    device: str,
+    override_model: Any = None,
+    override_dataset: Any = None,
+) -> tuple[ActivationSource, int]:
+    """The activation source and the gated dictionary size for ``demo`` and ``sweep``.
+
+    Synthetic data unless a model is named (or passed as ``override_model``); then the
+    model's activations at ``hook``, and a gated width of ``expansion`` times their width.
+    """
+    if model is None and override_model is None:
+        source = SyntheticSource(synthetic_model, eval_samples, device=device)
+        return source, gated_width
+    if hook is None:
+        raise ValueError("Give a hook (--hook) to train on a model's activations.")
+    lm = LanguageModelSource(
+        {
+            "model_name": model or "override",
+            "hook_name": hook,
+            "dataset_path": dataset,
+            "context_size": context_size,
+            "is_dataset_tokenized": True,
+            "streaming": override_dataset is None,
+            "device": device,
+        },
+        override_model=override_model,
+        override_dataset=override_dataset,
+    )
+    return lm, round(expansion * lm.d_in)
+
+
 def train_sae(
     variant: Variant,
     l1_coefficient: float,

@@ -31,12 +31,10 @@ from sae_lens_gated.experiments import (
     TRAINABLE_AUX,
     UNTIED,
     VARIANTS,
-    ActivationSource,
-    LanguageModelSource,
     RunResult,
-    SyntheticSource,
     TrainingSettings,
     Variant,
+    make_source,
     run_grid,
 )
 from sae_lens_gated.plots import plot_gamma, plot_magnitudes, plot_pareto
@@ -132,7 +130,19 @@ def run_sweep(
         lr=cfg.lr,
         device=cfg.device,
     )
-    source, gated_width = _source(cfg, override_model, override_dataset)
+    source, gated_width = make_source(
+        synthetic_model=cfg.synthetic_model,
+        eval_samples=cfg.resolved_eval_samples,
+        gated_width=cfg.gated_width,
+        model=cfg.model,
+        hook=cfg.hook,
+        dataset=cfg.dataset,
+        context_size=cfg.context_size,
+        expansion=cfg.expansion,
+        device=cfg.device,
+        override_model=override_model,
+        override_dataset=override_dataset,
+    )
     variants = [v for v in VARIANTS if cfg.variants is None or v.name in cfg.variants]
     grid = {v.name: _grid(cfg, v) for v in variants}
     runs = list(
@@ -296,29 +306,6 @@ def frontier_margins(
                 )
                 break
     return margins
-
-
-def _source(
-    cfg: SweepConfig, override_model: Any, override_dataset: Any
-) -> tuple[ActivationSource, int]:
-    if cfg.model is None:
-        source = SyntheticSource(
-            cfg.synthetic_model, cfg.resolved_eval_samples, device=cfg.device
-        )
-        return source, cfg.gated_width
-    lm = LanguageModelSource(
-        {
-            "model_name": cfg.model,
-            "hook_name": cfg.hook,
-            "dataset_path": cfg.dataset,
-            "context_size": cfg.context_size,
-            "is_dataset_tokenized": True,
-            "streaming": override_dataset is None,
-        },
-        override_model=override_model,
-        override_dataset=override_dataset,
-    )
-    return lm, round(cfg.expansion * lm.d_in)
 
 
 def _config_record(

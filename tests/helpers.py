@@ -139,11 +139,12 @@ def make_trainer(
     return SAETrainer(cfg=SAETrainerConfig(**settings), sae=sae, data_provider=data)
 
 
-def tiny_model() -> Any:
-    """A 2-layer HookedTransformer with random weights, built from a config (no download)."""
+def tiny_model(model_class: Any = None) -> Any:
+    """A 2-layer HookedTransformer (or ``model_class``) with random weights, built from a
+    config (no download)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    return HookedTransformer(
+    return (model_class or HookedTransformer)(
         HookedTransformerConfig(
             n_layers=2,
             d_model=32,

@@ -10,7 +10,6 @@ import pytest
 import torch
 from sae_lens import SAE, HookedSAETransformer, JumpReLUSAE
 from sae_lens.saes.sae import SAEMetadata
-from transformer_lens import HookedTransformerConfig
 
 from sae_lens_gated import GatedSAE, GatedSAEConfig
 from tests.helpers import randomize_gated_params, tiny_model, tiny_token_dataset
@@ -29,21 +28,7 @@ def _load(name: str) -> ModuleType:
 
 
 def _tiny_sae_model() -> HookedSAETransformer:
-    return HookedSAETransformer(
-        HookedTransformerConfig(
-            n_layers=2,
-            d_model=32,
-            n_ctx=16,
-            d_head=8,
-            n_heads=4,
-            d_mlp=64,
-            d_vocab=128,
-            act_fn="gelu",
-            normalization_type="LN",
-            device="cpu",
-            seed=0,
-        )
-    )
+    return tiny_model(HookedSAETransformer)
 
 
 def _metadata() -> SAEMetadata:
