@@ -212,7 +212,10 @@ class SyntheticSource:
     ) -> None:
         self.model = SyntheticModel(model_cfg, device=device)
         self.d_in = model_cfg.hidden_dim
-        with torch.random.fork_rng(devices=[]):
+        # A fixed evaluation set that leaves the training RNG streams untouched.
+        target = torch.device(device)
+        gpus = [target.index or 0] if target.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
             torch.manual_seed(eval_seed)
             true_acts = self.model.activation_generator.sample(eval_samples)
             self.eval_x = self.model.feature_dict(true_acts)
