@@ -9,11 +9,10 @@ gated SAE in SAELens format.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_lens.synthetic import SyntheticModelConfig
 from tqdm.auto import tqdm
 
 from sae_lens_gated.experiments import (
@@ -22,6 +21,7 @@ from sae_lens_gated.experiments import (
     PAPER,
     VARIANTS,
     RunResult,
+    SourceConfig,
     SyntheticSource,
     TrainingSettings,
     evaluate,
@@ -34,8 +34,8 @@ __all__ = ["DEFAULT_SYNTHETIC_MODEL", "DemoConfig", "format_table", "run_demo"]
 
 
 @dataclass
-class DemoConfig:
-    """Settings of ``sae-lens-gated demo``.
+class DemoConfig(SourceConfig):
+    """Settings of ``sae-lens-gated demo``, besides the activation source (:class:`SourceConfig`).
 
     Args:
         out: Folder for the gated SAE (SAELens format), ``demo.png`` and
@@ -44,17 +44,9 @@ class DemoConfig:
         batch_size: Activations per step.
         gated_l1: Sparsity coefficients of the gated SAEs.
         baseline_l1: Sparsity coefficients of the baseline (a different scale).
-        gated_width: Dictionary size of the gated SAE on synthetic data (baseline: 1.5x).
         lr: Adam learning rate (betas (0, 0.999), the paper's).
         eval_samples: Held-out synthetic activations for the metrics.
         seed: Seed of every SAE's initialisation and training stream.
-        device: Torch device.
-        synthetic_model: Ground-truth generator.
-        model: TransformerLens model name: use its activations instead (needs the network).
-        hook: Hook name for ``model``.
-        dataset: Tokenized dataset for ``model``.
-        context_size: Tokens per prompt for ``model``.
-        expansion: Gated dictionary size as a multiple of the hook width for ``model``.
     """
 
     out: Path = Path("gated-demo")
@@ -62,19 +54,9 @@ class DemoConfig:
     batch_size: int = 1024
     gated_l1: tuple[float, ...] = (0.5, 1.0)
     baseline_l1: tuple[float, ...] = (0.35, 1.0)
-    gated_width: int = 256
     lr: float = 3e-3
     eval_samples: int = 50_000
     seed: int = 0
-    device: str = "cpu"
-    synthetic_model: SyntheticModelConfig = field(
-        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL
-    )
-    model: str | None = None
-    hook: str | None = None
-    dataset: str = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
-    context_size: int = 128
-    expansion: float = 8.0
 
 
 def run_demo(
@@ -84,19 +66,7 @@ def run_demo(
     settings = TrainingSettings(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device
     )
-    source, width = make_source(
-        synthetic_model=cfg.synthetic_model,
-        eval_samples=cfg.eval_samples,
-        gated_width=cfg.gated_width,
-        model=cfg.model,
-        hook=cfg.hook,
-        dataset=cfg.dataset,
-        context_size=cfg.context_size,
-        expansion=cfg.expansion,
-        device=cfg.device,
-        override_model=override_model,
-        override_dataset=override_dataset,
-    )
+    source, width = make_source(cfg, cfg.eval_samples, override_model, override_dataset)
     variants = {v.name: v for v in VARIANTS}
     jobs = [(PAPER, l1) for l1 in cfg.gated_l1] + [
         (BASELINE, l1) for l1 in cfg.baseline_l1

@@ -313,44 +313,78 @@ class LanguageModelSource:
 ActivationSource = SyntheticSource | LanguageModelSource
 
 
+@dataclass
+class SourceConfig:
+    """Where ``demo`` and ``sweep`` take their activations from.
+
+    Args:
+        gated_width: Dictionary size of the gated SAEs on synthetic data (the baseline gets
+            1.5x).
+        device: Torch device.
+        synthetic_model: Ground-truth generator (embedded default).
+        model: TransformerLens model name: train on its activations instead (needs the
+            network, through SAELens's runner and activation store).
+        hook: Hook name for ``model``.
+        dataset: Tokenized Hugging Face dataset for ``model``.
+        context_size: Tokens per prompt for ``model``.
+        expansion: Gated dictionary size as a multiple of the hook width for ``model``.
+    """
+
+    gated_width: int = 256
+    device: str = "cpu"
+    synthetic_model: SyntheticModelConfig = field(
+        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL
+    )
+    model: str | None = None
+    hook: str | None = None
+    dataset: str = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+    context_size: int = 128
+    expansion: float = 8.0
+
+    def __post_init__(self) -> None:
+        if (self.model is None) != (self.hook is None):
+            raise ValueError(
+                "Give both --model and --hook to train on a language model."
+            )
+
+
 def make_source(
-    *,
-    synthetic_model: SyntheticModelConfig,
+    cfg: SourceConfig,
     eval_samples: int,
-    gated_width: int,
-    model: str | None,
-    hook: str | None,
-    dataset: str,
-    context_size: int,
-    expansion: float,
-    device: str,
     override_model: Any = None,
     override_dataset: Any = None,
 ) -> tuple[ActivationSource, int]:
     """The activation source and the gated dictionary size for ``demo`` and ``sweep``.
 
-    Synthetic data unless a model is named (or passed as ``override_model``); then the
-    model's activations at ``hook``, and a gated width of ``expansion`` times their width.
+    Synthetic data unless ``cfg`` names a model (or one is passed as ``override_model``);
+    then the model's activations at ``cfg.hook``, and a gated width of ``cfg.expansion``
+    times their width.
+
+    Args:
+        cfg: The source settings.
+        eval_samples: Held-out synthetic activations for the metrics.
+        override_model: An already built ``HookedTransformer`` to use instead of ``cfg.model``.
+        override_dataset: An in-memory tokenized dataset to use instead of ``cfg.dataset``.
     """
-    if model is None and override_model is None:
-        source = SyntheticSource(synthetic_model, eval_samples, device=device)
-        return source, gated_width
-    if hook is None:
+    if cfg.model is None and override_model is None:
+        source = SyntheticSource(cfg.synthetic_model, eval_samples, device=cfg.device)
+        return source, cfg.gated_width
+    if cfg.hook is None:
         raise ValueError("Give a hook (--hook) to train on a model's activations.")
     lm = LanguageModelSource(
         {
-            "model_name": model or "override",
-            "hook_name": hook,
-            "dataset_path": dataset,
-            "context_size": context_size,
+            "model_name": cfg.model or "override",
+            "hook_name": cfg.hook,
+            "dataset_path": cfg.dataset,
+            "context_size": cfg.context_size,
             "is_dataset_tokenized": True,
             "streaming": override_dataset is None,
-            "device": device,
+            "device": cfg.device,
         },
         override_model=override_model,
         override_dataset=override_dataset,
     )
-    return lm, round(expansion * lm.d_in)
+    return lm, round(cfg.expansion * lm.d_in)
 
 
 def train_sae(

@@ -90,16 +90,10 @@ def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
 
 def plot_magnitudes(runs: list[RunResult], path: Path) -> None:
     """Histograms of non-zero activations: gated vs baseline, the runs closest in L0."""
-    pair = _closest_pair(runs)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if pair is not None:
-        for run in pair:
-            _histogram(ax, run)
-        ax.legend(fontsize=8)
-    ax.set_xlabel("non-zero feature activation")
-    ax.set_ylabel("fraction of non-zero activations")
-    ax.set_title("Magnitudes of active features (gated: few tiny activations)")
-    ax.grid(True, alpha=0.3)
+    _draw_magnitudes(
+        ax, runs, "Magnitudes of active features (gated: few tiny activations)"
+    )
     _save(fig, path)
 
 
@@ -129,16 +123,21 @@ def plot_demo(runs: list[RunResult], path: Path) -> None:
     pareto_ax.set_ylabel("explained variance")
     pareto_ax.set_title("Gated vs 1.5x wider baseline")
     pareto_ax.grid(True, alpha=0.3)
+    _draw_magnitudes(hist_ax, runs, "Magnitudes of active features")
+    _save(fig, path)
+
+
+def _draw_magnitudes(ax: Axes, runs: list[RunResult], title: str) -> None:
+    # Histograms of the gated and baseline runs closest in L0.
     pair = _closest_pair(runs)
     if pair is not None:
         for run in pair:
-            _histogram(hist_ax, run)
-        hist_ax.legend(fontsize=8)
-    hist_ax.set_xlabel("non-zero feature activation")
-    hist_ax.set_ylabel("fraction of non-zero activations")
-    hist_ax.set_title("Magnitudes of active features")
-    hist_ax.grid(True, alpha=0.3)
-    _save(fig, path)
+            _histogram(ax, run)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("non-zero feature activation")
+    ax.set_ylabel("fraction of non-zero activations")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
 
 
 def _closest_pair(runs: list[RunResult]) -> tuple[RunResult, RunResult] | None:

@@ -12,18 +12,16 @@ import json
 import math
 import platform
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.synthetic import SyntheticModelConfig
 
 from sae_lens_gated import __version__
 from sae_lens_gated.experiments import (
     APRIL,
     BASELINE,
-    DEFAULT_SYNTHETIC_MODEL,
     MAGNITUDE_BINS,
     NO_AUX,
     NO_R_MAG,
@@ -32,6 +30,7 @@ from sae_lens_gated.experiments import (
     UNTIED,
     VARIANTS,
     RunResult,
+    SourceConfig,
     TrainingSettings,
     Variant,
     make_source,
@@ -44,8 +43,8 @@ BASELINE_GAMMA_MAX = 0.95
 
 
 @dataclass
-class SweepConfig:
-    """Settings of ``sae-lens-gated sweep``.
+class SweepConfig(SourceConfig):
+    """Settings of ``sae-lens-gated sweep``, besides the activation source (:class:`SourceConfig`).
 
     Args:
         out: Output folder (``results.json`` and PNG plots).
@@ -55,21 +54,11 @@ class SweepConfig:
         seeds: Seeds per lambda (default ``[0]`` quick, ``[0, 1, 2]`` full).
         batch_size: Activations per step.
         lr: Adam learning rate.
-        gated_width: Dictionary size of the gated SAEs on synthetic data (the baseline gets
-            1.5x).
         eval_samples: Held-out synthetic activations for the metrics (default 20,000 quick,
             100,000 full).
-        device: Torch device.
         variants: Names of the variants to run (default: all).
         l1: Sparsity coefficients for every selected variant, instead of their grids (the
             gated and baseline lambdas are on different scales).
-        synthetic_model: Ground-truth generator (embedded default).
-        model: TransformerLens model name: train on its activations instead (needs the
-            network, through SAELens's runner and activation store).
-        hook: Hook name for ``model``.
-        dataset: Dataset path for ``model`` (a tokenized Hugging Face dataset).
-        context_size: Tokens per prompt for ``model``.
-        expansion: Gated dictionary size as a multiple of the hook width for ``model``.
     """
 
     out: Path = Path("gated-sweep")
@@ -78,30 +67,17 @@ class SweepConfig:
     seeds: list[int] | None = None
     batch_size: int = 1024
     lr: float = 3e-3
-    gated_width: int = 256
     eval_samples: int | None = None
-    device: str = "cpu"
     variants: list[str] | None = None
     l1: list[float] | None = None
-    synthetic_model: SyntheticModelConfig = field(
-        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL
-    )
-    model: str | None = None
-    hook: str | None = None
-    dataset: str = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
-    context_size: int = 128
-    expansion: float = 8.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         known = {v.name for v in VARIANTS}
         unknown = set(self.variants or []) - known
         if unknown:
             raise ValueError(
                 f"Unknown variant(s) {sorted(unknown)}; known: {sorted(known)}."
-            )
-        if (self.model is None) != (self.hook is None):
-            raise ValueError(
-                "Give both --model and --hook to train on a language model."
             )
 
     @property
@@ -131,17 +107,7 @@ def run_sweep(
         device=cfg.device,
     )
     source, gated_width = make_source(
-        synthetic_model=cfg.synthetic_model,
-        eval_samples=cfg.resolved_eval_samples,
-        gated_width=cfg.gated_width,
-        model=cfg.model,
-        hook=cfg.hook,
-        dataset=cfg.dataset,
-        context_size=cfg.context_size,
-        expansion=cfg.expansion,
-        device=cfg.device,
-        override_model=override_model,
-        override_dataset=override_dataset,
+        cfg, cfg.resolved_eval_samples, override_model, override_dataset
     )
     variants = [v for v in VARIANTS if cfg.variants is None or v.name in cfg.variants]
     grid = {v.name: _grid(cfg, v) for v in variants}

@@ -6,9 +6,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.saes.sae import SAE
+from sae_lens.saes.sae import SAE, TrainStepInput
 
 from sae_lens_gated import GatedTrainingSAEConfig
+
+GATED_PARAM_NAMES = ["W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"]
+
+
+def step_input(x: torch.Tensor, l1: float = 0.5) -> TrainStepInput:
+    """A training-step input with L1 coefficient ``l1`` at a non-logging step 0."""
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={"l1": l1},
+        dead_neuron_mask=None,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
 
 
 def build_gated_training_cfg(**kwargs: Any) -> GatedTrainingSAEConfig:

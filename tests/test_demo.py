@@ -53,6 +53,7 @@ def test_demo_runs_on_language_model_activations(tmp_path: Path):
         batch_size=64,
         gated_l1=(0.5,),
         baseline_l1=(0.2,),
+        model="tiny-random",
         hook="blocks.1.hook_resid_post",
         context_size=16,
         expansion=4.0,

@@ -19,6 +19,7 @@ from sae_lens_gated import (
     to_jumprelu,
 )
 from tests.helpers import (
+    GATED_PARAM_NAMES,
     file_hashes,
     populate_hub_cache,
     random_dictionary_learning_ae,
@@ -26,7 +27,6 @@ from tests.helpers import (
     write_dictionary_learning_folder,
 )
 
-PARAM_NAMES = ["W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"]
 RELEASE = "sae_bench_pythia70m_sweep_gated_ctx128_0730"
 RELEASE_SAE_ID = "blocks.3.hook_resid_post__trainer_0"
 RELEASE_REPO = "canrager/lm_sae"
@@ -101,7 +101,7 @@ def test_saelens_folder_loads_the_same_sae(tmp_path: Path):
     loaded = load_gated_sae(tmp_path / "sae")
     assert type(loaded) is GatedSAE
     x = torch.randn(50, 16)
-    for name in PARAM_NAMES:
+    for name in GATED_PARAM_NAMES:
         torch.testing.assert_close(getattr(loaded, name), getattr(saved, name))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), saved(x))
@@ -132,7 +132,7 @@ def test_dtype_and_device_are_respected(tmp_path: Path):
     ):
         sae = load_gated_sae(path, device="cpu", dtype="float64")
         assert sae.cfg.dtype == "float64" and sae.cfg.device == "cpu"
-        assert all(getattr(sae, n).dtype == torch.float64 for n in PARAM_NAMES)
+        assert all(getattr(sae, n).dtype == torch.float64 for n in GATED_PARAM_NAMES)
         torch.testing.assert_close(sae.W_enc, expected.double(), rtol=0, atol=0)
         half = load_gated_sae(path, dtype=torch.bfloat16)
         assert half.cfg.dtype == "bfloat16" and half.W_dec.dtype == torch.bfloat16
@@ -442,7 +442,7 @@ def test_saelens_release_loads_through_from_pretrained(
     _assert_matches_dictionary_learning(sae, ae)
     # SAELens's converter and the plugin's own reader agree on the same files.
     direct = load_gated_sae(local)
-    for name in PARAM_NAMES:
+    for name in GATED_PARAM_NAMES:
         torch.testing.assert_close(getattr(sae, name), getattr(direct, name))
 
 

@@ -6,28 +6,17 @@ from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
 from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
 )
-from sae_lens.saes.sae import TrainStepInput
 
 import sae_lens_gated.saes.gated_encoder as gated_encoder
 from sae_lens_gated import GatedSAE, GatedSAEConfig, GatedTrainingSAE
 from tests.helpers import (
+    GATED_PARAM_NAMES,
     build_gated_training_cfg,
     copy_params,
     randomize_gated_params,
     reference_paper_losses,
+    step_input,
 )
-
-PARAMS = ["W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"]
-
-
-def _step(x: torch.Tensor, l1: float = 0.4) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"l1": l1},
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 @pytest.fixture
@@ -55,8 +44,8 @@ def test_chunked_function_matches_the_plain_reference(kwargs: dict[str, Any]):
         with torch.no_grad():
             sae.r_mag.zero_()
     x = torch.randn(200, 16, dtype=torch.float64)
-    out = sae.training_forward_pass(_step(x))
-    params = {name: getattr(sae, name) for name in PARAMS}
+    out = sae.training_forward_pass(step_input(x, l1=0.4))
+    params = {name: getattr(sae, name) for name in GATED_PARAM_NAMES}
     expected = reference_paper_losses(
         params,
         x,
@@ -113,9 +102,9 @@ def test_hooks_on_activations_route_the_decoder_through_them():
     sae = GatedTrainingSAE(build_gated_training_cfg(dtype="float64"))
     randomize_gated_params(sae, seed=23, unit_decoder=True)
     x = torch.randn(30, 16, dtype=torch.float64)
-    plain = sae.training_forward_pass(_step(x))
+    plain = sae.training_forward_pass(step_input(x))
     sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)  # type: ignore[misc]  # noqa: ARG005
-    hooked = sae.training_forward_pass(_step(x))
+    hooked = sae.training_forward_pass(step_input(x))
     torch.testing.assert_close(hooked.feature_acts, 2 * plain.feature_acts)
     expected_out = hooked.feature_acts @ sae.W_dec + sae.b_dec
     torch.testing.assert_close(hooked.sae_out, expected_out)
@@ -127,8 +116,8 @@ def test_training_through_a_hook_that_replaces_the_pre_activation():
     randomize_gated_params(sae, seed=27, unit_decoder=True)
     sae.hook_sae_acts_pre.add_hook(lambda acts, hook: acts * 2)  # type: ignore[misc]  # noqa: ARG005
     x = torch.randn(30, 16, dtype=torch.float64)
-    out = sae.training_forward_pass(_step(x))
-    params = [getattr(sae, name) for name in PARAMS]
+    out = sae.training_forward_pass(step_input(x))
+    params = [getattr(sae, name) for name in GATED_PARAM_NAMES]
     got = torch.autograd.grad(out.losses["mse_loss"], params, allow_unused=True)
 
     centred = x - sae.b_dec
@@ -137,7 +126,7 @@ def test_training_through_a_hook_that_replaces_the_pre_activation():
     mse = ((f @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean()
     torch.testing.assert_close(out.losses["mse_loss"], mse)
     want = torch.autograd.grad(mse, params, allow_unused=True)
-    for name, g, w, p in zip(PARAMS, got, want, params):
+    for name, g, w, p in zip(GATED_PARAM_NAMES, got, want, params):
         g = torch.zeros_like(p) if g is None else g
         w = torch.zeros_like(p) if w is None else w
         assert w.abs().max() > 0 or name == "b_gate", (
@@ -150,10 +139,10 @@ def test_bf16_autocast_stays_close_to_float32():
     sae = GatedTrainingSAE(build_gated_training_cfg())
     randomize_gated_params(sae, seed=24, unit_decoder=True)
     x = torch.randn(64, 16)
-    exact = sae.training_forward_pass(_step(x))
+    exact = sae.training_forward_pass(step_input(x))
     exact_grads = torch.autograd.grad(exact.loss, list(sae.parameters()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = sae.training_forward_pass(_step(x))
+        mixed = sae.training_forward_pass(step_input(x))
     assert mixed.feature_acts.dtype == torch.bfloat16
     mixed_grads = torch.autograd.grad(mixed.loss, list(sae.parameters()))
     torch.testing.assert_close(mixed.loss.float(), exact.loss, rtol=2e-2, atol=0)
@@ -184,11 +173,15 @@ def test_backward_keeps_only_its_three_outputs():
     copy_params(plugin, builtin)
     x = torch.randn(n, 16)
     assert (
-        _large_saved_tensors(lambda: plugin.training_forward_pass(_step(x)), n, d_sae)
+        _large_saved_tensors(
+            lambda: plugin.training_forward_pass(step_input(x)), n, d_sae
+        )
         == 3
     )
     assert (
-        _large_saved_tensors(lambda: builtin.training_forward_pass(_step(x)), n, d_sae)
+        _large_saved_tensors(
+            lambda: builtin.training_forward_pass(step_input(x)), n, d_sae
+        )
         >= 6
     )
 
@@ -199,7 +192,7 @@ def test_training_forward_traces_without_graph_breaks():
     for recipe in ("paper", "april_update"):
         sae = GatedTrainingSAE(build_gated_training_cfg(recipe=recipe))
         for logging_step in (False, True):
-            step = _step(torch.randn(8, 16))
+            step = step_input(torch.randn(8, 16))
             step.is_logging_step = logging_step
             explanation = torch._dynamo.explain(sae.training_forward_pass)(step)
             assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -212,8 +205,8 @@ def test_compiled_training_step_matches_eager():
     copy_params(eager, compiled_sae)
     x = torch.randn(32, 16)
     compiled = torch.compile(compiled_sae.training_forward_pass, backend="aot_eager")
-    eager.training_forward_pass(_step(x)).loss.backward()
-    compiled(_step(x)).loss.backward()
+    eager.training_forward_pass(step_input(x)).loss.backward()
+    compiled(step_input(x)).loss.backward()
     for a, b in zip(eager.parameters(), compiled_sae.parameters()):
         assert a.grad is not None and b.grad is not None
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)

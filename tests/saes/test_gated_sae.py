@@ -13,7 +13,7 @@ from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
 from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
 )
-from sae_lens.saes.sae import SAE, TrainStepInput
+from sae_lens.saes.sae import SAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from safetensors.torch import save_file
 
@@ -25,33 +25,23 @@ from sae_lens_gated import (
     NonFiniteBatchError,
 )
 from tests.helpers import (
+    GATED_PARAM_NAMES,
     SparseSyntheticData,
     build_gated_training_cfg,
     copy_params,
     make_trainer,
     randomize_gated_params,
     reference_paper_losses,
+    step_input,
 )
-
-PARAM_NAMES = ["W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"]
-
-
-def _step_input(x: torch.Tensor, l1: float = 0.7) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"l1": l1},
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
 
 
 def _grads(sae: SAE[Any], loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    params = [getattr(sae, name) for name in PARAM_NAMES]
+    params = [getattr(sae, name) for name in GATED_PARAM_NAMES]
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return {
         name: torch.zeros_like(p) if g is None else g
-        for name, p, g in zip(PARAM_NAMES, params, grads)
+        for name, p, g in zip(GATED_PARAM_NAMES, params, grads)
     }
 
 
@@ -66,8 +56,8 @@ def test_april_update_recipe_matches_builtin_losses_and_gradients():
     copy_params(builtin, plugin)
     x = torch.randn(64, 16)
 
-    out_builtin = builtin.training_forward_pass(_step_input(x))
-    out_plugin = plugin.training_forward_pass(_step_input(x))
+    out_builtin = builtin.training_forward_pass(step_input(x))
+    out_plugin = plugin.training_forward_pass(step_input(x))
 
     assert set(out_plugin.losses) == set(out_builtin.losses)
     for name, value in out_builtin.losses.items():
@@ -79,7 +69,7 @@ def test_april_update_recipe_matches_builtin_losses_and_gradients():
 
     grads_builtin = _grads(builtin, out_builtin.loss)
     grads_plugin = _grads(plugin, out_plugin.loss)
-    for name in PARAM_NAMES:
+    for name in GATED_PARAM_NAMES:
         assert grads_builtin[name].abs().max() > 0, name
         assert _rel_err(grads_plugin[name], grads_builtin[name]) <= 1e-5, name
 
@@ -104,8 +94,8 @@ def test_losses_and_gradients_match_plain_reference(
     randomize_gated_params(sae, seed=2, unit_decoder=bool(cfg.unit_norm_decoder))
     x = torch.randn(32, 16, dtype=torch.float64)
 
-    out = sae.training_forward_pass(_step_input(x, l1=0.3))
-    params = {name: getattr(sae, name) for name in PARAM_NAMES}
+    out = sae.training_forward_pass(step_input(x, l1=0.3))
+    params = {name: getattr(sae, name) for name in GATED_PARAM_NAMES}
     expected = reference_paper_losses(
         params,
         x,
@@ -119,7 +109,7 @@ def test_losses_and_gradients_match_plain_reference(
         torch.testing.assert_close(out.losses[name], value, rtol=1e-10, atol=1e-12)
         got = _grads(sae, out.losses[name])
         want = _grads(sae, value)
-        for param in PARAM_NAMES:
+        for param in GATED_PARAM_NAMES:
             torch.testing.assert_close(got[param], want[param], rtol=1e-9, atol=1e-12)
 
 
@@ -138,7 +128,7 @@ def test_paper_loss_equals_hand_computed_value():
     # f = [2, 2]; x_hat = [2.5, 1.5]; mse = 1 + 1 = 2
     # relu(pi_gate) = [1.5, 1.25]; l1 = 0.5 * 2.75 = 1.375
     # aux recon = [2, 0.75]; aux = 0.25 + 0.0625 = 0.3125
-    out = sae.training_forward_pass(_step_input(x, l1=0.5))
+    out = sae.training_forward_pass(step_input(x, l1=0.5))
     assert out.losses["mse_loss"].item() == pytest.approx(2.0)
     assert out.losses["l1_loss"].item() == pytest.approx(1.375)
     assert out.losses["auxiliary_reconstruction_loss"].item() == pytest.approx(0.3125)
@@ -154,7 +144,7 @@ def test_paper_recipe_gradient_flow_invariants(apply_b_dec_to_input: bool):
         build_gated_training_cfg(apply_b_dec_to_input=apply_b_dec_to_input)
     )
     randomize_gated_params(sae, seed=3, unit_decoder=True)
-    out = sae.training_forward_pass(_step_input(torch.randn(64, 16)))
+    out = sae.training_forward_pass(step_input(torch.randn(64, 16)))
 
     aux = _grads(sae, out.losses["auxiliary_reconstruction_loss"])
     for name in ["W_dec", "r_mag", "b_mag"]:
@@ -183,7 +173,7 @@ def test_paper_recipe_gradient_flow_invariants(apply_b_dec_to_input: bool):
 def test_april_update_aux_loss_trains_the_decoder():
     sae = GatedTrainingSAE(build_gated_training_cfg(recipe="april_update"))
     randomize_gated_params(sae, seed=4)
-    out = sae.training_forward_pass(_step_input(torch.randn(32, 16)))
+    out = sae.training_forward_pass(step_input(torch.randn(32, 16)))
     aux = _grads(sae, out.losses["auxiliary_reconstruction_loss"])
     assert aux["W_dec"].abs().max() > 0
     l1 = _grads(sae, out.losses["l1_loss"])
@@ -196,7 +186,7 @@ def test_weight_tying_none_keeps_r_mag_out_of_the_graph():
     with torch.no_grad():
         sae.r_mag.zero_()
     x = torch.randn(16, 16)
-    out = sae.training_forward_pass(_step_input(x))
+    out = sae.training_forward_pass(step_input(x))
     out.loss.backward()
     assert sae.r_mag.grad is None
     assert not sae.r_mag.requires_grad
@@ -218,7 +208,7 @@ def _train_one_feature_toy(sae: SAE[Any], steps: int = 2500) -> float:
     x = torch.ones(8, 1)
     for _ in range(steps):
         optimizer.zero_grad()
-        sae.training_forward_pass(_step_input(x, l1=1.0)).loss.backward()  # type: ignore[attr-defined]
+        sae.training_forward_pass(step_input(x, l1=1.0)).loss.backward()  # type: ignore[attr-defined]
         optimizer.step()
     with torch.no_grad():
         return sae.decode(sae.encode(x)).mean().item()
@@ -295,7 +285,7 @@ def test_fold_W_dec_norm_behaves_as_builtin():
     out_before = plugin(x)
     builtin.fold_W_dec_norm()
     plugin.fold_W_dec_norm()
-    for name in PARAM_NAMES:
+    for name in GATED_PARAM_NAMES:
         torch.testing.assert_close(getattr(plugin, name), getattr(builtin, name))
     torch.testing.assert_close(
         plugin.W_dec.norm(dim=1), torch.ones(48), rtol=0, atol=1e-6
@@ -310,7 +300,7 @@ def test_inference_activation_norm_folding_behaves_as_builtin():
     copy_params(builtin, plugin)
     builtin.fold_activation_norm_scaling_factor(3.0)
     plugin.fold_activation_norm_scaling_factor(3.0)
-    for name in PARAM_NAMES:
+    for name in GATED_PARAM_NAMES:
         torch.testing.assert_close(getattr(plugin, name), getattr(builtin, name))
 
 
@@ -462,7 +452,7 @@ def test_config_warns_about_combinations_the_authors_advise_against(
 def test_wrong_d_in_is_a_clear_error():
     sae = GatedTrainingSAE(build_gated_training_cfg())
     with pytest.raises(ValueError, match=r"d_in=16.*shape \(8, 12\)"):
-        sae.training_forward_pass(_step_input(torch.randn(8, 12)))
+        sae.training_forward_pass(step_input(torch.randn(8, 12)))
     with pytest.raises(ValueError, match="d_in=16"):
         GatedSAE(GatedSAEConfig(d_in=16, d_sae=4)).encode(torch.randn(3, 5))
 
@@ -473,7 +463,7 @@ def test_non_finite_batch_is_a_clear_error(bad: float):
     x = torch.randn(8, 16)
     x[3, 5] = bad
     with pytest.raises(NonFiniteBatchError, match="contains .* NaN and .* inf"):
-        sae.training_forward_pass(_step_input(x))
+        sae.training_forward_pass(step_input(x))
 
 
 def _save_reference_outputs(path: Path, sae: SAE[Any]) -> None:
@@ -531,7 +521,7 @@ def test_plugin_load_from_disk_returns_plugin_classes(tmp_path: Path):
     loaded = GatedTrainingSAE.load_from_disk(tmp_path / "ckpt")
     assert type(loaded) is GatedTrainingSAE
     assert loaded.cfg == sae.cfg
-    for name in PARAM_NAMES:
+    for name in GATED_PARAM_NAMES:
         torch.testing.assert_close(getattr(loaded, name), getattr(sae, name))
     sae.save_inference_model(tmp_path / "inference")
     inference = SAE.load_from_disk(tmp_path / "inference")

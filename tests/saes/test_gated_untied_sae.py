@@ -6,7 +6,6 @@ import pytest
 import torch
 from sae_lens import SAE, LanguageModelSAERunnerConfig
 from sae_lens.registry import get_sae_class, get_sae_training_class
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_gated import (
     GatedUntiedSAE,
@@ -20,6 +19,7 @@ from tests.helpers import (
     make_trainer,
     randomize_gated_params,
     reference_paper_losses,
+    step_input,
     tiny_runner_dict,
 )
 
@@ -38,16 +38,6 @@ def _randomize(sae: GatedUntiedTrainingSAE | GatedUntiedSAE, seed: int) -> None:
         sae.W_mag.copy_(torch.randn_like(sae.W_mag) * 0.3)
 
 
-def _step(x: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={"l1": 0.6},
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
-
-
 def test_untied_has_a_free_magnitude_encoder_and_no_r_mag():
     sae = GatedUntiedTrainingSAE(_cfg())
     names = {name for name, _ in sae.named_parameters()}
@@ -63,7 +53,7 @@ def test_untied_losses_and_gradients_match_the_plain_reference(recipe: str):
     sae = GatedUntiedTrainingSAE(cfg)
     _randomize(sae, seed=31)
     x = torch.randn(40, 16, dtype=torch.float64)
-    out = sae.training_forward_pass(_step(x))
+    out = sae.training_forward_pass(step_input(x, l1=0.6))
     params = {name: getattr(sae, name) for name in PARAMS}
     expected = reference_paper_losses(
         params,
