@@ -3,9 +3,9 @@
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sae_lens_gated import __version__
 from sae_lens_gated.conversion import (
@@ -16,6 +16,8 @@ from sae_lens_gated.conversion import (
 )
 from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
+
+T = TypeVar("T")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -154,6 +156,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
+    # Invalid combinations of options exit like an argparse error, with usage, not a trace.
+    try:
+        return build()
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sae-lens-gated`` command."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -167,21 +177,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run_cli(args_list[1:])
         return 0
 
-    args = _build_parser().parse_args(args_list)
+    parser = _build_parser()
+    args = parser.parse_args(args_list)
     if args.command == "demo":
         from sae_lens_gated.demo import DemoConfig, format_table, run_demo
 
         runs = run_demo(
-            DemoConfig(
-                out=args.out,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                gated_l1=tuple(args.gated_l1),
-                baseline_l1=tuple(args.baseline_l1),
-                seed=args.seed,
-                device=args.device,
-                **_model_options(args),
-            )
+            _settings(
+                parser,
+                lambda: DemoConfig(
+                    out=args.out,
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    gated_l1=tuple(args.gated_l1),
+                    baseline_l1=tuple(args.baseline_l1),
+                    seed=args.seed,
+                    device=args.device,
+                    **_model_options(args),
+                ),
+            ),
         )
         sys.stdout.write(format_table(runs) + "\n")
         sys.stdout.write(
@@ -191,31 +205,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_lens_gated.sweep import SweepConfig, format_claims, run_sweep
 
         results = run_sweep(
-            SweepConfig(
-                out=args.out,
-                quick=args.quick,
-                steps=args.steps,
-                seeds=args.seeds,
-                variants=args.variants,
-                l1=args.l1,
-                device=args.device,
-                **_model_options(args),
-            )
+            _settings(
+                parser,
+                lambda: SweepConfig(
+                    out=args.out,
+                    quick=args.quick,
+                    steps=args.steps,
+                    seeds=args.seeds,
+                    variants=args.variants,
+                    l1=args.l1,
+                    device=args.device,
+                    **_model_options(args),
+                ),
+            ),
         )
         sys.stdout.write(format_claims(results) + "\n")
     elif args.command == "bench":
         from sae_lens_gated.benchmark import BenchConfig, format_report, run_benchmark
 
         result = run_benchmark(
-            BenchConfig(
-                d_in=args.d_in,
-                d_sae=args.d_sae,
-                batch=args.batch,
-                device=args.device,
-                dtype=args.dtype,
-                repeats=args.repeats,
-                seed=args.seed,
-            )
+            _settings(
+                parser,
+                lambda: BenchConfig(
+                    d_in=args.d_in,
+                    d_sae=args.d_sae,
+                    batch=args.batch,
+                    device=args.device,
+                    dtype=args.dtype,
+                    repeats=args.repeats,
+                    seed=args.seed,
+                ),
+            ),
         )
         sys.stdout.write(format_report(result) + "\n")
     elif args.command == "convert":

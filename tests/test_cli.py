@@ -98,6 +98,25 @@ def test_unknown_command_fails():
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--hook", "blocks.0.hook_resid_post"], "both --model and --hook"),
+        (["sweep", "--variants", "gated (imaginary)"], "Unknown variant(s)"),
+        (["bench", "--repeats", "0"], "must all be >= 1"),
+    ],
+)
+def test_invalid_settings_exit_with_a_usage_error_before_any_work(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
 def test_convert_dictionary_learning_folder_to_jumprelu(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
