@@ -9,6 +9,12 @@ class NonFiniteBatchError(ValueError):
     """A training batch contained NaN or infinite values."""
 
 
+_STOPPED_STEP = (
+    "A training batch contained NaN or inf values; the optimizer step was stopped "
+    "before updating any weights. Check the activation source."
+)
+
+
 class BatchGuard:
     """Checks that training batches are finite before they can reach the weights.
 
@@ -47,19 +53,13 @@ class BatchGuard:
         """Raise :class:`NonFiniteBatchError` if a recorded batch was not finite."""
         deferred, self._deferred = self._deferred, None
         if deferred is not None and not bool(deferred):
-            raise NonFiniteBatchError(
-                "A training batch contained NaN or inf values; the optimizer step was "
-                "stopped before updating any weights. Check the activation source."
-            )
+            raise NonFiniteBatchError(_STOPPED_STEP)
         while self._pending:
             flag, event = self._pending.popleft()
             event.synchronize()
             if not bool(flag):
                 self._pending.clear()
-                raise NonFiniteBatchError(
-                    "A training batch contained NaN or inf values; the optimizer step was "
-                    "stopped before updating any weights. Check the activation source."
-                )
+                raise NonFiniteBatchError(_STOPPED_STEP)
 
 
 def _error(sae_in: torch.Tensor) -> NonFiniteBatchError:
