@@ -19,7 +19,7 @@ What differs from the built-in:
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
@@ -463,16 +463,9 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
 
     def _apply_recipe_defaults(self) -> None:
         recipe = RECIPES[self.recipe]
-        if self.freeze_decoder_in_aux is None:
-            self.freeze_decoder_in_aux = recipe.freeze_decoder_in_aux
-        if self.l1_scale_by_decoder_norm is None:
-            self.l1_scale_by_decoder_norm = recipe.l1_scale_by_decoder_norm
-        if self.unit_norm_decoder is None:
-            self.unit_norm_decoder = recipe.unit_norm_decoder
-        if self.decoder_init_norm is None:
-            self.decoder_init_norm = recipe.decoder_init_norm
-        if self.resample_dead is None:
-            self.resample_dead = recipe.resample_dead
+        for recipe_field in fields(recipe):
+            if getattr(self, recipe_field.name) is None:
+                setattr(self, recipe_field.name, getattr(recipe, recipe_field.name))
         if (
             self.resample_dead
             and self.resample_steps is None
@@ -610,14 +603,10 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
                 self.hook_sae_recons(encoding.reconstruction)
             )
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        losses = {
-            "mse_loss": mse_loss,
-            **self.gate_losses(encoding, step_input.coefficients),
-        }
+        gate_losses = self.gate_losses(encoding, step_input.coefficients)
         total_loss = mse_loss
-        for name, value in losses.items():
-            if name != "mse_loss":
-                total_loss = total_loss + value
+        for value in gate_losses.values():
+            total_loss = total_loss + value
         if self.resampler is not None:
             self.resampler.observe(step_input.sae_in, encoding.feature_acts)
         self._logging_step = (
@@ -636,7 +625,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             feature_acts=encoding.feature_acts,
             hidden_pre=encoding.magnitude_pre,
             loss=total_loss,
-            losses=losses,
+            losses={"mse_loss": mse_loss, **gate_losses},
             metrics=metrics,
         )
 
@@ -696,9 +685,10 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     ) -> list[ParameterSlice]:
         """Restart features ``idx`` along unit ``directions`` (dead-feature resampling).
 
-        The decoder rows become the directions; the encoder columns point the same way with
-        ``encoder_scale`` times the mean encoder column norm of the ``alive`` features; the
-        gate and magnitude biases and ``r_mag`` become 0, so both paths start identical.
+        The decoder rows become the directions; the columns of every encoder matrix point the
+        same way with ``encoder_scale`` times that matrix's mean column norm over the
+        ``alive`` features; the gate and magnitude biases and ``r_mag`` become 0, so both paths
+        start identical.
 
         Args:
             idx: Indices of the features to restart.
@@ -710,18 +700,24 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             The ``(parameter, index)`` slices written, whose optimizer state must be reset.
         """
         self.W_dec.data[idx] = directions
-        norms = self.W_enc.norm(dim=0)
-        mean_norm = norms[alive].mean() if alive.any() else norms.mean()
-        self.W_enc.data[:, idx] = (directions * encoder_scale * mean_norm).T
-        for bias in (self.b_gate, self.b_mag, self.r_mag):
+        written: list[ParameterSlice] = [(self.W_dec, (idx,))]
+        for encoder in self.encoder_matrices():
+            norms = encoder.norm(dim=0)
+            mean_norm = norms[alive].mean() if alive.any() else norms.mean()
+            encoder.data[:, idx] = (directions * encoder_scale * mean_norm).T
+            written.append((encoder, (slice(None), idx)))
+        for bias in self.per_feature_encoder_parameters():
             bias.data[idx] = 0
-        return [
-            (self.W_dec, (idx,)),
-            (self.W_enc, (slice(None), idx)),
-            (self.b_gate, (idx,)),
-            (self.b_mag, (idx,)),
-            (self.r_mag, (idx,)),
-        ]
+            written.append((bias, (idx,)))
+        return written
+
+    def encoder_matrices(self) -> tuple[torch.nn.Parameter, ...]:
+        """The ``(d_in, d_sae)`` encoder matrices (the untied ablation has two)."""
+        return (self.W_enc,)
+
+    def per_feature_encoder_parameters(self) -> tuple[torch.nn.Parameter, ...]:
+        """The ``(d_sae,)`` encoder-side parameters, which a restarted feature resets to 0."""
+        return (self.b_gate, self.b_mag, self.r_mag)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called just before an optimizer holding this SAE's parameters steps.
@@ -817,13 +813,17 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def log_histograms(self) -> dict[str, NDArray[Any]]:
         # float64: numpy cannot cut 64 bins out of float32 values that lie within a few ulps
         # of each other, which is what unit-norm decoder rows do.
-        values = {
+        values = self.histogram_tensors()
+        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
+
+    def histogram_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-feature values :meth:`log_histograms` sends to W&B, by name."""
+        return {
             "weights/W_dec_norms": self.W_dec.norm(dim=1),
             "weights/b_gate": self.b_gate,
             "weights/b_mag": self.b_mag,
             "weights/r_mag": self.r_mag,
         }
-        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:

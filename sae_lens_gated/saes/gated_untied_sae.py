@@ -13,14 +13,9 @@ Vanilla SAELens does not know this architecture: load it with the plugin.
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from numpy.typing import NDArray
-from sae_lens.saes.gated_sae import GatedSAEConfig as _BuiltinGatedSAEConfig
-from sae_lens.saes.gated_sae import (
-    GatedTrainingSAEConfig as _BuiltinGatedTrainingSAEConfig,
-)
 from sae_lens.saes.sae import SAEConfig
 from torch import nn
 from typing_extensions import override
@@ -33,7 +28,6 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAEConfig,
     _normalised_input,
 )
-from sae_lens_gated.training.resampling import ParameterSlice
 
 ARCHITECTURE = "gated_untied"
 
@@ -124,9 +118,6 @@ class GatedUntiedSAE(GatedSAE):
     W_mag: nn.Parameter
     config_class: ClassVar[type[GatedSAEConfig]] = GatedUntiedSAEConfig
 
-    def __init__(self, cfg: _BuiltinGatedSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
@@ -163,11 +154,6 @@ class GatedUntiedTrainingSAE(GatedTrainingSAE):
     W_mag: nn.Parameter
     config_class: ClassVar[type[GatedTrainingSAEConfig]] = GatedUntiedTrainingSAEConfig
 
-    def __init__(
-        self, cfg: _BuiltinGatedTrainingSAEConfig, use_error_term: bool = False
-    ):
-        super().__init__(cfg, use_error_term)
-
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
@@ -185,39 +171,21 @@ class GatedUntiedTrainingSAE(GatedTrainingSAE):
         return encode_untied(self, x).feature_acts
 
     @override
-    @torch.no_grad()
-    def reinitialize_features(
-        self,
-        idx: torch.Tensor,
-        directions: torch.Tensor,
-        alive: torch.Tensor,
-        encoder_scale: float,
-    ) -> list[ParameterSlice]:
-        self.W_dec.data[idx] = directions
-        for encoder in (self.W_enc, self.W_mag):
-            norms = encoder.norm(dim=0)
-            mean_norm = norms[alive].mean() if alive.any() else norms.mean()
-            encoder.data[:, idx] = (directions * encoder_scale * mean_norm).T
-        for bias in (self.b_gate, self.b_mag):
-            bias.data[idx] = 0
-        return [
-            (self.W_dec, (idx,)),
-            (self.W_enc, (slice(None), idx)),
-            (self.W_mag, (slice(None), idx)),
-            (self.b_gate, (idx,)),
-            (self.b_mag, (idx,)),
-        ]
+    def encoder_matrices(self) -> tuple[nn.Parameter, ...]:
+        return (self.W_enc, self.W_mag)
 
     @override
-    @torch.no_grad()
-    def log_histograms(self) -> dict[str, NDArray[Any]]:
-        values = {
+    def per_feature_encoder_parameters(self) -> tuple[nn.Parameter, ...]:
+        return (self.b_gate, self.b_mag)
+
+    @override
+    def histogram_tensors(self) -> dict[str, torch.Tensor]:
+        return {
             "weights/W_dec_norms": self.W_dec.norm(dim=1),
             "weights/W_mag_norms": self.W_mag.norm(dim=0),
             "weights/b_gate": self.b_gate,
             "weights/b_mag": self.b_mag,
         }
-        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
 
     @override
     @torch.no_grad()
