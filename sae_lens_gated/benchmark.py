@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.gated_sae import GatedSAE as BuiltinGatedSAE
 from sae_lens.saes.gated_sae import GatedSAEConfig as BuiltinGatedSAEConfig
 from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
@@ -30,6 +29,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
+from sae_lens_gated.experiments import TrainingSettings, trainer_config
 from sae_lens_gated.saes.gated_sae import (
     GatedSAE,
     GatedSAEConfig,
@@ -193,26 +193,16 @@ def _build_trainers(cfg: BenchConfig) -> dict[str, SAETrainer[Any, Any]]:
         ),
         "SAELens standard": StandardTrainingSAE(StandardTrainingSAEConfig(**shape)),
     }
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=10**9 * cfg.batch,
-        train_batch_size_samples=cfg.batch,
-        lr=3e-4,
-        lr_end=3e-5,
-        lr_scheduler_name="constant",
+    # A run too long to end, without warm-up, so every timed step is a full-rate step.
+    settings = TrainingSettings(
+        steps=10**9, batch_size=cfg.batch, lr=3e-4, device=cfg.device
+    )
+    trainer_cfg = trainer_config(
+        settings,
         lr_warm_up_steps=0,
-        lr_decay_steps=0,
-        n_restart_cycles=1,
-        adam_beta1=0.0,
-        adam_beta2=0.999,
-        device=cfg.device,
         autocast=cfg.dtype == "bfloat16",
         dead_feature_window=1000,
         feature_sampling_window=1000,
-        n_checkpoints=0,
-        checkpoint_path=None,
-        save_final_checkpoint=False,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=1,
     )
     return {
         name: SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))

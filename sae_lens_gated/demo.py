@@ -113,12 +113,5 @@ def format_table(runs: list[RunResult]) -> str:
 
 
 def _write_results(cfg: DemoConfig, runs: list[RunResult]) -> None:
-    config = {
-        k: v for k, v in asdict(cfg).items() if k not in ("out", "synthetic_model")
-    }
-    config.update(
-        out=str(cfg.out),
-        synthetic_model=None if cfg.model else cfg.synthetic_model.to_dict(),
-    )
-    payload = {"config": config, "results": [asdict(r) for r in runs]}
+    payload = {"config": cfg.record(), "results": [asdict(r) for r in runs]}
     (cfg.out / "demo_results.json").write_text(json.dumps(payload, indent=2))

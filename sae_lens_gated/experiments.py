@@ -8,7 +8,8 @@ language model's activations), with the same optimizer settings for all variants
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -48,6 +49,9 @@ DEFAULT_SYNTHETIC_MODEL = SyntheticModelConfig(
 """Embedded default: 256 unit, non-orthogonal ground-truth directions in 64 dimensions,
 Zipfian firing probabilities between 0.5% and 20% (about 4.3 active per input), magnitudes
 around 1."""
+
+# Seed of the held-out synthetic evaluation set.
+EVAL_SEED = 12345
 
 # Bins of the histograms of non-zero feature activations (in units of the activations).
 MAGNITUDE_BINS = tuple(i * 0.05 for i in range(61))
@@ -126,6 +130,15 @@ class TrainingSettings:
     l1_warm_up_fraction: float = 0.1
     device: str = "cpu"
 
+    def optimizer_fields(self) -> dict[str, Any]:
+        """The Adam and learning-rate fields of SAELens's trainer and runner configs."""
+        return {
+            "lr": self.lr,
+            "lr_warm_up_steps": self.steps // 20,
+            "adam_beta1": 0.0,
+            "adam_beta2": 0.999,
+        }
+
 
 @dataclass
 class RunResult:
@@ -162,10 +175,10 @@ class RunResult:
     seconds: float
     magnitude_histogram: list[int]
 
-    @property
-    def healthy(self) -> bool:
-        """At least one active feature per input and half the variance explained."""
-        return self.l0 >= 1.0 and self.explained_variance >= 0.5
+
+def is_healthy(l0: float, explained_variance: float) -> bool:
+    """At least one active feature per input and half the variance explained."""
+    return l0 >= 1.0 and explained_variance >= 0.5
 
 
 def build_training_sae(
@@ -207,7 +220,7 @@ class SyntheticSource:
         self,
         model_cfg: SyntheticModelConfig,
         eval_samples: int,
-        eval_seed: int = 12345,
+        eval_seed: int = EVAL_SEED,
         device: str = "cpu",
     ) -> None:
         self.model = SyntheticModel(model_cfg, device=device)
@@ -228,7 +241,7 @@ class SyntheticSource:
             self.model.activation_generator,
             settings.batch_size,
         )
-        SAETrainer(cfg=_trainer_config(settings), sae=sae, data_provider=data).fit()
+        SAETrainer(cfg=trainer_config(settings), sae=sae, data_provider=data).fit()
 
 
 class LanguageModelSource:
@@ -291,10 +304,7 @@ class LanguageModelSource:
                 self.runner_fields.get("n_batches_in_buffer", 20),
                 math.ceil(2 * settings.batch_size / self.runner_fields["context_size"]),
             ),
-            "lr": settings.lr,
-            "lr_warm_up_steps": settings.steps // 20,
-            "adam_beta1": 0.0,
-            "adam_beta2": 0.999,
+            **settings.optimizer_fields(),
             "train_batch_size_tokens": settings.batch_size,
             "training_tokens": settings.steps * settings.batch_size,
             "device": settings.device,
@@ -346,6 +356,16 @@ class SourceConfig:
             raise ValueError(
                 "Give both --model and --hook to train on a language model."
             )
+
+    def record(self) -> dict[str, Any]:
+        """These settings as JSON values: paths as text, the synthetic model only if used."""
+        record = {
+            k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()
+        }
+        record["synthetic_model"] = (
+            None if self.model else self.synthetic_model.to_dict()
+        )
+        return record
 
 
 def make_source(
@@ -489,25 +509,29 @@ def _gamma_or_nan(x: torch.Tensor, x_hat: torch.Tensor) -> float:
         return math.nan
 
 
-def _trainer_config(settings: TrainingSettings) -> SAETrainerConfig:
-    return SAETrainerConfig(
-        total_training_samples=settings.steps * settings.batch_size,
-        train_batch_size_samples=settings.batch_size,
-        lr=settings.lr,
-        lr_end=settings.lr / 10,
-        lr_scheduler_name="constant",
-        lr_warm_up_steps=settings.steps // 20,
-        lr_decay_steps=0,
-        n_restart_cycles=1,
-        adam_beta1=0.0,
-        adam_beta2=0.999,
-        device=settings.device,
-        autocast=False,
-        dead_feature_window=max(1, settings.steps // 10),
-        feature_sampling_window=max(1, settings.steps // 10),
-        n_checkpoints=0,
-        checkpoint_path=None,
-        save_final_checkpoint=False,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=10,
-    )
+def trainer_config(settings: TrainingSettings, **overrides: Any) -> SAETrainerConfig:
+    """A ``SAETrainerConfig`` for ``settings``: no checkpoints, no W&B.
+
+    Args:
+        settings: Steps, batch size, learning rate and device.
+        overrides: ``SAETrainerConfig`` fields to set differently.
+    """
+    fields: dict[str, Any] = {
+        "total_training_samples": settings.steps * settings.batch_size,
+        "train_batch_size_samples": settings.batch_size,
+        **settings.optimizer_fields(),
+        "lr_end": settings.lr / 10,
+        "lr_scheduler_name": "constant",
+        "lr_decay_steps": 0,
+        "n_restart_cycles": 1,
+        "device": settings.device,
+        "autocast": False,
+        "dead_feature_window": max(1, settings.steps // 10),
+        "feature_sampling_window": max(1, settings.steps // 10),
+        "n_checkpoints": 0,
+        "checkpoint_path": None,
+        "save_final_checkpoint": False,
+        "logger": LoggingConfig(log_to_wandb=False),
+        "n_batches_for_norm_estimate": 10,
+    }
+    return SAETrainerConfig(**{**fields, **overrides})

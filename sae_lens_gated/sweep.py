@@ -22,6 +22,7 @@ from sae_lens_gated import __version__
 from sae_lens_gated.experiments import (
     APRIL,
     BASELINE,
+    EVAL_SEED,
     MAGNITUDE_BINS,
     NO_AUX,
     NO_R_MAG,
@@ -33,6 +34,7 @@ from sae_lens_gated.experiments import (
     SourceConfig,
     TrainingSettings,
     Variant,
+    is_healthy,
     make_source,
     run_grid,
 )
@@ -160,7 +162,7 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
             point[name] = _mean([getattr(r, name) for r in members])
         mccs = [r.ground_truth_mcc for r in members if r.ground_truth_mcc is not None]
         point["ground_truth_mcc"] = _mean(mccs) if mccs else None
-        point["healthy"] = point["l0"] >= 1.0 and point["explained_variance"] >= 0.5
+        point["healthy"] = is_healthy(point["l0"], point["explained_variance"])
         points.append(point)
     return points
 
@@ -277,17 +279,13 @@ def frontier_margins(
 def _config_record(
     cfg: SweepConfig, gated_width: int, settings: TrainingSettings
 ) -> dict[str, Any]:
-    record = {
-        k: v for k, v in asdict(cfg).items() if k not in ("out", "synthetic_model")
-    }
+    record = cfg.record()
     record.update(
-        out=str(cfg.out),
         steps=settings.steps,
         seeds=cfg.resolved_seeds,
         eval_samples=cfg.resolved_eval_samples,
         gated_width=gated_width,
-        synthetic_model=None if cfg.model else cfg.synthetic_model.to_dict(),
-        eval_seed=12345,
+        eval_seed=EVAL_SEED,
         grids={v.name: list(_grid(cfg, v)) for v in VARIANTS},
     )
     return record
