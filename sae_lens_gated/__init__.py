@@ -18,16 +18,18 @@ from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.metrics import relative_reconstruction_bias
 from sae_lens_gated.presets import paper_runner_overrides
 from sae_lens_gated.registration import is_registered, register, unregister
+from sae_lens_gated.saes.gated_encoder import (
+    GatedEncoding,
+    encode_gated,
+    encode_gated_features,
+)
 from sae_lens_gated.saes.gated_sae import (
     RECIPES,
-    GatedEncoding,
     GatedRecipe,
     GatedSAE,
     GatedSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
-    encode_gated,
-    encode_gated_features,
 )
 from sae_lens_gated.saes.gated_untied_sae import (
     GatedUntiedSAE,

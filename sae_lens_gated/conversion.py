@@ -257,7 +257,7 @@ def _check_dictionary_learning_compatible(cfg: SAEConfig) -> None:
             f"dictionary_learning's GatedAutoEncoder takes raw activations, but this SAE has "
             f"normalize_activations={cfg.normalize_activations!r}. Fold a constant scaling "
             "factor in first (sae.fold_activation_norm_scaling_factor(factor)); run-time "
-            "normalisations cannot be represented."
+            "normalizations cannot be represented."
         )
     if cfg.reshape_activations != "none":
         raise GatedSAEExportError(
@@ -276,7 +276,7 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
     ``mag_bias = b_mag + exp(r_mag) * (b_dec @ W_enc)``.
 
     Args:
-        sae: Any gated SAE (see :func:`as_gated_sae`) without run-time normalisation or
+        sae: Any gated SAE (see :func:`as_gated_sae`) without run-time normalization or
             per-head reshaping.
     """
     gated = as_gated_sae(sae)

@@ -153,9 +153,9 @@ def _closest_pair(runs: list[RunResult]) -> tuple[RunResult, RunResult] | None:
 
 def _histogram(ax: Axes, run: RunResult) -> None:
     total = max(1, sum(run.magnitude_histogram))
-    centres = [(a + b) / 2 for a, b in zip(MAGNITUDE_BINS, MAGNITUDE_BINS[1:])]
+    centers = [(a + b) / 2 for a, b in zip(MAGNITUDE_BINS, MAGNITUDE_BINS[1:])]
     ax.step(
-        centres,
+        centers,
         [c / total for c in run.magnitude_histogram],
         where="mid",
         label=f"{run.variant}, L0={run.l0:.1f}",

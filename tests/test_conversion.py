@@ -257,7 +257,7 @@ def test_saved_dictionary_learning_sae_equals_the_gated_sae(
         assert 0.2 < (expected > 0).float().mean() < 0.8
         torch.testing.assert_close(ae.encode(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ae(x), sae(x), rtol=1e-5, atol=1e-5)
-    # Without input centring the biases must carry the fold; with it, they are copied.
+    # Without input centering the biases must carry the fold; with it, they are copied.
     folded = not torch.equal(ae.gate_bias, getattr(sae, "b_gate"))
     assert folded is (not apply_b_dec_to_input)
 

@@ -1,13 +1,15 @@
+from sae_lens_gated.saes.gated_encoder import (
+    GatedEncoding,
+    encode_gated,
+    encode_gated_features,
+)
 from sae_lens_gated.saes.gated_sae import (
     RECIPES,
-    GatedEncoding,
     GatedRecipe,
     GatedSAE,
     GatedSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
-    encode_gated,
-    encode_gated_features,
 )
 from sae_lens_gated.saes.gated_untied_sae import (
     GatedUntiedSAE,

@@ -1,311 +1,172 @@
-"""The gated SAE forward and backward as one autograd function.
+"""The gated encoder as functions of an SAE's parameters, for inference and training.
 
-For a centred input ``x = sae_in - b_dec`` (rows of the batch):
-
-    pi_gate = x @ W_enc + b_gate
-    pi_mag  = (x @ W_enc) * exp(r_mag) + b_mag  =  pi_gate * exp(r_mag) + (b_mag - b_gate * exp(r_mag))
-    f       = 1[pi_gate > 0] * ReLU(pi_mag)          feature activations
-    g       = ReLU(pi_gate)                          what the sparsity and auxiliary losses see
-    penalty = sum over rows and features of g        (each feature weighted, if weights are given)
-    x_hat   = f @ W_dec + b_dec                      reconstruction          (training only)
-    x_aux   = g @ W_dec + b_dec                      auxiliary reconstruction (training only)
-
-Written with autograd's elementwise ops this takes about twenty passes over the
-``(batch, d_sae)`` activations, a fresh tensor for most of them, and keeps half a dozen
-alive for the backward pass. Here:
-
-- the encoder matmul is done once; only ``f``, ``g`` and ``pi_mag`` (the three outputs) are
-  allocated at ``(batch, d_sae)``, and every other step writes in place or into them;
-- the backward pass needs only the outputs ``f``, ``g`` and ``pi_mag`` (``r_mag``'s gradient
-  uses ``(x @ W_enc) * exp(r_mag) = pi_mag - b_mag``) and works through the batch in row
-  chunks with two chunk-sized scratch buffers, accumulating the parameter gradients with
-  matmuls;
-- ``b_dec``'s gradient through the centring is a matrix-vector product of the batch-summed
-  gradient, not a batch matmul.
-
-On the CPU, where a fresh ``(batch, d_sae)`` tensor costs several times the arithmetic done
-on it (page faults), this is most of the difference. On a GPU the whole batch is one chunk.
+One encoder matmul ``(x - b_dec) @ W_enc`` serves the gate path, the magnitude path
+(``pi_mag = pre * exp(r_mag) + b_mag``) and, in training, the sparsity penalty and the
+auxiliary reconstruction; ``W_enc * exp(r_mag)`` is never materialized. The arithmetic is
+:class:`~sae_lens_gated.saes.gated_function.GatedSAEFunction`; this module prepares its
+inputs (dtype, reshaping, ``hook_sae_input``, run-time normalization) and routes its
+outputs through the SAE's hook points.
 """
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from sae_lens.saes.sae import SAE
+from transformer_lens.hook_points import HookPoint
 
-# Rows per chunk on the CPU: chunk buffers of about 16 MiB keep matmuls at full speed.
-_CPU_CHUNK_BYTES = 16 * 2**20
+from sae_lens_gated.saes.gated_function import GatedFunctionOptions, GatedSAEFunction
+
+if TYPE_CHECKING:
+    from sae_lens_gated.saes.gated_sae import GatedSAE, GatedTrainingSAE
 
 
-def keep_where_positive(
-    values: torch.Tensor, condition: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``values`` where ``condition > 0``, else 0, in a single pass (ReLU's backward kernel)."""
-    if out is None:
-        return torch.ops.aten.threshold_backward(values, condition, 0)
-    return torch.ops.aten.threshold_backward.grad_input(
-        values, condition, 0, grad_input=out
+def check_d_in(sae: SAE[Any], sae_in: torch.Tensor) -> None:
+    """Raise a clear error unless the last dimension of ``sae_in`` is ``d_in``."""
+    if sae_in.shape[-1] != sae.cfg.d_in:
+        raise ValueError(
+            f"Expected activations whose last dimension is d_in={sae.cfg.d_in}, "
+            f"got a tensor of shape {tuple(sae_in.shape)}."
+        )
+
+
+class GatedEncoding(NamedTuple):
+    """Intermediate values of one gated encoder pass.
+
+    Attributes:
+        sae_in: The input after dtype cast, ``hook_sae_input`` and run-time normalisation,
+            before the ``b_dec`` centering: the space reconstructions are compared in.
+        gate_acts: ``ReLU(pi_gate)``, which the sparsity and auxiliary losses use.
+        magnitude_pre: ``pi_mag``, the magnitude pre-activation (after ``hook_sae_acts_pre``).
+        feature_acts: ``1[pi_gate > 0] * ReLU(pi_mag)`` (after ``hook_sae_acts_post``).
+        penalty: Sum of ``gate_acts`` over the batch and features, each feature weighted by
+            ``penalty_weights`` if given (0-d tensor).
+        reconstruction: ``feature_acts @ W_dec + b_dec`` before ``hook_sae_recons`` (only
+            when decoding was requested).
+        aux_reconstruction: ``gate_acts @ W_dec + b_dec`` (only when decoding was requested).
+    """
+
+    sae_in: torch.Tensor
+    gate_acts: torch.Tensor
+    magnitude_pre: torch.Tensor
+    feature_acts: torch.Tensor
+    penalty: torch.Tensor
+    reconstruction: torch.Tensor | None = None
+    aux_reconstruction: torch.Tensor | None = None
+
+
+def encode_gated(
+    sae: "GatedSAE | GatedTrainingSAE",
+    x: torch.Tensor,
+    use_r_mag: bool = True,
+    penalty_weights: torch.Tensor | None = None,
+    decode: bool = False,
+    aux_decoder_trainable: bool = False,
+) -> GatedEncoding:
+    """Run the gated encoder: one encoder matmul shared by the gate and magnitude paths.
+
+    This and :func:`encode_gated_features` are the only implementations of the gated encoder,
+    used for inference and training; both run
+    :class:`~sae_lens_gated.saes.gated_function.GatedSAEFunction`.
+
+    Args:
+        sae: The SAE whose parameters to use.
+        x: Input activations of shape ``(..., d_in)`` (or ``(..., n_heads, d_head)`` for
+            ``hook_z`` SAEs).
+        use_r_mag: If False, ``pi_mag = pre + b_mag`` and ``r_mag`` is left out of the graph
+            (the paper's "no r_mag" ablation).
+        penalty_weights: Per-feature weights of the sparsity penalty (``None``: all 1).
+        decode: Also compute both reconstructions inside the same function (training);
+            ignored while hooks are attached to the activation or reconstruction hook
+            points, whose outputs must feed the decoder.
+        aux_decoder_trainable: With ``decode``, let the auxiliary reconstruction train the
+            decoder (False: stop-gradient).
+    """
+    decode = decode and not has_hooks(
+        sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.hook_sae_recons
+    )
+    sae_in = normalized_input(sae, x)
+    outputs = _run_gated_function(
+        sae,
+        sae_in,
+        use_r_mag,
+        penalty_weights,
+        GatedFunctionOptions(
+            center=sae.cfg.apply_b_dec_to_input,
+            decode=decode,
+            aux_decoder_trainable=aux_decoder_trainable,
+        ),
+    )
+    feature_acts, gate_acts, magnitude, penalty = outputs[:4]
+    batch_shape = (*sae_in.shape[:-1], sae.cfg.d_sae)
+    magnitude = magnitude.reshape(batch_shape)
+    gate_acts = gate_acts.reshape(batch_shape)
+    hooked = sae.hook_sae_acts_pre(magnitude)
+    if hooked is not magnitude:
+        # A hook replaced the pre-activation: the features follow the replacement.
+        feature_acts = (gate_acts > 0).to(hooked.dtype) * sae.activation_fn(hooked)
+    feature_acts = sae.hook_sae_acts_post(feature_acts.reshape(batch_shape))
+    reconstructions = [r.reshape(sae_in.shape) for r in outputs[4:]]
+    return GatedEncoding(
+        sae_in, gate_acts, hooked, feature_acts, penalty, *reconstructions
     )
 
 
-@dataclass(frozen=True)
-class GatedFunctionOptions:
-    """Static settings of one :class:`GatedSAEFunction` call.
+def encode_gated_features(
+    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor, use_r_mag: bool = True
+) -> torch.Tensor:
+    """Only the feature activations of :func:`encode_gated`, as cheaply as possible.
+
+    Without gradients and without hooks on ``hook_sae_acts_pre``, the gate and magnitude
+    pre-activations never exist for the whole batch at once: the features are the only
+    ``(batch, d_sae)`` allocation.
 
     Args:
-        centre: Subtract ``b_dec`` from the input (``apply_b_dec_to_input``).
-        decode: Also compute ``x_hat`` and ``x_aux`` (training).
-        aux_decoder_trainable: Let the auxiliary reconstruction train ``W_dec`` and ``b_dec``
-            (False: stop-gradient, the paper recipe).
-        features_only: Return only ``f``, keeping ``g`` and ``pi_mag`` in chunk-sized scratch
-            buffers (inference without gradients: one ``(batch, d_sae)`` allocation).
+        sae: The SAE whose parameters to use.
+        x: Input activations.
+        use_r_mag: See :func:`encode_gated`.
     """
-
-    centre: bool
-    decode: bool
-    aux_decoder_trainable: bool = False
-    features_only: bool = False
-
-
-class GatedSAEFunction(torch.autograd.Function):
-    """``(f, g, pi_mag, penalty[, x_hat, x_aux])`` from the gated SAE's parameters."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        sae_in: torch.Tensor,
-        W_enc: torch.Tensor,
-        b_gate: torch.Tensor,
-        r_mag: torch.Tensor | None,
-        b_mag: torch.Tensor,
-        W_dec: torch.Tensor,
-        b_dec: torch.Tensor,
-        penalty_weights: torch.Tensor | None,
-        options: GatedFunctionOptions,
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        device_type = sae_in.device.type
-        work = _compute_dtype(device_type, sae_in.dtype)
-        with torch.autocast(device_type, enabled=False):
-            x = (sae_in - b_dec if options.centre else sae_in).to(work)
-            enc = W_enc.to(work)
-            scale = None if r_mag is None else r_mag.exp()
-            mag_bias = b_mag - b_gate if scale is None else b_mag - b_gate * scale
-            scale_w = None if scale is None else scale.to(work)
-            gate_bias, mag_bias = b_gate.to(work), mag_bias.to(work)
-
-            n, d_sae = x.shape[0], W_enc.shape[1]
-            feature_acts = torch.empty(n, d_sae, dtype=work, device=x.device)
-            chunks = _chunks(n, d_sae, feature_acts)
-            if options.features_only:
-                rows_per_chunk = chunks[0].stop - chunks[0].start
-                gate_acts = torch.empty(
-                    rows_per_chunk, d_sae, dtype=work, device=x.device
-                )
-            else:
-                gate_acts = torch.empty_like(feature_acts)
-            magnitude = torch.empty_like(gate_acts)
-            penalty = torch.zeros((), dtype=_accumulation_dtype(work), device=x.device)
-            weights = None if penalty_weights is None else penalty_weights.to(work)
-            for rows in chunks:
-                f = feature_acts[rows]
-                if options.features_only:  # reuse the scratch rows for every chunk
-                    g, m = gate_acts[: f.shape[0]], magnitude[: f.shape[0]]
-                else:
-                    g, m = gate_acts[rows], magnitude[rows]
-                torch.addmm(gate_bias, x[rows], enc, out=g)
-                if scale_w is None:
-                    torch.add(g, mag_bias, out=m)
-                else:
-                    torch.addcmul(mag_bias, g, scale_w, out=m)
-                keep_where_positive(m, g, out=f).clamp_(min=0)
-                if options.features_only:
-                    continue
-                g.clamp_(min=0)
-                penalty += g.sum() if weights is None else (g @ weights).sum()
-            if options.features_only:
-                return feature_acts
-
-            outputs: tuple[torch.Tensor, ...] = (
-                feature_acts,
-                gate_acts,
-                magnitude,
-                penalty,
-            )
-            if options.decode:
-                dec, bias = W_dec.to(work), b_dec.to(work)
-                outputs += (
-                    torch.addmm(bias, feature_acts, dec),
-                    torch.addmm(bias, gate_acts, dec),
-                )
-
-        # Outputs the loss does not use get None, not a (batch, d_sae) tensor of zeros.
-        ctx.set_materialize_grads(False)
-        # Only outputs and parameters are kept: nothing extra stays alive for backward.
-        ctx.save_for_backward(
-            x,
-            W_enc,
-            W_dec,
-            b_mag,
-            scale,
-            penalty_weights,
-            feature_acts,
-            gate_acts,
-            magnitude,
-        )
-        ctx.options = options
-        ctx.device_type = device_type
-        return outputs
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, *grads: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        (
-            x,
-            W_enc,
-            W_dec,
-            b_mag,
-            scale,
-            penalty_weights,
-            feature_acts,
-            gate_acts,
-            magnitude,
-        ) = ctx.saved_tensors
-        options: GatedFunctionOptions = ctx.options
-        grad_f, grad_g, grad_magnitude, grad_penalty = grads[:4]
-        grad_x_hat, grad_x_aux = grads[4:6] if options.decode else (None, None)
-        work = gate_acts.dtype
-        n, d_sae = gate_acts.shape
-        acc = _accumulation_dtype(work)
-
-        with torch.autocast(ctx.device_type, enabled=False):
-            enc = W_enc.to(work)
-            dec = W_dec.to(work)
-            scale_w = None if scale is None else scale.to(work)
-            per_feature = None
-            if grad_penalty is not None:
-                per_feature = grad_penalty.to(work).expand(d_sae)
-                if penalty_weights is not None:
-                    per_feature = per_feature * penalty_weights.to(work)
-            aux_grad = _as(grad_x_aux, work)
-            aux_grad_for_dec = aux_grad if options.aux_decoder_trainable else None
-
-            grad_W_enc = torch.zeros(W_enc.shape, dtype=acc, device=x.device)
-            grad_W_dec = torch.zeros(W_dec.shape, dtype=acc, device=x.device)
-            sum_grad_gate = torch.zeros(d_sae, dtype=acc, device=x.device)
-            sum_grad_mag = torch.zeros(d_sae, dtype=acc, device=x.device)
-            sum_grad_mag_m = torch.zeros(d_sae, dtype=acc, device=x.device)
-            grad_sae_in = (
-                torch.empty(x.shape, dtype=work, device=x.device)
-                if ctx.needs_input_grad[0]
-                else None
-            )
-            chunks = _chunks(n, d_sae, gate_acts)
-            chunk_shape = (chunks[0].stop - chunks[0].start, d_sae)
-            scratch_mag_buffer = torch.empty(chunk_shape, dtype=work, device=x.device)
-            scratch_gate_buffer = torch.empty_like(scratch_mag_buffer)
-            recon_grad = _as(grad_x_hat, work)
-            for rows in chunks:
-                f, g = feature_acts[rows], gate_acts[rows]
-                scratch_mag = scratch_mag_buffer[: f.shape[0]]
-                scratch_gate = scratch_gate_buffer[: f.shape[0]]
-                # Gradient reaching pi_mag: through f only where the feature fired, and
-                # directly where pi_mag itself was used (a hook replaced it).
-                _upstream(grad_f, recon_grad, dec, rows, scratch_mag)
-                grad_mag = keep_where_positive(scratch_mag, f, out=scratch_mag)
-                if grad_magnitude is not None:
-                    grad_mag += grad_magnitude[rows]
-                sum_grad_mag += grad_mag.sum(dim=0, dtype=acc)
-                if scale_w is not None:
-                    torch.mul(grad_mag, magnitude[rows], out=scratch_gate)
-                    sum_grad_mag_m += scratch_gate.sum(dim=0, dtype=acc)
-                # Gradient reaching pi_gate: from the losses on g, where the gate is open.
-                _upstream(grad_g, aux_grad, dec, rows, scratch_gate)
-                if per_feature is not None:
-                    scratch_gate += per_feature
-                grad_gate = keep_where_positive(scratch_gate, g, out=scratch_gate)
-                sum_grad_gate += grad_gate.sum(dim=0, dtype=acc)
-                # d(loss)/d(x @ W_enc), in place.
-                if scale_w is None:
-                    grad_pre = grad_gate.add_(grad_mag)
-                else:
-                    grad_pre = grad_gate.addcmul_(grad_mag, scale_w)
-                grad_W_enc.addmm_(x[rows].T.to(acc), grad_pre.to(acc))
-                if grad_sae_in is not None:
-                    torch.mm(grad_pre, enc.T, out=grad_sae_in[rows])
-                if grad_x_hat is not None:
-                    grad_W_dec.addmm_(f.T.to(acc), grad_x_hat[rows].to(acc))
-                if aux_grad_for_dec is not None:
-                    grad_W_dec.addmm_(g.T.to(acc), aux_grad_for_dec[rows].to(acc))
-
-            grad_r_mag = None
-            if scale is None:
-                sum_grad_pre = sum_grad_gate + sum_grad_mag
-            else:
-                # d pi_mag / d r_mag = (x @ W_enc) * exp(r_mag) = pi_mag - b_mag
-                grad_r_mag = sum_grad_mag_m - b_mag * sum_grad_mag
-                sum_grad_pre = sum_grad_gate + scale * sum_grad_mag
-            grad_b_dec = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-            if options.centre:
-                # Through the centring: summed over the batch first, then one matrix-vector product.
-                grad_b_dec -= sum_grad_pre.to(acc) @ W_enc.T.to(acc)
-            if grad_x_hat is not None:
-                grad_b_dec += grad_x_hat.sum(dim=0, dtype=acc)
-            if aux_grad_for_dec is not None:
-                grad_b_dec += aux_grad_for_dec.sum(dim=0, dtype=acc)
-            grad_weights = None
-            if grad_penalty is not None and ctx.needs_input_grad[7]:
-                grad_weights = grad_penalty * gate_acts.sum(dim=0, dtype=acc)
-
-        return (
-            None if grad_sae_in is None else grad_sae_in.to(x.dtype),
-            grad_W_enc.to(W_enc.dtype),
-            sum_grad_gate.to(b_mag.dtype),
-            None if grad_r_mag is None else grad_r_mag.to(b_mag.dtype),
-            sum_grad_mag.to(b_mag.dtype),
-            grad_W_dec.to(W_dec.dtype) if options.decode else None,
-            grad_b_dec.to(W_dec.dtype),
-            None
-            if grad_weights is None or penalty_weights is None
-            else grad_weights.to(penalty_weights.dtype),
-            None,
-        )
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in sae.parameters())
+    )
+    if needs_grad or has_hooks(sae.hook_sae_acts_pre):
+        return encode_gated(sae, x, use_r_mag=use_r_mag).feature_acts
+    sae_in = normalized_input(sae, x)
+    options = GatedFunctionOptions(
+        center=sae.cfg.apply_b_dec_to_input, decode=False, features_only=True
+    )
+    (feature_acts,) = _run_gated_function(sae, sae_in, use_r_mag, None, options)
+    return sae.hook_sae_acts_post(feature_acts.reshape(*sae_in.shape[:-1], -1))
 
 
-def _upstream(
-    grad_out: torch.Tensor | None,
-    grad_recon: torch.Tensor | None,
-    W_dec: torch.Tensor,
-    rows: slice,
-    out: torch.Tensor,
-) -> None:
-    """Write into ``out`` the gradient arriving at an activation for ``rows``: from its direct
-    use (``grad_out``) plus, through a decoder, ``grad_recon @ W_dec.T``."""
-    if grad_recon is not None:
-        torch.mm(grad_recon[rows], W_dec.T, out=out)
-        if grad_out is not None:
-            out += grad_out[rows]
-    elif grad_out is not None:
-        out.copy_(grad_out[rows])
-    else:
-        out.zero_()
+def normalized_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
+    """``x`` after dtype cast, reshaping, ``hook_sae_input`` and run-time normalization."""
+    # process_sae_in without its centering step: the un-centered input is the target of the
+    # auxiliary reconstruction, and the centering happens inside the gated function.
+    sae_in = sae.reshape_fn_in(x.to(sae.dtype))
+    check_d_in(sae, sae_in)
+    return sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae_in))
 
 
-def _chunks(n: int, d_sae: int, like: torch.Tensor) -> list[slice]:
-    if like.device.type != "cpu":
-        return [slice(0, n)]
-    rows = max(64, _CPU_CHUNK_BYTES // max(1, d_sae * like.element_size()))
-    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
+def _run_gated_function(
+    sae: "GatedSAE | GatedTrainingSAE",
+    sae_in: torch.Tensor,
+    use_r_mag: bool,
+    penalty_weights: torch.Tensor | None,
+    options: GatedFunctionOptions,
+) -> tuple[torch.Tensor, ...]:
+    outputs = GatedSAEFunction.apply(
+        sae_in.reshape(-1, sae_in.shape[-1]),
+        sae.W_enc,
+        sae.b_gate,
+        sae.r_mag if use_r_mag else None,
+        sae.b_mag,
+        sae.W_dec,
+        sae.b_dec,
+        penalty_weights,
+        options,
+    )
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
+def has_hooks(*points: HookPoint) -> bool:
+    return any(point._forward_hooks or point._forward_pre_hooks for point in points)

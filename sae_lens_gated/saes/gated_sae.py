@@ -9,7 +9,7 @@ What differs from the built-in:
 
 - The encoder matmul is computed once and shared by the gate path, the magnitude path
   (``pi_mag = pre * exp(r_mag) + b_mag``) and the auxiliary loss; ``W_enc * exp(r_mag)`` is
-  never materialised.
+  never materialized.
 - Training follows paper App. G by default (``recipe="paper"``): plain L1 on
   ``ReLU(pi_gate)``, decoder frozen (stop-gradient) in the auxiliary reconstruction, and
   decoder rows kept at unit norm. ``recipe="april_update"`` reproduces SAELens's built-in
@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import wandb
@@ -33,7 +33,6 @@ from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as _BuiltinGatedTrainingSAEConfig,
 )
 from sae_lens.saes.sae import (
-    SAE,
     SAEConfig,
     SAEMetadata,
     TrainingSAEConfig,
@@ -42,11 +41,14 @@ from sae_lens.saes.sae import (
 )
 from sae_lens.util import filter_valid_dataclass_fields
 from safetensors.torch import load_file, save_file
-from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
 from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
-from sae_lens_gated.saes.gated_encoder import GatedFunctionOptions, GatedSAEFunction
+from sae_lens_gated.saes.gated_encoder import (
+    GatedEncoding,
+    encode_gated,
+    encode_gated_features,
+)
 from sae_lens_gated.training.batch_guard import BatchGuard
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.optimizer_hooks import attach_to_optimizer_steps
@@ -110,156 +112,6 @@ RESAMPLER_STATE_FILENAME = "gated_resampler_state.safetensors"
 
 # Bricken et al. 2023 ("Neuron Resampling"): events at these steps, 12,500-step window.
 DEFAULT_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
-
-
-class GatedEncoding(NamedTuple):
-    """Intermediate values of one gated encoder pass.
-
-    Attributes:
-        sae_in: The input after dtype cast, ``hook_sae_input`` and run-time normalisation,
-            before the ``b_dec`` centring: the space reconstructions are compared in.
-        gate_acts: ``ReLU(pi_gate)``, which the sparsity and auxiliary losses use.
-        magnitude_pre: ``pi_mag``, the magnitude pre-activation (after ``hook_sae_acts_pre``).
-        feature_acts: ``1[pi_gate > 0] * ReLU(pi_mag)`` (after ``hook_sae_acts_post``).
-        penalty: Sum of ``gate_acts`` over the batch and features, each feature weighted by
-            ``penalty_weights`` if given (0-d tensor).
-        reconstruction: ``feature_acts @ W_dec + b_dec`` before ``hook_sae_recons`` (only
-            when decoding was requested).
-        aux_reconstruction: ``gate_acts @ W_dec + b_dec`` (only when decoding was requested).
-    """
-
-    sae_in: torch.Tensor
-    gate_acts: torch.Tensor
-    magnitude_pre: torch.Tensor
-    feature_acts: torch.Tensor
-    penalty: torch.Tensor
-    reconstruction: torch.Tensor | None = None
-    aux_reconstruction: torch.Tensor | None = None
-
-
-def _check_d_in(sae: SAE[Any], sae_in: torch.Tensor) -> None:
-    if sae_in.shape[-1] != sae.cfg.d_in:
-        raise ValueError(
-            f"Expected activations whose last dimension is d_in={sae.cfg.d_in}, "
-            f"got a tensor of shape {tuple(sae_in.shape)}."
-        )
-
-
-def encode_gated(
-    sae: "GatedSAE | GatedTrainingSAE",
-    x: torch.Tensor,
-    use_r_mag: bool = True,
-    penalty_weights: torch.Tensor | None = None,
-    decode: bool = False,
-    aux_decoder_trainable: bool = False,
-) -> GatedEncoding:
-    """Run the gated encoder: one encoder matmul shared by the gate and magnitude paths.
-
-    This and :func:`encode_gated_features` are the only implementations of the gated encoder,
-    used for inference and training; both run
-    :class:`~sae_lens_gated.saes.gated_encoder.GatedSAEFunction`.
-
-    Args:
-        sae: The SAE whose parameters to use.
-        x: Input activations of shape ``(..., d_in)`` (or ``(..., n_heads, d_head)`` for
-            ``hook_z`` SAEs).
-        use_r_mag: If False, ``pi_mag = pre + b_mag`` and ``r_mag`` is left out of the graph
-            (the paper's "no r_mag" ablation).
-        penalty_weights: Per-feature weights of the sparsity penalty (``None``: all 1).
-        decode: Also compute both reconstructions inside the same function (training);
-            ignored while hooks are attached to the activation or reconstruction hook
-            points, whose outputs must feed the decoder.
-        aux_decoder_trainable: With ``decode``, let the auxiliary reconstruction train the
-            decoder (False: stop-gradient).
-    """
-    decode = decode and not _has_hooks(
-        sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.hook_sae_recons
-    )
-    sae_in = _normalised_input(sae, x)
-    outputs = _run_gated_function(
-        sae,
-        sae_in,
-        use_r_mag,
-        penalty_weights,
-        GatedFunctionOptions(
-            centre=sae.cfg.apply_b_dec_to_input,
-            decode=decode,
-            aux_decoder_trainable=aux_decoder_trainable,
-        ),
-    )
-    feature_acts, gate_acts, magnitude, penalty = outputs[:4]
-    batch_shape = (*sae_in.shape[:-1], sae.cfg.d_sae)
-    magnitude = magnitude.reshape(batch_shape)
-    gate_acts = gate_acts.reshape(batch_shape)
-    hooked = sae.hook_sae_acts_pre(magnitude)
-    if hooked is not magnitude:
-        # A hook replaced the pre-activation: the features follow the replacement.
-        feature_acts = (gate_acts > 0).to(hooked.dtype) * sae.activation_fn(hooked)
-    feature_acts = sae.hook_sae_acts_post(feature_acts.reshape(batch_shape))
-    reconstructions = [r.reshape(sae_in.shape) for r in outputs[4:]]
-    return GatedEncoding(
-        sae_in, gate_acts, hooked, feature_acts, penalty, *reconstructions
-    )
-
-
-def encode_gated_features(
-    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor, use_r_mag: bool = True
-) -> torch.Tensor:
-    """Only the feature activations of :func:`encode_gated`, as cheaply as possible.
-
-    Without gradients and without hooks on ``hook_sae_acts_pre``, the gate and magnitude
-    pre-activations never exist for the whole batch at once: the features are the only
-    ``(batch, d_sae)`` allocation.
-
-    Args:
-        sae: The SAE whose parameters to use.
-        x: Input activations.
-        use_r_mag: See :func:`encode_gated`.
-    """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in sae.parameters())
-    )
-    if needs_grad or _has_hooks(sae.hook_sae_acts_pre):
-        return encode_gated(sae, x, use_r_mag=use_r_mag).feature_acts
-    sae_in = _normalised_input(sae, x)
-    options = GatedFunctionOptions(
-        centre=sae.cfg.apply_b_dec_to_input, decode=False, features_only=True
-    )
-    (feature_acts,) = _run_gated_function(sae, sae_in, use_r_mag, None, options)
-    return sae.hook_sae_acts_post(feature_acts.reshape(*sae_in.shape[:-1], -1))
-
-
-def _normalised_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
-    # process_sae_in without its centring step: the un-centred input is the target of the
-    # auxiliary reconstruction, and the centring happens inside the gated function.
-    sae_in = sae.reshape_fn_in(x.to(sae.dtype))
-    _check_d_in(sae, sae_in)
-    return sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae_in))
-
-
-def _run_gated_function(
-    sae: "GatedSAE | GatedTrainingSAE",
-    sae_in: torch.Tensor,
-    use_r_mag: bool,
-    penalty_weights: torch.Tensor | None,
-    options: GatedFunctionOptions,
-) -> tuple[torch.Tensor, ...]:
-    outputs = GatedSAEFunction.apply(
-        sae_in.reshape(-1, sae_in.shape[-1]),
-        sae.W_enc,
-        sae.b_gate,
-        sae.r_mag if use_r_mag else None,
-        sae.b_mag,
-        sae.W_dec,
-        sae.b_dec,
-        penalty_weights,
-        options,
-    )
-    return outputs if isinstance(outputs, tuple) else (outputs,)
-
-
-def _has_hooks(*points: HookPoint) -> bool:
-    return any(point._forward_hooks or point._forward_pre_hooks for point in points)
 
 
 def _upgrade_config(cfg: SAEConfig, target: type[T_CONFIG]) -> T_CONFIG:
@@ -341,12 +193,12 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
         aux_coefficient: Weight of the auxiliary reconstruction loss (1.0 in the paper).
         freeze_decoder_in_aux: Recipe default (paper True, april_update False). Stop gradients
             from the auxiliary loss into ``W_dec`` and the decoder-side ``b_dec`` (paper
-            §3.2.2; the centring ``b_dec`` still receives gradient, as in App. G).
+            §3.2.2; the centering ``b_dec`` still receives gradient, as in App. G).
         l1_scale_by_decoder_norm: Recipe default (paper False, april_update True). Multiply
             each feature's penalty by ``||W_dec[i]||``.
         unit_norm_decoder: Recipe default (paper True, april_update False). Keep every
             ``W_dec`` row at unit norm: the gradient component parallel to each row is removed
-            before each optimizer step and rows are renormalised after it.
+            before each optimizer step and rows are renormalized after it.
         decoder_init_norm: Recipe default (paper 1.0, april_update 0.1). Norm of the random
             ``W_dec`` rows at initialisation (``W_enc = W_dec.T``; biases and ``r_mag`` start at
             0). Forced to 1.0 when ``unit_norm_decoder`` is True.
@@ -569,7 +421,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def _uses_r_mag(self) -> bool:
         return self.cfg.weight_tying == "r_mag"
 
-    def encode_gated(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
+    def encode_for_loss(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
         """Run the encoder (and with ``decode`` both decoders) for the training losses."""
         weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
         return encode_gated(
@@ -585,7 +437,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def encode_with_hidden_pre(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        encoding = self.encode_gated(x)
+        encoding = self.encode_for_loss(x)
         return encoding.feature_acts, encoding.magnitude_pre
 
     @override
@@ -595,7 +447,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self._batch_guard.check(step_input.sae_in)
-        encoding = self.encode_gated(step_input.sae_in, decode=True)
+        encoding = self.encode_for_loss(step_input.sae_in, decode=True)
         if encoding.reconstruction is None:
             sae_out = self.decode(encoding.feature_acts)
         else:
@@ -635,7 +487,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         """Sparsity penalty and auxiliary reconstruction loss, both driven by ``pi_gate``.
 
         Args:
-            encoding: Output of :meth:`encode_gated` for the batch.
+            encoding: Output of :meth:`encode_for_loss` for the batch.
             coefficients: Current coefficient values from SAELens's schedulers (``"l1"``).
         """
         n_examples = encoding.gate_acts.numel() // self.cfg.d_sae
@@ -662,7 +514,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         return self.gate_losses(
-            self.encode_gated(step_input.sae_in), step_input.coefficients
+            self.encode_for_loss(step_input.sae_in), step_input.coefficients
         )
 
     @torch.no_grad()
@@ -671,7 +523,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         return (self.decode(self.encode(x)) - x.to(self.dtype)).pow(2).sum(dim=-1)
 
     @torch.no_grad()
-    def centred_input(self, x: torch.Tensor) -> torch.Tensor:
+    def centered_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the encoder sees it before the matmul (processed, minus ``b_dec``)."""
         return self.process_sae_in(x)
 
@@ -744,7 +596,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         """Called just after an optimizer holding this SAE's parameters stepped.
 
         Puts back the scheduled learning rate (so LR schedulers see their own value),
-        renormalises decoder rows, and runs a resampling event if one is due.
+        renormalizes decoder rows, and runs a resampling event if one is due.
         """
         for group, lr in self._scheduled_lrs:
             group["lr"] = lr

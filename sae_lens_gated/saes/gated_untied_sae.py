@@ -20,13 +20,12 @@ from sae_lens.saes.sae import SAEConfig
 from torch import nn
 from typing_extensions import override
 
+from sae_lens_gated.saes.gated_encoder import GatedEncoding, normalized_input
 from sae_lens_gated.saes.gated_sae import (
-    GatedEncoding,
     GatedSAE,
     GatedSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
-    _normalised_input,
 )
 
 ARCHITECTURE = "gated_untied"
@@ -84,10 +83,10 @@ def encode_untied(
         x: Input activations of shape ``(..., d_in)``.
         penalty_weights: Per-feature weights of the sparsity penalty (``None``: all 1).
     """
-    sae_in = _normalised_input(sae, x)
-    centred = sae_in - sae.b_dec if sae.cfg.apply_b_dec_to_input else sae_in
-    gate_pre = centred @ sae.W_enc + sae.b_gate
-    magnitude_pre = sae.hook_sae_acts_pre(centred @ sae.W_mag + sae.b_mag)
+    sae_in = normalized_input(sae, x)
+    centered = sae_in - sae.b_dec if sae.cfg.apply_b_dec_to_input else sae_in
+    gate_pre = centered @ sae.W_enc + sae.b_gate
+    magnitude_pre = sae.hook_sae_acts_pre(centered @ sae.W_mag + sae.b_mag)
     gate_acts = torch.relu(gate_pre)
     feature_acts = sae.hook_sae_acts_post(
         (gate_pre > 0).to(magnitude_pre.dtype) * sae.activation_fn(magnitude_pre)
@@ -160,7 +159,7 @@ class GatedUntiedTrainingSAE(GatedTrainingSAE):
         _init_untied(self)
 
     @override
-    def encode_gated(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
+    def encode_for_loss(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
         # The two encoder matmuls cannot share a product, so the fused gated function does
         # not apply; plain autograd, and the training loss decodes outside.
         weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None

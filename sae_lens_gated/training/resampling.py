@@ -1,8 +1,8 @@
 """Dead-feature resampling (Bricken et al. 2023, adapted to gated SAEs as in the paper, App. D).
 
 At each event, features that have not fired in the last ``resample_window`` training steps
-get a new decoder row: a pooled recent training input (centred), chosen with probability
-proportional to the square of its reconstruction loss and normalised to unit norm. Their
+get a new decoder row: a pooled recent training input (centered), chosen with probability
+proportional to the square of its reconstruction loss and normalized to unit norm. Their
 encoder column points the same way, scaled to ``resample_encoder_scale`` times the mean
 encoder column norm of the alive features; their ``b_gate``, ``b_mag`` and ``r_mag`` are
 reset to 0, and so are the optimizer moments of exactly those slices. The learning rate
@@ -35,7 +35,7 @@ class ResampleTarget(Protocol):
 
     def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def centred_input(self, x: torch.Tensor) -> torch.Tensor: ...
+    def centered_input(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def reinitialize_features(
         self,
@@ -202,7 +202,7 @@ class DeadFeatureResampler:
             )
 
         inputs = self._sample_inputs(sae, pool[:n_pooled], int(dead_idx.numel()))
-        directions = sae.centred_input(inputs)
+        directions = sae.centered_input(inputs)
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         touched = sae.reinitialize_features(
             dead_idx,

@@ -124,7 +124,7 @@ def test_paper_loss_equals_hand_computed_value():
         sae.b_mag.copy_(torch.tensor([0.5, 0.0]))
         sae.r_mag.copy_(torch.tensor([0.0, torch.log(torch.tensor(2.0)).item()]))
     x = torch.tensor([[1.5, 0.5]], dtype=torch.float64)
-    # centred = [1, 1]; pre = [1.5, 1]; pi_gate = [1.5, 1.25]; pi_mag = [2, 2]
+    # centered = [1, 1]; pre = [1.5, 1]; pi_gate = [1.5, 1.25]; pi_mag = [2, 2]
     # f = [2, 2]; x_hat = [2.5, 1.5]; mse = 1 + 1 = 2
     # relu(pi_gate) = [1.5, 1.25]; l1 = 0.5 * 2.75 = 1.375
     # aux recon = [2, 0.75]; aux = 0.25 + 0.0625 = 0.3125
@@ -152,7 +152,7 @@ def test_paper_recipe_gradient_flow_invariants(apply_b_dec_to_input: bool):
     assert aux["W_enc"].abs().max() > 0
     assert aux["b_gate"].abs().max() > 0
     if apply_b_dec_to_input:
-        # Only through the centring x - b_dec, which App. G does not stop.
+        # Only through the centering x - b_dec, which App. G does not stop.
         centring_only = -(aux["b_gate"] @ sae.W_enc.T)
         torch.testing.assert_close(aux["b_dec"], centring_only)
     else:
@@ -190,8 +190,8 @@ def test_weight_tying_none_keeps_r_mag_out_of_the_graph():
     out.loss.backward()
     assert sae.r_mag.grad is None
     assert not sae.r_mag.requires_grad
-    centred = x - sae.b_dec
-    expected_mag = centred @ sae.W_enc + sae.b_mag
+    centered = x - sae.b_dec
+    expected_mag = centered @ sae.W_enc + sae.b_mag
     torch.testing.assert_close(out.hidden_pre, expected_mag)
 
 

@@ -115,9 +115,9 @@ def test_untied_saves_and_loads_with_the_plugin(tmp_path: Path):
         torch.testing.assert_close(inference(x), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(checkpoint(x), expected, rtol=1e-5, atol=1e-6)
         features = sae.encode(x)
-        centred = x - sae.b_dec
-        manual = (centred @ sae.W_enc + sae.b_gate > 0) * torch.relu(
-            centred @ sae.W_mag + sae.b_mag
+        centered = x - sae.b_dec
+        manual = (centered @ sae.W_enc + sae.b_gate > 0) * torch.relu(
+            centered @ sae.W_mag + sae.b_mag
         )
         torch.testing.assert_close(features, manual)
 

@@ -139,14 +139,14 @@ def _controlled_event(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def test_resampled_rows_are_unit_directions_of_high_loss_centred_inputs():
+def test_resampled_rows_are_unit_directions_of_high_loss_centered_inputs():
     run = _controlled_event()
     sae, event, dead = run["sae"], run["event"], run["dead"]
     assert event is not None and torch.equal(event.resampled, dead)
     new_rows = sae.W_dec.detach()[dead]
     torch.testing.assert_close(new_rows.norm(dim=1), torch.ones(3), atol=1e-6, rtol=0)
-    centred = run["marked"] - run["params_before"]["b_dec"]
-    expected = centred / centred.norm(dim=1, keepdim=True)
+    centered = run["marked"] - run["params_before"]["b_dec"]
+    expected = centered / centered.norm(dim=1, keepdim=True)
     cos = new_rows @ expected.T  # each new row is one of the three marked inputs
     assert torch.equal(cos.argmax(dim=1).sort().values, torch.arange(3))
     torch.testing.assert_close(cos.max(dim=1).values, torch.ones(3), atol=1e-5, rtol=0)

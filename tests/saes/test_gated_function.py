@@ -7,7 +7,7 @@ from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
 )
 
-import sae_lens_gated.saes.gated_encoder as gated_encoder
+import sae_lens_gated.saes.gated_function as gated_function
 from sae_lens_gated import GatedSAE, GatedSAEConfig, GatedTrainingSAE
 from tests.helpers import (
     GATED_PARAM_NAMES,
@@ -22,7 +22,7 @@ from tests.helpers import (
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # 64-row chunks for d_sae=48 in float64: a batch of 200 becomes 64+64+64+8 rows.
-    monkeypatch.setattr(gated_encoder, "_CPU_CHUNK_BYTES", 64 * 48 * 8)
+    monkeypatch.setattr(gated_function, "_CPU_CHUNK_BYTES", 64 * 48 * 8)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -36,7 +36,9 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_chunked_function_matches_the_plain_reference(kwargs: dict[str, Any]):
-    assert len(gated_encoder._chunks(200, 48, torch.empty(1, dtype=torch.float64))) == 4
+    assert (
+        len(gated_function._chunks(200, 48, torch.empty(1, dtype=torch.float64))) == 4
+    )
     cfg = build_gated_training_cfg(dtype="float64", **kwargs)
     sae = GatedTrainingSAE(cfg)
     randomize_gated_params(sae, seed=21, unit_decoder=bool(cfg.unit_norm_decoder))
@@ -71,8 +73,8 @@ def test_input_gradient_matches_autograd():
     x = torch.randn(200, 16, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(sae.encode(x).pow(2).sum(), x)
     x_ref = x.detach().clone().requires_grad_(True)
-    centred = x_ref - sae.b_dec
-    pre = centred @ sae.W_enc
+    centered = x_ref - sae.b_dec
+    pre = centered @ sae.W_enc
     f = (pre + sae.b_gate > 0) * torch.relu(pre * sae.r_mag.exp() + sae.b_mag)
     (grad_ref,) = torch.autograd.grad(f.pow(2).sum(), x_ref)
     assert grad_ref.abs().max() > 0
@@ -120,8 +122,8 @@ def test_training_through_a_hook_that_replaces_the_pre_activation():
     params = [getattr(sae, name) for name in GATED_PARAM_NAMES]
     got = torch.autograd.grad(out.losses["mse_loss"], params, allow_unused=True)
 
-    centred = x - sae.b_dec
-    pre = centred @ sae.W_enc
+    centered = x - sae.b_dec
+    pre = centered @ sae.W_enc
     f = (pre + sae.b_gate > 0) * torch.relu(2 * (pre * sae.r_mag.exp() + sae.b_mag))
     mse = ((f @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean()
     torch.testing.assert_close(out.losses["mse_loss"], mse)
