@@ -18,33 +18,21 @@ from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.metrics import relative_reconstruction_bias
 from sae_lens_gated.presets import paper_runner_overrides
 from sae_lens_gated.registration import is_registered, register, unregister
-from sae_lens_gated.saes.gated_encoder import (
-    GatedEncoding,
-    encode_gated,
-    encode_gated_features,
-)
-from sae_lens_gated.saes.gated_sae import (
-    RECIPES,
-    GatedRecipe,
+from sae_lens_gated.saes import (
     GatedSAE,
     GatedSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
-)
-from sae_lens_gated.saes.gated_untied_sae import (
     GatedUntiedSAE,
     GatedUntiedSAEConfig,
     GatedUntiedTrainingSAE,
     GatedUntiedTrainingSAEConfig,
 )
 from sae_lens_gated.training.batch_guard import NonFiniteBatchError
-from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleEvent
+from sae_lens_gated.validation import GatedConfigError
 
 __all__ = [
-    "RECIPES",
-    "DeadFeatureResampler",
-    "GatedEncoding",
-    "GatedRecipe",
+    "GatedConfigError",
     "GatedSAE",
     "GatedSAEConfig",
     "GatedSAEExportError",
@@ -56,10 +44,7 @@ __all__ = [
     "GatedUntiedTrainingSAE",
     "GatedUntiedTrainingSAEConfig",
     "NonFiniteBatchError",
-    "ResampleEvent",
     "__version__",
-    "encode_gated",
-    "encode_gated_features",
     "is_registered",
     "load_gated_sae",
     "paper_runner_overrides",

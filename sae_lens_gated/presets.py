@@ -15,9 +15,12 @@ def paper_runner_overrides() -> dict[str, Any]:
     - ``train_batch_size_tokens=4096``: the paper's batch size.
 
     Training length (300k-400k steps, about 1.2-1.6B tokens in the paper) is left to you.
-    The SAE-side settings (paper recipe, resampling, no gradient clipping) are the defaults
-    of :class:`~sae_lens_gated.GatedTrainingSAEConfig`; SAELens's coefficient warm-up of lambda
-    (``l1_warm_up_steps``) is not part of the paper and stays 0.
+    The paper recipe and resampling are the defaults of
+    :class:`~sae_lens_gated.GatedTrainingSAEConfig`. Gradient clipping is not a runner field:
+    SAELens's trainer always clips to 1.0, and the plugin keeps that by default because it
+    helped short runs; set ``clip_grad_norm=False`` on the SAE config to train unclipped, as
+    the paper does. SAELens's coefficient warm-up of lambda (``l1_warm_up_steps``) is not
+    part of the paper and stays 0.
 
     Example: ``LanguageModelSAERunnerConfig(sae=..., **paper_runner_overrides(), ...)``.
     """

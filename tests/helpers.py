@@ -219,49 +219,6 @@ def tiny_runner_dict(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def read_offline_wandb_history(run_dir: Any) -> dict[str, list[Any]]:
-    """Every history value in an offline W&B run directory, keyed by metric name.
-
-    Parses the run's ``.wandb`` file (W&B's record log: a 7-byte header, then 32 KiB blocks
-    of length-prefixed chunks that together hold ``Record`` protobufs).
-    """
-    import json
-    import struct
-    from pathlib import Path
-
-    from wandb.proto import wandb_internal_pb2
-
-    (log_path,) = Path(run_dir).glob("*.wandb")
-    data = log_path.read_bytes()
-    assert data[:4] == b":W&B", f"{log_path} is not a W&B run log"
-    block, pos, pending = 32768, 7, b""
-    records: list[bytes] = []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            records.append(chunk)
-        elif kind in (2, 3):
-            pending += chunk
-        elif kind == 4:
-            records.append(pending + chunk)
-            pending = b""
-    history: dict[str, list[Any]] = {}
-    for raw in records:
-        record = wandb_internal_pb2.Record()  # pyright: ignore[reportAttributeAccessIssue]
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            history.setdefault(key, []).append(json.loads(item.value_json))
-    return history
-
-
 @functools.cache
 def dictionary_learning_module() -> Any:
     """dictionary_learning's own ``dictionary.py`` (``GatedAutoEncoder`` and friends).

@@ -14,10 +14,10 @@ from sae_lens import (
     LanguageModelSAETrainingRunner,
 )
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
+from wandb.sdk.wandb_run import Run
 
 from sae_lens_gated import GatedSAE, GatedTrainingSAE
 from tests.helpers import (
-    read_offline_wandb_history,
     tiny_model,
     tiny_runner_dict,
     tiny_token_dataset,
@@ -155,8 +155,36 @@ _RESAMPLING = {
 }
 
 
+@pytest.fixture
+def wandb_log_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every ``wandb.log`` payload, in order, as it is handed to W&B (which still gets it).
+
+    ``wandb.init`` rebinds the module-level ``wandb.log`` to the new run's ``log``, so the
+    run class's method is wrapped.
+    """
+    calls: list[dict[str, Any]] = []
+    real_log = Run.log
+
+    def log(run: Run, data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        calls.append({**data, "_step": kwargs.get("step")})
+        real_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", log)
+    return calls
+
+
+def _history(calls: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    history: dict[str, list[Any]] = {}
+    for call in calls:
+        for key, value in call.items():
+            history.setdefault(key, []).append(value)
+    return history
+
+
 @pytest.mark.usefixtures("offline_wandb")
-def test_gated_metrics_reach_the_offline_wandb_run(tmp_path: Path):
+def test_gated_metrics_reach_the_offline_wandb_run(
+    tmp_path: Path, wandb_log_calls: list[dict[str, Any]]
+):
     cfg = LanguageModelSAERunnerConfig.from_dict(
         tiny_runner_dict(
             tmp_path,
@@ -171,9 +199,12 @@ def test_gated_metrics_reach_the_offline_wandb_run(tmp_path: Path):
         )
     )
     sae = _run(cfg)
-    assert sae.resampler is not None and sae.resampler.n_events == 3
-    (run_dir,) = tmp_path.glob("wandb/offline-run-*")
-    history = read_offline_wandb_history(run_dir)
+    assert (
+        sae.conventions.resampler is not None
+        and sae.conventions.resampler.n_events == 3
+    )
+    assert list(tmp_path.glob("wandb/offline-run-*"))
+    history = _history(wandb_log_calls)
     for key in (
         "losses/mse_loss",
         "losses/l1_loss",
@@ -184,12 +215,20 @@ def test_gated_metrics_reach_the_offline_wandb_run(tmp_path: Path):
         "resampling/n_resampled",
         "resampling/n_events",
     ):
-        values = history.get(key)
-        assert values and all(isinstance(v, (int, float)) for v in values), key
+        values = [float(v) for v in history.get(key, [])]
+        assert values and all(math.isfinite(v) for v in values), key
     assert len(history["losses/l1_loss"]) == 12  # every 5 steps
+    # The resampling counters are logged at the trainer's logging steps, with its step.
+    resampling_steps = [
+        c["_step"] for c in wandb_log_calls if "resampling/n_events" in c
+    ]
+    loss_steps = [c["_step"] for c in wandb_log_calls if "losses/l1_loss" in c]
+    assert resampling_steps == loss_steps
     assert history["resampling/n_events"][-1] == 3
-    assert history["resampling/n_resampled"][-1] == sae.resampler.n_resampled
-    assert sae.resampler.n_resampled > 0
+    assert (
+        history["resampling/n_resampled"][-1] == sae.conventions.resampler.n_resampled
+    )
+    assert sae.conventions.resampler.n_resampled > 0
     gammas = history["metrics/relative_reconstruction_bias"]
     assert all(math.isfinite(v) for v in gammas) and len(set(gammas)) > 1
     assert all(
@@ -201,8 +240,10 @@ def test_gated_metrics_reach_the_offline_wandb_run(tmp_path: Path):
         "weights/b_mag",
         "weights/W_dec_norms",
     ):
-        assert history.get(f"{key}/_type") == ["histogram"] * 3, key
-        assert sum(history[f"{key}/values"][-1]) == 128
+        histograms = history.get(key, [])
+        assert len(histograms) == 3, key
+        assert all(isinstance(h, wandb.Histogram) for h in histograms), key
+        assert sum(histograms[-1].histogram) == 128, key
 
 
 def _resampled_in_checkpoint(checkpoint: Path) -> int:
@@ -220,8 +261,8 @@ def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path):
         )
     )
     sae = _run(first)
-    assert sae.resampler is not None
-    assert sae.resampler.n_events == 2
+    assert sae.conventions.resampler is not None
+    assert sae.conventions.resampler.n_events == 2
     mid = sorted(
         Path(first.checkpoint_path or "").iterdir(), key=lambda p: int(p.name)
     )[0]
@@ -238,9 +279,9 @@ def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path):
         )
     )
     resumed = _run(resumed_cfg)
-    assert resumed.resampler is not None
+    assert resumed.conventions.resampler is not None
     # 26 steps before the checkpoint, 44 after: events at steps 20, 40 and 60.
-    assert resumed.resampler.completed_steps == 70
-    assert resumed.resampler.n_events == 3
-    assert resumed.resampler.n_resampled >= _resampled_in_checkpoint(mid)
+    assert resumed.conventions.resampler.completed_steps == 70
+    assert resumed.conventions.resampler.n_events == 3
+    assert resumed.conventions.resampler.n_resampled >= _resampled_in_checkpoint(mid)
     assert _max_norm_error(resumed.W_dec) <= 1e-5

@@ -1,11 +1,4 @@
-from sae_lens_gated.saes.gated_encoder import (
-    GatedEncoding,
-    encode_gated,
-    encode_gated_features,
-)
 from sae_lens_gated.saes.gated_sae import (
-    RECIPES,
-    GatedRecipe,
     GatedSAE,
     GatedSAEConfig,
     GatedTrainingSAE,
@@ -19,9 +12,6 @@ from sae_lens_gated.saes.gated_untied_sae import (
 )
 
 __all__ = [
-    "RECIPES",
-    "GatedEncoding",
-    "GatedRecipe",
     "GatedSAE",
     "GatedSAEConfig",
     "GatedTrainingSAE",
@@ -30,6 +20,4 @@ __all__ = [
     "GatedUntiedSAEConfig",
     "GatedUntiedTrainingSAE",
     "GatedUntiedTrainingSAEConfig",
-    "encode_gated",
-    "encode_gated_features",
 ]

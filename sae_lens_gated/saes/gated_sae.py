@@ -13,18 +13,20 @@ What differs from the built-in:
 - Training follows paper App. G by default (``recipe="paper"``): plain L1 on
   ``ReLU(pi_gate)``, decoder frozen (stop-gradient) in the auxiliary reconstruction, and
   decoder rows kept at unit norm. ``recipe="april_update"`` reproduces SAELens's built-in
-  gated training exactly.
+  gated training.
+- All three loss terms are computed in the space the SAE works in (after run-time
+  normalization), so the paper's 1:1 weighting of the two reconstructions holds.
+
+The per-step work around the optimizer (unit norm, resampling, ...) is not here: it lives in
+:class:`~sae_lens_gated.training.conventions.TrainingConventions`, which the training SAE owns.
 """
 
 import logging
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
-import wandb
 from numpy.typing import NDArray
 from sae_lens.saes.gated_sae import GatedSAE as _BuiltinGatedSAE
 from sae_lens.saes.gated_sae import GatedSAEConfig as _BuiltinGatedSAEConfig
@@ -40,78 +42,30 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 from sae_lens.util import filter_valid_dataclass_fields
-from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
-from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
 from sae_lens_gated.saes.gated_encoder import (
     GatedEncoding,
     encode_gated,
     encode_gated_features,
 )
-from sae_lens_gated.training.batch_guard import BatchGuard
-from sae_lens_gated.training.grad_clip import GradientClipUndo
-from sae_lens_gated.training.optimizer_hooks import attach_to_optimizer_steps
-from sae_lens_gated.training.resampling import (
-    DeadFeatureResampler,
-    ParameterSlice,
-    ResamplingSchedule,
+from sae_lens_gated.saes.gated_recipes import (
+    DEFAULT_RESAMPLE_STEPS,
+    RECIPES,
+    Recipe,
+    WeightTying,
+    check_resampling_schedule,
+    check_training_config,
+    warn_about_discouraged_combinations,
+    warn_if_from_builtin_config,
+    warn_if_init_norm_ignored,
 )
+from sae_lens_gated.training.conventions import TrainingConventions
+from sae_lens_gated.training.resampling import ResamplingSchedule
 
 logger = logging.getLogger(__name__)
 
-Recipe = Literal["paper", "april_update"]
-WeightTying = Literal["r_mag", "none"]
-
 T_CONFIG = TypeVar("T_CONFIG", bound=SAEConfig)
-
-
-@dataclass(frozen=True)
-class GatedRecipe:
-    """Values a training recipe gives the config fields that are left unset.
-
-    Args:
-        freeze_decoder_in_aux: Stop gradients from the auxiliary loss into ``W_dec`` and the
-            decoder-side ``b_dec``.
-        l1_scale_by_decoder_norm: Weight each feature's sparsity penalty by its decoder row norm.
-        unit_norm_decoder: Keep every ``W_dec`` row at exactly unit norm during training.
-        decoder_init_norm: Norm of the ``W_dec`` rows at initialisation.
-        resample_dead: Resample dead features at scheduled steps.
-    """
-
-    freeze_decoder_in_aux: bool
-    l1_scale_by_decoder_norm: bool
-    unit_norm_decoder: bool
-    decoder_init_norm: float
-    resample_dead: bool
-
-
-RECIPES: dict[str, GatedRecipe] = {
-    # Paper §3.2.2, App. D.1 and App. G.
-    "paper": GatedRecipe(
-        freeze_decoder_in_aux=True,
-        l1_scale_by_decoder_norm=False,
-        unit_norm_decoder=True,
-        decoder_init_norm=1.0,
-        resample_dead=True,
-    ),
-    # The authors' April 2024 follow-up (a norm-weighted penalty instead of the unit-norm
-    # constraint, decoder trainable in both terms); this is what SAELens's built-in trains.
-    "april_update": GatedRecipe(
-        freeze_decoder_in_aux=False,
-        l1_scale_by_decoder_norm=True,
-        unit_norm_decoder=False,
-        decoder_init_norm=0.1,
-        resample_dead=False,
-    ),
-}
-
-_WEIGHT_TYING_OPTIONS = ("r_mag", "none")
-
-RESAMPLER_STATE_FILENAME = "gated_resampler_state.safetensors"
-
-# Bricken et al. 2023 ("Neuron Resampling"): events at these steps, 12,500-step window.
-DEFAULT_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
 
 
 def _upgrade_config(cfg: SAEConfig, target: type[T_CONFIG]) -> T_CONFIG:
@@ -182,14 +136,16 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
 
     Fields marked "recipe default" are resolved from ``recipe`` when the config is built, so
     a saved config always records the values that were used. The inherited
-    ``l1_coefficient`` (lambda, applied to ``ReLU(pi_gate)``) and ``l1_warm_up_steps``
-    (linear warm-up of lambda from 0 by SAELens's coefficient scheduler) work as in SAELens.
+    ``l1_coefficient`` (lambda, applied to ``ReLU(pi_gate)``), ``l1_warm_up_steps`` (linear
+    warm-up of lambda from 0 by SAELens's coefficient scheduler) and ``decoder_init_norm``
+    (norm of the random initial ``W_dec`` rows; None keeps SAELens's unscaled init) work as
+    in SAELens; with ``unit_norm_decoder`` the rows start, and stay, at norm 1.
 
     Args:
         recipe: ``"paper"`` (App. D.1 and G: plain L1 on ``ReLU(pi_gate)``, decoder frozen in
-            the auxiliary loss, unit-norm decoder rows) or ``"april_update"`` (the authors'
-            later variant: L1 weighted by decoder norms, trainable decoder everywhere, no
-            norm constraint; identical to SAELens's built-in gated training).
+            the auxiliary loss, unit-norm decoder rows, resampling) or ``"april_update"``
+            (the authors' later variant: L1 weighted by decoder norms, trainable decoder
+            everywhere, no norm constraint, no resampling; SAELens's built-in gated training).
         aux_coefficient: Weight of the auxiliary reconstruction loss (1.0 in the paper).
         freeze_decoder_in_aux: Recipe default (paper True, april_update False). Stop gradients
             from the auxiliary loss into ``W_dec`` and the decoder-side ``b_dec`` (paper
@@ -199,14 +155,13 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
         unit_norm_decoder: Recipe default (paper True, april_update False). Keep every
             ``W_dec`` row at unit norm: the gradient component parallel to each row is removed
             before each optimizer step and rows are renormalized after it.
-        decoder_init_norm: Recipe default (paper 1.0, april_update 0.1). Norm of the random
-            ``W_dec`` rows at initialisation (``W_enc = W_dec.T``; biases and ``r_mag`` start at
-            0). Forced to 1.0 when ``unit_norm_decoder`` is True.
         weight_tying: ``"r_mag"`` (paper: ``W_mag = exp(r_mag) * W_gate``) or ``"none"``, which
-            freezes ``r_mag`` at 0 (the paper's "no r_mag" ablation).
-        clip_grad_norm: SAELens's trainer always clips the global gradient norm to 1.0 (the
-            paper does not clip). With False the unclipped gradient is restored just before
-            each optimizer step, which matches the paper.
+            freezes ``r_mag`` (at 0 from initialization: the paper's "no r_mag" ablation).
+            A frozen ``r_mag`` is still applied, so loaded non-zero values act everywhere.
+        clip_grad_norm: SAELens's trainer always clips the global gradient norm to 1.0; the
+            paper does not clip. True (default) keeps SAELens's clipping, which helped short
+            runs; False restores the unclipped gradient just before each optimizer step, as
+            in the paper.
         resample_dead: Recipe default (paper True, april_update False). Resample dead
             features (Bricken et al. 2023, paper App. D.1) at scheduled events.
         resample_steps: Event steps, counted in completed training steps. With neither this
@@ -230,7 +185,6 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     freeze_decoder_in_aux: bool | None = None
     l1_scale_by_decoder_norm: bool | None = None
     unit_norm_decoder: bool | None = None
-    decoder_init_norm: float | None = None
     weight_tying: WeightTying = "r_mag"
     clip_grad_norm: bool = True
     resample_dead: bool | None = None
@@ -243,118 +197,26 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
 
     @override
     def __post_init__(self) -> None:
-        self._validate()
-        self._apply_recipe_defaults()
-        self._validate_resampling()
-        self._warn_about_discouraged_combinations()
-        super().__post_init__()
-
-    def _validate(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(
-                f"Unknown recipe {self.recipe!r}: expected one of {sorted(RECIPES)}."
-            )
-        if self.weight_tying not in _WEIGHT_TYING_OPTIONS:
-            raise ValueError(
-                f"Unknown weight_tying {self.weight_tying!r}: expected one of "
-                f"{list(_WEIGHT_TYING_OPTIONS)}."
-            )
-        for name in ("l1_coefficient", "aux_coefficient"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be finite and >= 0, got {value}.")
-        if self.l1_warm_up_steps < 0:
-            raise ValueError(
-                f"l1_warm_up_steps must be >= 0, got {self.l1_warm_up_steps}."
-            )
-        if self.decoder_init_norm is not None and not self.decoder_init_norm > 0:
-            raise ValueError(
-                f"decoder_init_norm must be > 0, got {self.decoder_init_norm}."
-            )
-
-    def _validate_resampling(self) -> None:
-        for name in ("resample_window", "resample_pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.resample_every is not None and self.resample_every < 1:
-            raise ValueError(f"resample_every must be >= 1, got {self.resample_every}.")
-        if self.resample_lr_warmup_steps < 0:
-            raise ValueError(
-                f"resample_lr_warmup_steps must be >= 0, got {self.resample_lr_warmup_steps}."
-            )
-        if not (
-            math.isfinite(self.resample_encoder_scale)
-            and self.resample_encoder_scale > 0
-        ):
-            raise ValueError(
-                f"resample_encoder_scale must be finite and > 0, got {self.resample_encoder_scale}."
-            )
-        if self.resample_steps is not None and self.resample_every is not None:
-            raise ValueError("Set resample_steps or resample_every, not both.")
-        if self.resample_steps is not None:
-            steps = list(self.resample_steps)
-            if not steps or any(b <= a for a, b in zip(steps, steps[1:])):
-                raise ValueError(
-                    f"resample_steps must be a non-empty, strictly increasing list, got {steps}."
-                )
-            gaps = [steps[0]] + [b - a for a, b in zip(steps, steps[1:])]
-            if min(gaps) < self.resample_window:
-                raise ValueError(
-                    f"resample_steps {steps} puts an event less than resample_window="
-                    f"{self.resample_window} steps after the start of training or after "
-                    "the previous event; a feature can only be judged dead after a full window."
-                )
-        if (
-            self.resample_every is not None
-            and self.resample_every < self.resample_window
-        ):
-            raise ValueError(
-                f"resample_every={self.resample_every} is shorter than resample_window="
-                f"{self.resample_window}; a feature can only be judged dead after a full window."
-            )
-
-    def _apply_recipe_defaults(self) -> None:
+        check_training_config(self, RECIPES)
+        warn_if_from_builtin_config(self)
         recipe = RECIPES[self.recipe]
         for recipe_field in fields(recipe):
             if getattr(self, recipe_field.name) is None:
                 setattr(self, recipe_field.name, getattr(recipe, recipe_field.name))
-        if (
-            self.resample_dead
-            and self.resample_steps is None
-            and self.resample_every is None
+        if self.resample_dead and (self.resample_steps, self.resample_every) == (
+            None,
+            None,
         ):
             self.resample_steps = list(DEFAULT_RESAMPLE_STEPS)
-        if self.unit_norm_decoder and self.decoder_init_norm != 1.0:
-            logger.warning(
-                "decoder_init_norm=%s is ignored: unit_norm_decoder=True keeps decoder "
-                "rows at norm 1, so they are initialised at norm 1.",
-                self.decoder_init_norm,
-            )
+        check_resampling_schedule(self)
+        if self.unit_norm_decoder:
+            warn_if_init_norm_ignored(self.decoder_init_norm)
             self.decoder_init_norm = 1.0
-
-    def _warn_about_discouraged_combinations(self) -> None:
-        # Both combinations are called out in the authors' April 2024 comments (gated-sae
-        # paper reference, B2): they let the sparsity penalty be gamed or trained inconsistently.
-        if self.l1_scale_by_decoder_norm and self.freeze_decoder_in_aux:
-            logger.warning(
-                "Discouraged combination: l1_scale_by_decoder_norm=True with "
-                "freeze_decoder_in_aux=True. The authors advise freezing the decoder in both "
-                "the sparsity penalty and the auxiliary loss, or in neither."
-            )
-        if not self.l1_scale_by_decoder_norm and not self.unit_norm_decoder:
-            logger.warning(
-                "Discouraged combination: l1_scale_by_decoder_norm=False with "
-                "unit_norm_decoder=False. The plain L1 penalty can then be reduced by "
-                "shrinking encoder outputs while growing decoder norms."
-            )
-        if self.resample_dead and not self.unit_norm_decoder:
-            logger.warning(
-                "Discouraged combination: resample_dead=True with unit_norm_decoder=False. "
-                "Resampled decoder rows get unit norm while the other rows keep theirs."
-            )
+        warn_about_discouraged_combinations(self)
+        super().__post_init__()
 
     def resampling_schedule(self) -> ResamplingSchedule:
-        """The resampling settings of this config, for :class:`DeadFeatureResampler`."""
+        """The resampling settings of this config, for the dead-feature resampler."""
         return ResamplingSchedule(
             event_steps=tuple(self.resample_steps or ()),
             every=self.resample_every,
@@ -378,7 +240,8 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
 class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     """Gated SAE for training with SAELens's ``SAETrainer`` and runners.
 
-    Losses (per example, averaged over the batch; App. G):
+    Losses (per example, averaged over the batch; App. G), all in the SAE's input space
+    after run-time normalization:
 
     - ``mse_loss``: ``||x - x_hat||^2`` with ``x_hat = f @ W_dec + b_dec``;
     - ``l1_loss``: ``lambda * ||ReLU(pi_gate)||_1`` (times ``||W_dec[i]||`` per feature if
@@ -387,7 +250,11 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
       + sg(b_dec))||^2`` (without ``sg`` unless ``freeze_decoder_in_aux``).
 
     A built-in ``GatedTrainingSAEConfig`` passed in is upgraded to this plugin's config, with
-    the plugin's recipe defaults for fields it does not have.
+    the plugin's recipe defaults for fields it does not have (and a warning).
+
+    Attributes:
+        conventions: The per-step training machinery (unit norm, resampling, LR re-warm,
+            gradient-clip undo, non-finite guard, extra metrics).
     """
 
     cfg: GatedTrainingSAEConfig  # pyright: ignore[reportIncompatibleVariableOverride]
@@ -397,19 +264,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         self, cfg: _BuiltinGatedTrainingSAEConfig, use_error_term: bool = False
     ):
         super().__init__(_upgrade_config(cfg, self.config_class), use_error_term)
-        self._batch_guard = BatchGuard()
-        self.resampler: DeadFeatureResampler | None = None
-        if self.cfg.resample_dead:
-            seed = int(torch.randint(0, 2**62, ()).item())
-            self.resampler = DeadFeatureResampler(
-                self.cfg.resampling_schedule(), self.cfg.d_sae, seed
-            )
-        self._clip_undo = None if self.cfg.clip_grad_norm else GradientClipUndo()
-        if self._clip_undo is not None:
-            self._clip_undo.attach(self.parameters())
-        self._logging_step: int | None = None
-        self._scheduled_lrs: list[tuple[dict[str, Any], float]] = []
-        attach_to_optimizer_steps(self)
+        self.conventions = TrainingConventions(self)
 
     @override
     def initialize_weights(self) -> None:
@@ -417,17 +272,12 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         if self.cfg.weight_tying == "none":
             self.r_mag.requires_grad_(False)
 
-    @property
-    def _uses_r_mag(self) -> bool:
-        return self.cfg.weight_tying == "r_mag"
-
     def encode_for_loss(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
         """Run the encoder (and with ``decode`` both decoders) for the training losses."""
         weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
         return encode_gated(
             self,
             x,
-            use_r_mag=self._uses_r_mag,
             penalty_weights=weights,
             decode=decode,
             aux_decoder_trainable=not self.cfg.freeze_decoder_in_aux,
@@ -442,35 +292,33 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return encode_gated_features(self, x, use_r_mag=self._uses_r_mag)
+        return encode_gated_features(self, x)
+
+    def reconstruction(self, encoding: GatedEncoding) -> torch.Tensor:
+        """``f @ W_dec + b_dec`` through ``hook_sae_recons``, before de-normalization."""
+        if encoding.reconstruction is not None:
+            return self.hook_sae_recons(encoding.reconstruction)
+        return self.hook_sae_recons(encoding.feature_acts @ self.W_dec + self.b_dec)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        self._batch_guard.check(step_input.sae_in)
-        encoding = self.encode_for_loss(step_input.sae_in, decode=True)
-        if encoding.reconstruction is None:
-            sae_out = self.decode(encoding.feature_acts)
-        else:
-            sae_out = self.run_time_activation_norm_fn_out(
-                self.hook_sae_recons(encoding.reconstruction)
-            )
-        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        gate_losses = self.gate_losses(encoding, step_input.coefficients)
-        total_loss = mse_loss
-        for value in gate_losses.values():
-            total_loss = total_loss + value
-        if self.resampler is not None:
-            self.resampler.observe(step_input.sae_in, encoding.feature_acts)
-        self._logging_step = (
+        logging_step = (
             step_input.n_training_steps if step_input.is_logging_step else None
         )
-        metrics: dict[str, Any] = {}
-        if step_input.is_logging_step:
-            with torch.no_grad():
-                metrics["relative_reconstruction_bias"] = (
-                    relative_reconstruction_bias_tensor(step_input.sae_in, sae_out)
-                )
-                metrics["gate_l0"] = (encoding.gate_acts > 0).float().sum(-1).mean()
+        self.conventions.start_step(step_input.sae_in, logging_step)
+        encoding = self.encode_for_loss(step_input.sae_in, decode=True)
+        reconstruction = self.reconstruction(encoding)
+        mse_loss = self.mse_loss_fn(reconstruction, encoding.sae_in).sum(-1).mean()
+        gate_losses = self.gate_losses(encoding, step_input.coefficients)
+        total_loss = mse_loss + sum(gate_losses.values())
+        sae_out = self.run_time_activation_norm_fn_out(reconstruction)
+        metrics = self.conventions.end_forward(
+            step_input.sae_in,
+            sae_out,
+            encoding.feature_acts,
+            encoding.gate_acts,
+            total_loss,
+        )
         return TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -519,49 +367,11 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
 
     @torch.no_grad()
     def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
-        """``||x - x_hat||^2`` per example (the loss resampling weights inputs by)."""
-        return (self.decode(self.encode(x)) - x.to(self.dtype)).pow(2).sum(dim=-1)
-
-    @torch.no_grad()
-    def centered_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as the encoder sees it before the matmul (processed, minus ``b_dec``)."""
-        return self.process_sae_in(x)
-
-    @torch.no_grad()
-    def reinitialize_features(
-        self,
-        idx: torch.Tensor,
-        directions: torch.Tensor,
-        alive: torch.Tensor,
-        encoder_scale: float,
-    ) -> list[ParameterSlice]:
-        """Restart features ``idx`` along unit ``directions`` (dead-feature resampling).
-
-        The decoder rows become the directions; the columns of every encoder matrix point the
-        same way with ``encoder_scale`` times that matrix's mean column norm over the
-        ``alive`` features; the gate and magnitude biases and ``r_mag`` become 0, so both paths
-        start identical.
-
-        Args:
-            idx: Indices of the features to restart.
-            directions: Unit vectors, one row per feature in ``idx``.
-            alive: Boolean mask of the features that are not being restarted.
-            encoder_scale: Relative norm of the new encoder columns (Bricken et al.: 0.2).
-
-        Returns:
-            The ``(parameter, index)`` slices written, whose optimizer state must be reset.
-        """
-        self.W_dec.data[idx] = directions
-        written: list[ParameterSlice] = [(self.W_dec, (idx,))]
-        for encoder in self.encoder_matrices():
-            norms = encoder.norm(dim=0)
-            mean_norm = norms[alive].mean() if alive.any() else norms.mean()
-            encoder.data[:, idx] = (directions * encoder_scale * mean_norm).T
-            written.append((encoder, (slice(None), idx)))
-        for bias in self.per_feature_encoder_parameters():
-            bias.data[idx] = 0
-            written.append((bias, (idx,)))
-        return written
+        """``||x - x_hat||^2`` per example, in the space the losses are computed in."""
+        encoding = self.encode_for_loss(x, decode=True)
+        reconstruction = self.reconstruction(encoding)
+        self.run_time_activation_norm_fn_out(reconstruction)  # releases the norm state
+        return (reconstruction - encoding.sae_in).pow(2).sum(dim=-1)
 
     def encoder_matrices(self) -> tuple[torch.nn.Parameter, ...]:
         """The ``(d_in, d_sae)`` encoder matrices (the untied ablation has two)."""
@@ -571,111 +381,20 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         """The ``(d_sae,)`` encoder-side parameters, which a restarted feature resets to 0."""
         return (self.b_gate, self.b_mag, self.r_mag)
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called just before an optimizer holding this SAE's parameters steps.
-
-        In order: raise on a non-finite training batch before it can reach the weights;
-        restore gradients clipped by the training loop (``clip_grad_norm=False``); remove
-        the gradient component parallel to each decoder row (``unit_norm_decoder``); apply
-        the learning-rate re-warm after a resampling event.
-        """
-        self._batch_guard.raise_if_bad()
-        if self._clip_undo is not None:
-            self._clip_undo.restore(list(self.parameters()))
-        if self.cfg.unit_norm_decoder:
-            remove_parallel_decoder_grad(self.W_dec)
-        factor = 1.0 if self.resampler is None else self.resampler.lr_factor()
-        if factor != 1.0:
-            own = {id(p) for p in self.parameters()}
-            for group in optimizer.param_groups:
-                if any(id(p) in own for p in group["params"]):
-                    self._scheduled_lrs.append((group, group["lr"]))
-                    group["lr"] = group["lr"] * factor
-
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called just after an optimizer holding this SAE's parameters stepped.
-
-        Puts back the scheduled learning rate (so LR schedulers see their own value),
-        renormalizes decoder rows, and runs a resampling event if one is due.
-        """
-        for group, lr in self._scheduled_lrs:
-            group["lr"] = lr
-        self._scheduled_lrs.clear()
-        if self.cfg.unit_norm_decoder:
-            normalize_decoder_rows(self.W_dec)
-        if self.resampler is not None:
-            self.resampler.step_completed(self, optimizer)
-            self._log_resampling()
-
-    def _log_resampling(self) -> None:
-        # SAELens's trainer prefixes TrainStepOutput.metrics with "metrics/", so the
-        # resampling counters go to its W&B run directly, at its logging steps.
-        if self._logging_step is None or self.resampler is None or wandb.run is None:
-            return
-        wandb.log(
-            {
-                "resampling/n_resampled": self.resampler.n_resampled,
-                "resampling/n_events": self.resampler.n_events,
-                "resampling/lr_factor": self.resampler.lr_factor(),
-            },
-            step=self._logging_step,
-        )
-
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         weights_path, cfg_path = super().save_model(path)
-        if self.resampler is not None:
-            save_file(
-                self.resampler.state_dict(), Path(path) / RESAMPLER_STATE_FILENAME
-            )
+        self.conventions.save(path)
         return weights_path, cfg_path
 
     @override
     def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
         super().load_weights_from_checkpoint(checkpoint_path)
-        state_path = Path(checkpoint_path) / RESAMPLER_STATE_FILENAME
-        if self.resampler is None:
-            return
-        if not state_path.exists():
-            logger.warning(
-                "%s has no %s: resampling restarts its schedule from step 0.",
-                checkpoint_path,
-                RESAMPLER_STATE_FILENAME,
-            )
-            return
-        try:
-            state = load_file(state_path)
-        except Exception as error:
-            raise ValueError(
-                f"Could not read resampler state {state_path}: {error}"
-            ) from error
-        self.resampler.load_state_dict(state, device=self.W_dec.device)
+        self.conventions.load(checkpoint_path)
 
     @override
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign and self._clip_undo is not None:
-            self._clip_undo.attach(self.parameters())  # parameter objects were replaced
-        return result
-
-    @override
-    @torch.no_grad()
     def log_histograms(self) -> dict[str, NDArray[Any]]:
-        # float64: numpy cannot cut 64 bins out of float32 values that lie within a few ulps
-        # of each other, which is what unit-norm decoder rows do.
-        values = self.histogram_tensors()
-        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
-
-    def histogram_tensors(self) -> dict[str, torch.Tensor]:
-        """The per-feature values :meth:`log_histograms` sends to W&B, by name."""
-        return {
-            "weights/W_dec_norms": self.W_dec.norm(dim=1),
-            "weights/b_gate": self.b_gate,
-            "weights/b_mag": self.b_mag,
-            "weights/r_mag": self.r_mag,
-        }
+        return self.conventions.histograms()
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -713,23 +432,6 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         if architecture == cls.config_class.architecture():
             return cls.config_class
         return super().get_sae_config_class_for_architecture(architecture)
-
-
-@torch.no_grad()
-def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
-    """Project each ``W_dec`` row's gradient onto the tangent space of its row sphere."""
-    if W_dec.grad is None:
-        return
-    parallel = (W_dec.grad * W_dec).sum(dim=1, keepdim=True) / (
-        W_dec.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
-    )
-    W_dec.grad.sub_(parallel * W_dec)
-
-
-@torch.no_grad()
-def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
-    """Rescale every ``W_dec`` row to unit norm, in place (keeps optimizer state bound)."""
-    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()

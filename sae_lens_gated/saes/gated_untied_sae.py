@@ -178,15 +178,6 @@ class GatedUntiedTrainingSAE(GatedTrainingSAE):
         return (self.b_gate, self.b_mag)
 
     @override
-    def histogram_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "weights/W_dec_norms": self.W_dec.norm(dim=1),
-            "weights/W_mag_norms": self.W_mag.norm(dim=0),
-            "weights/b_gate": self.b_gate,
-            "weights/b_mag": self.b_mag,
-        }
-
-    @override
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         _fold_W_dec_norm_untied(self)

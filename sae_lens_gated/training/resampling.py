@@ -33,18 +33,20 @@ class ResampleTarget(Protocol):
 
     W_dec: torch.nn.Parameter
 
-    def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor: ...
+    def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        """``||x - x_hat||^2`` per example, in the space the SAE is trained in."""
+        ...
 
-    def centered_input(self, x: torch.Tensor) -> torch.Tensor: ...
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """The input as the encoder sees it (normalized, minus ``b_dec``)."""
+        ...
 
-    def reinitialize_features(
-        self,
-        idx: torch.Tensor,
-        directions: torch.Tensor,
-        alive: torch.Tensor,
-        encoder_scale: float,
-    ) -> list[ParameterSlice]:
-        """Give features ``idx`` the unit ``directions``; return every slice written."""
+    def encoder_matrices(self) -> tuple[torch.nn.Parameter, ...]:
+        """The ``(d_in, d_sae)`` encoder matrices, whose columns a restart rewrites."""
+        ...
+
+    def per_feature_encoder_parameters(self) -> tuple[torch.nn.Parameter, ...]:
+        """The ``(d_sae,)`` encoder-side parameters, which a restart sets to 0."""
         ...
 
 
@@ -202,9 +204,10 @@ class DeadFeatureResampler:
             )
 
         inputs = self._sample_inputs(sae, pool[:n_pooled], int(dead_idx.numel()))
-        directions = sae.centered_input(inputs)
+        directions = sae.process_sae_in(inputs)
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        touched = sae.reinitialize_features(
+        touched = reinitialize_features(
+            sae,
             dead_idx,
             directions.to(sae.W_dec.dtype),
             ~dead.to(sae.W_dec.device),
@@ -293,6 +296,44 @@ class DeadFeatureResampler:
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
         pool = state.get("pool")
         self.pool = None if pool is None else pool.to(device)
+
+
+@torch.no_grad()
+def reinitialize_features(
+    sae: ResampleTarget,
+    idx: torch.Tensor,
+    directions: torch.Tensor,
+    alive: torch.Tensor,
+    encoder_scale: float,
+) -> list[ParameterSlice]:
+    """Restart features ``idx`` along unit ``directions``.
+
+    The decoder rows become the directions; the columns of every encoder matrix point the
+    same way with ``encoder_scale`` times that matrix's mean column norm over the ``alive``
+    features; every per-feature encoder parameter (gate and magnitude biases, ``r_mag``)
+    becomes 0, so both paths of a gated feature start identical.
+
+    Args:
+        sae: The SAE to rewrite in place.
+        idx: Indices of the features to restart.
+        directions: Unit vectors, one row per feature in ``idx``.
+        alive: Boolean mask of the features that are not being restarted.
+        encoder_scale: Relative norm of the new encoder columns (Bricken et al.: 0.2).
+
+    Returns:
+        The ``(parameter, index)`` slices written, whose optimizer state must be reset.
+    """
+    sae.W_dec.data[idx] = directions
+    written: list[ParameterSlice] = [(sae.W_dec, (idx,))]
+    for encoder in sae.encoder_matrices():
+        norms = encoder.norm(dim=0)
+        mean_norm = norms[alive].mean() if alive.any() else norms.mean()
+        encoder.data[:, idx] = (directions * encoder_scale * mean_norm).T
+        written.append((encoder, (slice(None), idx)))
+    for parameter in sae.per_feature_encoder_parameters():
+        parameter.data[idx] = 0
+        written.append((parameter, (idx,)))
+    return written
 
 
 def _reset_optimizer_slices(

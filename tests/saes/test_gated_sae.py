@@ -366,7 +366,10 @@ def test_builtin_config_is_upgraded_with_plugin_defaults(
     assert sae.cfg.l1_coefficient == 3.0
     assert sae.cfg.recipe == "paper"
     assert sae.cfg.decoder_init_norm == 1.0
-    assert "decoder_init_norm=0.1 is ignored" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "built-in GatedTrainingSAEConfig" in warnings[0]
+    assert "recipe='april_update'" in warnings[0] and "unregister()" in warnings[0]
 
 
 def test_config_resolves_recipe_defaults_and_respects_explicit_values():
@@ -418,8 +421,8 @@ def test_config_round_trips_through_dict(kwargs: dict[str, Any]):
     [
         ({"recipe": "anthropic"}, "Unknown recipe 'anthropic'"),
         ({"weight_tying": "full"}, "Unknown weight_tying 'full'"),
-        ({"l1_coefficient": -1.0}, "l1_coefficient must be finite and >= 0"),
-        ({"aux_coefficient": -0.5}, "aux_coefficient must be finite and >= 0"),
+        ({"l1_coefficient": -1.0}, "l1_coefficient must be >= 0.0"),
+        ({"aux_coefficient": -0.5}, "aux_coefficient must be >= 0.0"),
         ({"aux_coefficient": float("nan")}, "aux_coefficient must be finite"),
         ({"l1_warm_up_steps": -3}, "l1_warm_up_steps must be >= 0"),
         ({"decoder_init_norm": 0.0}, "decoder_init_norm must be > 0"),
@@ -434,10 +437,17 @@ def test_config_warns_about_combinations_the_authors_advise_against(
     caplog: pytest.LogCaptureFixture,
 ):
     with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
-        build_gated_training_cfg(l1_scale_by_decoder_norm=True)
+        build_gated_training_cfg(recipe="april_update", freeze_decoder_in_aux=True)
     assert (
-        "l1_scale_by_decoder_norm=True with freeze_decoder_in_aux=True" in caplog.text
+        "l1_scale_by_decoder_norm=True with freeze_decoder_in_aux=True and a free "
+        "decoder norm" in caplog.text
     )
+    assert "gates stay open" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
+        # Under the unit-norm constraint the norm weights are all 1: nothing to warn about.
+        build_gated_training_cfg(l1_scale_by_decoder_norm=True)
+    assert caplog.text == ""
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
         build_gated_training_cfg(unit_norm_decoder=False)

@@ -89,8 +89,11 @@ def test_untied_trains_with_unit_norm_decoder_and_resamples_both_encoders():
     torch.testing.assert_close(
         sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5, rtol=0
     )
-    assert sae.resampler is not None and sae.resampler.last_event is not None
-    idx = sae.resampler.last_event.resampled
+    assert (
+        sae.conventions.resampler is not None
+        and sae.conventions.resampler.last_event is not None
+    )
+    idx = sae.conventions.resampler.last_event.resampled
     assert idx.numel() > 0
     for encoder in (sae.W_enc, sae.W_mag):
         cos = torch.nn.functional.cosine_similarity(encoder[:, idx].T, sae.W_dec[idx])

@@ -8,13 +8,13 @@ from tests.helpers import SparseSyntheticData, build_gated_training_cfg, make_tr
 
 def test_cpu_batches_are_checked_immediately_with_counts():
     guard = BatchGuard()
-    guard.check(torch.randn(4, 3))
+    guard.check_batch(torch.randn(4, 3))
     x = torch.randn(4, 3)
     x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), float("nan")
     with pytest.raises(
         NonFiniteBatchError, match=r"shape \(4, 3\) contains 2 NaN and 1 inf"
     ):
-        guard.check(x)
+        guard.check_batch(x)
     guard.raise_if_bad()  # nothing deferred on the CPU
 
 

@@ -64,14 +64,14 @@ def test_event_resamples_exactly_the_features_dead_in_the_window():
     sae = GatedTrainingSAE(_resampling_cfg())
     recorder = FiringRecorder(sae)
     make_trainer(sae, _dying_data(), steps=100).fit()
-    assert sae.resampler is not None
-    event = sae.resampler.last_event
+    assert sae.conventions.resampler is not None
+    event = sae.conventions.resampler.last_event
     assert event is not None and event.step == 100
     expected = recorder.dead_over(50, 100).nonzero().flatten()
     assert expected.numel() >= 10  # the setting is built to kill features
     assert torch.equal(event.resampled.sort().values, expected)
-    assert sae.resampler.n_events == 1
-    assert sae.resampler.n_resampled == expected.numel()
+    assert sae.conventions.resampler.n_events == 1
+    assert sae.conventions.resampler.n_resampled == expected.numel()
 
 
 def test_dead_count_drops_after_events():
@@ -80,8 +80,11 @@ def test_dead_count_drops_after_events():
     sae = GatedTrainingSAE(_resampling_cfg(resample_steps=[100], resample_every=None))
     trainer = make_trainer(sae, data, steps=100)
     trainer.fit()
-    assert sae.resampler is not None and sae.resampler.last_event is not None
-    n_resampled = sae.resampler.last_event.resampled.numel()
+    assert (
+        sae.conventions.resampler is not None
+        and sae.conventions.resampler.last_event is not None
+    )
+    n_resampled = sae.conventions.resampler.last_event.resampled.numel()
     # dead just before the event = resampled set; now check after some training
     make_trainer(sae, data, steps=60).fit()
     dead_after = _dead_on_fresh_data(sae, eval_data)
@@ -107,7 +110,7 @@ def _controlled_event(seed: int = 0) -> dict[str, Any]:
         torch.optim.Adam.step(optimizer)  # type: ignore[arg-type]
     # The hooks above ran; reset the resampler's step count for a clean schedule.
     resampler = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=10, seed=seed)
-    sae.resampler = resampler
+    sae.conventions.resampler = resampler
     marked = torch.randn(3, 8) + 100.0
     sae.per_example_reconstruction_error = lambda x: (x[:, 0] > 50).double() * x[:, 0]  # type: ignore[method-assign]
     dead = torch.tensor([2, 5, 7])
@@ -281,7 +284,10 @@ def test_learning_rate_rewarms_on_a_cosine_and_composes_with_the_scheduler(
     finally:
         for handle in handles:
             handle.remove()
-    assert sae.resampler is not None and sae.resampler.n_resampled > 0
+    assert (
+        sae.conventions.resampler is not None
+        and sae.conventions.resampler.n_resampled > 0
+    )
     ratios = [d / s for d, s in zip(during, scheduled)]
     assert all(r == pytest.approx(1.0) for r in ratios[:100])
     for t in range(20):
@@ -304,15 +310,15 @@ def test_checkpoint_and_resume_is_exact(tmp_path: Path):
     torch.manual_seed(0)
     one_go = GatedTrainingSAE(_exact_resume_cfg())
     init = {k: v.clone() for k, v in one_go.state_dict().items()}
-    assert one_go.resampler is not None
-    init_generator = one_go.resampler.generator_state.clone()
+    assert one_go.conventions.resampler is not None
+    init_generator = one_go.conventions.resampler.generator_state.clone()
     make_trainer(one_go, _dying_data(), steps).fit()
 
     torch.manual_seed(1)  # a different init, overwritten by the checkpoint
     first = GatedTrainingSAE(_exact_resume_cfg())
     first.load_state_dict(init)
-    assert first.resampler is not None
-    first.resampler.generator_state = init_generator
+    assert first.conventions.resampler is not None
+    first.conventions.resampler.generator_state = init_generator
     data = _dying_data()
     # Stop at the checkpoint: SAELens saves one at the middle of training.
     trainer = make_trainer(
@@ -335,9 +341,17 @@ def test_checkpoint_and_resume_is_exact(tmp_path: Path):
     resumed.load_weights_from_checkpoint(mid)
     resumed_trainer.fit()
 
-    assert resumed.resampler is not None
-    assert resumed.resampler.n_events == one_go.resampler.n_events == 1
-    assert resumed.resampler.n_resampled == one_go.resampler.n_resampled > 0
+    assert resumed.conventions.resampler is not None
+    assert (
+        resumed.conventions.resampler.n_events
+        == one_go.conventions.resampler.n_events
+        == 1
+    )
+    assert (
+        resumed.conventions.resampler.n_resampled
+        == one_go.conventions.resampler.n_resampled
+        > 0
+    )
     for name, value in one_go.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-5, rtol=0)
 
@@ -362,7 +376,7 @@ def test_checkpoint_and_resume_is_exact(tmp_path: Path):
         ({"resample_pool_size": 0}, "resample_pool_size must be >= 1"),
         (
             {"resample_encoder_scale": 0.0},
-            "resample_encoder_scale must be finite and > 0",
+            "resample_encoder_scale must be > 0.0",
         ),
         ({"resample_lr_warmup_steps": -1}, "resample_lr_warmup_steps must be >= 0"),
         ({"resample_window": 30_000}, r"\[25000, 50000, 75000, 100000\]"),

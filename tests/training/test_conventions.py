@@ -1,7 +1,7 @@
 import torch
 
 from sae_lens_gated import GatedTrainingSAE
-from sae_lens_gated.training.optimizer_hooks import listeners_of
+from sae_lens_gated.training.conventions import listeners_of
 from tests.helpers import (
     SparseSyntheticData,
     build_gated_training_cfg,
@@ -62,12 +62,12 @@ def test_only_optimizers_holding_the_sae_parameters_trigger_its_hooks():
         sae.W_dec.mul_(3.0)
     other = torch.nn.Linear(4, 4)
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
-    assert sae not in listeners_of(optimizer)
+    assert sae.conventions not in listeners_of(optimizer)
     other(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((48,), 3.0))
     sae_optimizer = torch.optim.SGD([sae.b_gate], lr=0.1)
-    assert sae in listeners_of(sae_optimizer)
+    assert sae.conventions in listeners_of(sae_optimizer)
 
 
 def test_hooks_follow_parameters_replaced_by_assign_loading():
@@ -75,6 +75,6 @@ def test_hooks_follow_parameters_replaced_by_assign_loading():
     state = {k: v.clone() * 2 for k, v in sae.state_dict().items()}
     sae.load_state_dict(state, assign=True)
     optimizer = torch.optim.SGD(sae.parameters(), lr=0.0)
-    assert sae in listeners_of(optimizer)
+    assert sae.conventions in listeners_of(optimizer)
     optimizer.step()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-6, rtol=0)

@@ -1,0 +1,325 @@
+"""The paper's training conventions, run inside SAELens's unmodified trainer.
+
+SAELens's ``SAETrainer`` owns its optimizer and its loop and offers no callbacks. Everything
+a gated training SAE needs beyond its loss therefore lives here, in one object the SAE owns,
+:class:`TrainingConventions`. The SAE calls it from ``training_forward_pass`` (the one place
+the trainer hands it each batch); PyTorch's global optimizer step hooks call it around every
+``step()`` of an optimizer that holds the SAE's parameters:
+
+- before the step: refuse a non-finite batch, loss or gradient (nothing is updated); put
+  back the gradient the trainer clipped (``clip_grad_norm=False``); remove the gradient
+  component parallel to each decoder row (``unit_norm_decoder``); lower the learning rate
+  while it re-warms after a resampling event;
+- after the step: restore the scheduled learning rate, renormalize decoder rows, and run a
+  resampling event when one is due.
+
+It also saves and restores the resampler's state with SAELens's checkpoints and logs the
+extra W&B values. When SAELens grows step callbacks, this module is what changes
+(docs/maintainers.md maps each piece onto the seam that would replace it).
+"""
+
+import logging
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import wandb
+from numpy.typing import NDArray
+from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils.hooks import RemovableHandle
+
+from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
+from sae_lens_gated.training.batch_guard import BatchGuard
+from sae_lens_gated.training.grad_clip import GradientClipUndo
+from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTarget
+
+logger = logging.getLogger(__name__)
+
+RESAMPLER_STATE_FILENAME = "gated_resampler_state.safetensors"
+
+
+class ConventionsConfig(Protocol):
+    """The config fields the conventions read (``GatedTrainingSAEConfig`` has them)."""
+
+    d_sae: int
+    unit_norm_decoder: bool | None
+    clip_grad_norm: bool
+    resample_dead: bool | None
+
+    def resampling_schedule(self) -> Any: ...
+
+
+class ConventionsTarget(ResampleTarget, Protocol):
+    """What the conventions need from the SAE that owns them."""
+
+    @property
+    def cfg(self) -> ConventionsConfig: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+
+class TrainingConventions:
+    """Per-step work the paper's recipe needs that SAELens's trainer cannot be asked for.
+
+    Args:
+        sae: The training SAE that owns this object.
+    """
+
+    def __init__(self, sae: ConventionsTarget) -> None:
+        self.sae = sae
+        self.resampler: DeadFeatureResampler | None = None
+        if sae.cfg.resample_dead:
+            seed = int(torch.randint(0, 2**62, ()).item())
+            self.resampler = DeadFeatureResampler(
+                sae.cfg.resampling_schedule(), sae.cfg.d_sae, seed
+            )
+        self._reset_transient_state()
+        self.attach()
+
+    def _reset_transient_state(self) -> None:
+        # State tied to this process and these parameter objects: rebuilt, never copied.
+        self.batch_guard = BatchGuard()
+        self.clip_undo = None if self.sae.cfg.clip_grad_norm else GradientClipUndo()
+        self._attached_to: tuple[weakref.ref[torch.nn.Parameter], ...] = ()
+        self._logging_step: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for transient in ("batch_guard", "clip_undo", "_attached_to"):
+            state.pop(transient)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A deep copy or an unpickled SAE: re-attached at its first training step, when
+        # its parameters exist.
+        self.__dict__.update(state)
+        self._reset_transient_state()
+
+    def attach(self) -> None:
+        """Take part in optimizer steps and hook the current parameter objects. Idempotent.
+
+        Called at construction and at every training step, so the conventions follow
+        parameter objects that loading replaced, deep copies and unpickled SAEs.
+        """
+        _install_optimizer_hooks()
+        _LISTENERS.add(self)
+        params = list(self.sae.parameters())
+        if len(params) == len(self._attached_to) and all(
+            ref() is p for ref, p in zip(self._attached_to, params)
+        ):
+            return
+        if self.clip_undo is not None:
+            self.clip_undo.attach(params)
+        self._attached_to = tuple(weakref.ref(p) for p in params)
+
+    # ---- inside training_forward_pass ---------------------------------------------------
+
+    def start_step(self, sae_in: torch.Tensor, logging_step: int | None) -> None:
+        """Check the batch and remember whether this is a logging step.
+
+        Args:
+            sae_in: The training batch.
+            logging_step: The step number if the trainer logs this step, else None.
+        """
+        if not torch.compiler.is_compiling():
+            self.attach()
+        self.batch_guard.check_batch(sae_in)
+        self._logging_step = logging_step
+
+    def end_forward(
+        self,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        feature_acts: torch.Tensor,
+        gate_acts: torch.Tensor,
+        loss: torch.Tensor,
+    ) -> dict[str, Any]:
+        """Check the loss, feed the resampler, and return the step's extra metrics.
+
+        Args:
+            sae_in: The training batch.
+            sae_out: Its reconstruction.
+            feature_acts: The gated feature activations.
+            gate_acts: ``ReLU(pi_gate)``.
+            loss: The total loss.
+        """
+        self.batch_guard.check_loss(loss)
+        if self.resampler is not None:
+            self.resampler.observe(sae_in, feature_acts)
+        if self._logging_step is None:
+            return {}
+        with torch.no_grad():
+            return {
+                "relative_reconstruction_bias": relative_reconstruction_bias_tensor(
+                    sae_in, sae_out
+                ),
+                "gate_l0": (gate_acts > 0).float().sum(-1).mean(),
+            }
+
+    # ---- around the optimizer step --------------------------------------------------------
+
+    def before_step(self) -> None:
+        """Refuse non-finite values, restore clipped gradients, project decoder gradients."""
+        self.batch_guard.raise_if_bad()
+        named = [(n, p) for n, p in self.sae.named_parameters() if p.grad is not None]
+        self.batch_guard.check_gradients(named)
+        if self.clip_undo is not None:
+            self.clip_undo.restore([p for _, p in named])
+        if self.sae.cfg.unit_norm_decoder:
+            remove_parallel_decoder_grad(self.sae.W_dec)
+
+    def lr_factor(self) -> float:
+        """The learning-rate multiplier for the step about to be taken (re-warm)."""
+        return 1.0 if self.resampler is None else self.resampler.lr_factor()
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Renormalize decoder rows and run a resampling event if one is due."""
+        if self.sae.cfg.unit_norm_decoder:
+            normalize_decoder_rows(self.sae.W_dec)
+        if self.resampler is not None:
+            self.resampler.step_completed(self.sae, optimizer)
+            self._log_resampling()
+
+    def _log_resampling(self) -> None:
+        # SAELens's trainer prefixes TrainStepOutput.metrics with "metrics/", so the
+        # resampling counters go to its W&B run directly, at its logging steps.
+        if self._logging_step is None or self.resampler is None or wandb.run is None:
+            return
+        wandb.log(
+            {
+                "resampling/n_resampled": self.resampler.n_resampled,
+                "resampling/n_events": self.resampler.n_events,
+                "resampling/lr_factor": self.resampler.lr_factor(),
+            },
+            step=self._logging_step,
+        )
+
+    # ---- checkpoints and histograms -------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Write the resampler's state next to a SAELens checkpoint."""
+        if self.resampler is not None:
+            save_file(
+                self.resampler.state_dict(), Path(folder) / RESAMPLER_STATE_FILENAME
+            )
+
+    def load(self, folder: str | Path) -> None:
+        """Restore the resampler's state from a SAELens checkpoint folder."""
+        state_path = Path(folder) / RESAMPLER_STATE_FILENAME
+        if self.resampler is None:
+            return
+        if not state_path.exists():
+            logger.warning(
+                "%s has no %s: resampling restarts its schedule from step 0.",
+                folder,
+                RESAMPLER_STATE_FILENAME,
+            )
+            return
+        try:
+            state = load_file(state_path)
+        except Exception as error:
+            raise ValueError(
+                f"Could not read resampler state {state_path}: {error}"
+            ) from error
+        self.resampler.load_state_dict(state, device=self.sae.W_dec.device)
+
+    @torch.no_grad()
+    def histograms(self) -> dict[str, NDArray[Any]]:
+        """Per-feature values for W&B histograms: decoder and extra encoder norms, biases.
+
+        In float64: numpy cannot cut 64 bins out of float32 values that lie within a few
+        ulps of each other, which is what unit-norm decoder rows do.
+        """
+        values = {"weights/W_dec_norms": self.sae.W_dec.norm(dim=1)}
+        names = {id(p): name for name, p in self.sae.named_parameters()}
+        for matrix in self.sae.encoder_matrices()[1:]:
+            values[f"weights/{names[id(matrix)]}_norms"] = matrix.norm(dim=0)
+        for parameter in self.sae.per_feature_encoder_parameters():
+            values[f"weights/{names[id(parameter)]}"] = parameter
+        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
+
+
+@torch.no_grad()
+def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
+    """Project each ``W_dec`` row's gradient onto the tangent space of its row sphere."""
+    if W_dec.grad is None:
+        return
+    parallel = (W_dec.grad * W_dec).sum(dim=1, keepdim=True) / (
+        W_dec.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+    )
+    W_dec.grad.sub_(parallel * W_dec)
+
+
+@torch.no_grad()
+def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
+    """Rescale every ``W_dec`` row to unit norm, in place (keeps optimizer state bound)."""
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+# ---- PyTorch's global optimizer step hooks --------------------------------------------------
+# Installed once; at each step they find the conventions whose SAE parameters the stepping
+# optimizer holds, by parameter identity, so they keep working after loading replaces
+# parameter objects, on resume (a new optimizer), and with any training loop.
+
+_LISTENERS: "weakref.WeakSet[TrainingConventions]" = weakref.WeakSet()
+_HOOK_HANDLES: list[RemovableHandle] = []
+# Learning rates a step lowered for a re-warm, restored right after that step.
+_SCHEDULED_LRS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[tuple[dict[str, Any], float]]]" = weakref.WeakKeyDictionary()
+
+
+def _install_optimizer_hooks() -> None:
+    if not _HOOK_HANDLES:
+        _HOOK_HANDLES.append(register_optimizer_step_pre_hook(_before_step))
+        _HOOK_HANDLES.append(register_optimizer_step_post_hook(_after_step))
+
+
+def listeners_of(optimizer: torch.optim.Optimizer) -> list[TrainingConventions]:
+    """The live conventions whose SAE has at least one parameter ``optimizer`` updates."""
+    if not _LISTENERS:
+        return []
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [
+        listener
+        for listener in list(_LISTENERS)
+        if any(id(p) in held for p in listener.sae.parameters())
+    ]
+
+
+def _before_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    listeners = listeners_of(optimizer)
+    for listener in listeners:  # every check runs before anything is changed
+        listener.before_step()
+    # One factor per param group, however many SAEs share it: the lowest (most cautious)
+    # re-warm of the SAEs with parameters in the group. Each group's scheduled LR is
+    # snapshotted once and restored once, after the step.
+    snapshot: list[tuple[dict[str, Any], float]] = []
+    for group in optimizer.param_groups:
+        in_group = {id(p) for p in group["params"]}
+        factors = [
+            listener.lr_factor()
+            for listener in listeners
+            if any(id(p) in in_group for p in listener.sae.parameters())
+        ]
+        factor = min(factors, default=1.0)
+        if factor != 1.0:
+            snapshot.append((group, group["lr"]))
+            group["lr"] = group["lr"] * factor
+    if snapshot:
+        _SCHEDULED_LRS[optimizer] = snapshot
+
+
+def _after_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    for group, lr in _SCHEDULED_LRS.pop(optimizer, []):
+        group["lr"] = lr
+    for listener in listeners_of(optimizer):
+        listener.after_step(optimizer)
