@@ -1,24 +1,46 @@
 """Take gated SAEs to formats other tools read: SAELens JumpReLU and dictionary_learning.
 
-Also holds what loading and export share: the dictionary_learning key map and config names,
-and :func:`as_gated_sae`, which turns anything gated (the plugin's training class, SAELens's
-built-in classes) into the plugin's inference :class:`GatedSAE`.
+Also holds :func:`as_gated_sae`, which turns anything gated (the plugin's training class,
+SAELens's built-in classes) into the plugin's inference :class:`GatedSAE`, and the
+all-or-nothing creation of a new folder that every export uses. The formats themselves live
+in :mod:`sae_lens_gated.formats`.
 """
 
 import copy
-import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAEConfig
+from sae_lens.saes.sae import SAE, TrainingSAEConfig
 
+from sae_lens_gated.formats.dictionary_learning import (
+    DICTIONARY_LEARNING_CONFIG_FILENAME,
+    DICTIONARY_LEARNING_WEIGHTS_FILENAME,
+    check_dictionary_learning_compatible,
+    dictionary_learning_config,
+    state_dict_to_dictionary_learning,
+    write_dictionary_learning,
+)
+from sae_lens_gated.formats.validation import GATED_PARAM_NAMES, GatedSAEExportError
 from sae_lens_gated.saes.gated_sae import GatedSAE, GatedSAEConfig
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportFormat",
+    "GatedSAEExportError",
+    "as_gated_sae",
+    "build_gated_sae",
+    "check_new_folder",
+    "dictionary_learning_state_dict",
+    "export_sae",
+    "save_dictionary_learning",
+    "to_jumprelu",
+    "write_new_folder",
+]
 
 ExportFormat = Literal["saelens", "jumprelu", "dictionary_learning"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = (
@@ -26,124 +48,6 @@ EXPORT_FORMATS: tuple[ExportFormat, ...] = (
     "jumprelu",
     "dictionary_learning",
 )
-
-
-class GatedSAEExportError(ValueError):
-    """A gated SAE that cannot be written exactly in the requested format."""
-
-
-class KeyMapping(NamedTuple):
-    """How one SAELens gated tensor is stored by dictionary_learning's ``GatedAutoEncoder``.
-
-    Attributes:
-        saelens: Name in SAELens (``sae_weights.safetensors``).
-        dictionary_learning: Name in dictionary_learning's ``ae.pt`` state dict.
-        transposed: Whether dictionary_learning stores the transpose (``nn.Linear`` layout).
-    """
-
-    saelens: str
-    dictionary_learning: str
-    transposed: bool
-
-
-# The one key map, used by the dictionary_learning loader and exporter alike.
-DICTIONARY_LEARNING_KEY_MAP: tuple[KeyMapping, ...] = (
-    KeyMapping("W_enc", "encoder.weight", True),
-    KeyMapping("W_dec", "decoder.weight", True),
-    KeyMapping("b_dec", "decoder_bias", False),
-    KeyMapping("b_gate", "gate_bias", False),
-    KeyMapping("b_mag", "mag_bias", False),
-    KeyMapping("r_mag", "r_mag", False),
-)
-GATED_PARAM_NAMES: tuple[str, ...] = tuple(
-    m.saelens for m in DICTIONARY_LEARNING_KEY_MAP
-)
-
-DICTIONARY_LEARNING_WEIGHTS_FILENAME = "ae.pt"
-DICTIONARY_LEARNING_CONFIG_FILENAME = "config.json"
-DICTIONARY_LEARNING_DICT_CLASS = "GatedAutoEncoder"
-DICTIONARY_LEARNING_TRAINER_CLASS = "GatedSAETrainer"
-# Metadata key under which a loaded dictionary_learning config.json is kept, so that
-# exporting back writes the same training record.
-DICTIONARY_LEARNING_CONFIG_METADATA_KEY = "dictionary_learning_config"
-
-# dictionary_learning names the hooked submodule "<kind>_layer_<n>"; SAELens uses
-# TransformerLens hook names. SAELens's own converter assumes resid_post.
-_SUBMODULE_KINDS_TO_HOOKS = {
-    "resid_post": "hook_resid_post",
-    "mlp_out": "hook_mlp_out",
-    "attn_out": "hook_attn_out",
-}
-_SUBMODULE_NAME = re.compile(r"(?P<kind>[a-z_]+?)_layer_(?P<layer>\d+)")
-_HOOK_NAME = re.compile(r"blocks\.(?P<layer>\d+)\.(?P<hook>hook_[a-z_]+)")
-
-
-def gated_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    """Expected SAELens shape of each gated tensor."""
-    return {
-        "W_enc": (d_in, d_sae),
-        "W_dec": (d_sae, d_in),
-        "b_dec": (d_in,),
-        "b_gate": (d_sae,),
-        "b_mag": (d_sae,),
-        "r_mag": (d_sae,),
-    }
-
-
-def dictionary_learning_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    """Expected dictionary_learning shape of each tensor in ``ae.pt``."""
-    shapes = gated_shapes(d_in, d_sae)
-    return {
-        m.dictionary_learning: shapes[m.saelens][::-1]
-        if m.transposed
-        else shapes[m.saelens]
-        for m in DICTIONARY_LEARNING_KEY_MAP
-    }
-
-
-def state_dict_from_dictionary_learning(
-    state: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Rename (and transpose) a dictionary_learning ``GatedAutoEncoder`` state dict."""
-    return {
-        m.saelens: (
-            state[m.dictionary_learning].T
-            if m.transposed
-            else state[m.dictionary_learning]
-        ).contiguous()
-        for m in DICTIONARY_LEARNING_KEY_MAP
-    }
-
-
-def hook_name_for_submodule(layer: Any, submodule_name: Any) -> str | None:
-    """The TransformerLens hook of a dictionary_learning ``(layer, submodule_name)``.
-
-    A missing ``submodule_name`` means the residual stream after the layer, as SAELens's
-    dictionary_learning converter assumes; an unrecognised one gives None.
-    """
-    if not isinstance(layer, int):
-        return None
-    kind = "resid_post"
-    if isinstance(submodule_name, str):
-        match = _SUBMODULE_NAME.fullmatch(submodule_name)
-        if match is None or int(match["layer"]) != layer:
-            return None
-        kind = match["kind"]
-    hook = _SUBMODULE_KINDS_TO_HOOKS.get(kind)
-    return None if hook is None else f"blocks.{layer}.{hook}"
-
-
-def _submodule_for_hook_name(hook_name: Any) -> tuple[int | None, str | None]:
-    if not isinstance(hook_name, str):
-        return None, None
-    match = _HOOK_NAME.fullmatch(hook_name)
-    if match is None:
-        return None, None
-    layer = int(match["layer"])
-    for kind, hook in _SUBMODULE_KINDS_TO_HOOKS.items():
-        if hook == match["hook"]:
-            return layer, f"{kind}_layer_{layer}"
-    return layer, None
 
 
 def build_gated_sae(
@@ -251,21 +155,6 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
     return jumprelu.to(device=gated.device, dtype=gated.dtype)
 
 
-def _check_dictionary_learning_compatible(cfg: SAEConfig) -> None:
-    if cfg.normalize_activations != "none":
-        raise GatedSAEExportError(
-            f"dictionary_learning's GatedAutoEncoder takes raw activations, but this SAE has "
-            f"normalize_activations={cfg.normalize_activations!r}. Fold a constant scaling "
-            "factor in first (sae.fold_activation_norm_scaling_factor(factor)); run-time "
-            "normalizations cannot be represented."
-        )
-    if cfg.reshape_activations != "none":
-        raise GatedSAEExportError(
-            f"dictionary_learning's GatedAutoEncoder has no notion of per-head activations, "
-            f"but this SAE has reshape_activations={cfg.reshape_activations!r}."
-        )
-
-
 @torch.no_grad()
 def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
     """The ``ae.pt`` state dict of dictionary_learning's ``GatedAutoEncoder`` for ``sae``.
@@ -280,7 +169,7 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
             per-head reshaping.
     """
     gated = as_gated_sae(sae)
-    _check_dictionary_learning_compatible(gated.cfg)
+    check_dictionary_learning_compatible(gated.cfg)
     params = {name: getattr(gated, name).detach() for name in GATED_PARAM_NAMES}
     if not gated.cfg.apply_b_dec_to_input:
         device = _float64_device(gated.W_enc)
@@ -294,47 +183,7 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
         params["b_mag"] = (
             params["b_mag"].to(device, torch.float64) + scale * shift
         ).to(gated.device, gated.dtype)
-    return {
-        m.dictionary_learning: (
-            params[m.saelens].T if m.transposed else params[m.saelens]
-        )
-        .contiguous()
-        .cpu()
-        .clone()
-        for m in DICTIONARY_LEARNING_KEY_MAP
-    }
-
-
-def dictionary_learning_config(sae: SAE[Any]) -> dict[str, Any]:
-    """The ``config.json`` dictionary_learning writes next to a ``GatedAutoEncoder``.
-
-    A config kept from a dictionary_learning source (metadata key
-    ``dictionary_learning_config``) is reused; the architecture fields and sizes are always
-    set from the SAE, and ``layer``, ``lm_name``, ``submodule_name`` and ``buffer.ctx_len``
-    are filled from the SAELens metadata where the kept config lacks them (None if unknown).
-
-    Args:
-        sae: Any gated SAE (see :func:`as_gated_sae`).
-    """
-    metadata = sae.cfg.metadata
-    kept = metadata.get(DICTIONARY_LEARNING_CONFIG_METADATA_KEY) or {}
-    config: dict[str, Any] = copy.deepcopy(dict(kept))
-    trainer: dict[str, Any] = dict(config.get("trainer") or {})
-    layer, submodule_name = _submodule_for_hook_name(metadata.get("hook_name"))
-    trainer.setdefault("trainer_class", DICTIONARY_LEARNING_TRAINER_CLASS)
-    trainer.setdefault("layer", layer)
-    trainer.setdefault("lm_name", metadata.get("model_name"))
-    trainer.setdefault("submodule_name", submodule_name)
-    trainer.update(
-        dict_class=DICTIONARY_LEARNING_DICT_CLASS,
-        activation_dim=sae.cfg.d_in,
-        dict_size=sae.cfg.d_sae,
-    )
-    buffer: dict[str, Any] = dict(config.get("buffer") or {})
-    buffer.setdefault("ctx_len", metadata.get("context_size"))
-    config["trainer"] = trainer
-    config["buffer"] = buffer
-    return config
+    return state_dict_to_dictionary_learning(params)
 
 
 def check_new_folder(path: str | Path) -> None:
@@ -394,13 +243,9 @@ def save_dictionary_learning(sae: SAE[Any], path: str | Path) -> tuple[Path, Pat
     """
     state = dictionary_learning_state_dict(sae)
     config = dictionary_learning_config(sae)
-
-    def write(folder: Path) -> None:
-        torch.save(state, folder / DICTIONARY_LEARNING_WEIGHTS_FILENAME)
-        with open(folder / DICTIONARY_LEARNING_CONFIG_FILENAME, "w") as f:
-            json.dump(config, f, indent=4)
-
-    write_new_folder(path, write)
+    write_new_folder(
+        path, lambda folder: write_dictionary_learning(folder, state, config)
+    )
     path = Path(path)
     return (
         path / DICTIONARY_LEARNING_WEIGHTS_FILENAME,
