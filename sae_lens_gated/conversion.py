@@ -7,8 +7,11 @@ in :mod:`sae_lens_gated.formats`.
 """
 
 import copy
+import logging
+import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +19,7 @@ from typing import Any, Literal
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAE, TrainingSAEConfig
+from sae_lens.util import dtype_to_str
 
 from sae_lens_gated.formats.dictionary_learning import (
     DICTIONARY_LEARNING_CONFIG_FILENAME,
@@ -25,7 +29,11 @@ from sae_lens_gated.formats.dictionary_learning import (
     state_dict_to_dictionary_learning,
     write_dictionary_learning,
 )
-from sae_lens_gated.formats.validation import GATED_PARAM_NAMES, GatedSAEExportError
+from sae_lens_gated.formats.validation import (
+    GATED_PARAM_NAMES,
+    GatedSAEExportError,
+    count_non_finite,
+)
 from sae_lens_gated.saes.gated_sae import GatedSAE, GatedSAEConfig
 
 __all__ = [
@@ -41,6 +49,13 @@ __all__ = [
     "to_jumprelu",
     "write_new_folder",
 ]
+
+logger = logging.getLogger(__name__)
+
+# An export's partial folder is ".NAME" + this + "PID-RANDOM", beside the folder NAME.
+_PARTIAL_MARK = ".sae-lens-gated-partial-"
+# os.access checks the real user unless told otherwise; the effective one is what counts.
+_EFFECTIVE_IDS = os.access in os.supports_effective_ids
 
 ExportFormat = Literal["saelens", "jumprelu", "dictionary_learning"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = (
@@ -109,6 +124,27 @@ def _float64_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu") if tensor.device.type == "mps" else tensor.device
 
 
+def _finite_gated(sae: SAE[Any]) -> GatedSAE:
+    """:func:`as_gated_sae`, refusing an SAE with NaN or inf parameters."""
+    gated = as_gated_sae(sae)
+    for name in GATED_PARAM_NAMES:
+        if bad := count_non_finite(getattr(gated, name)):
+            raise GatedSAEExportError(
+                f"Refusing to export: {name} has {bad} non-finite value(s) (NaN or inf)."
+            )
+    return gated
+
+
+def _check_converted(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse converted tensors that overflowed when cast back to the SAE's dtype."""
+    for name, tensor in tensors.items():
+        if bad := count_non_finite(tensor):
+            raise GatedSAEExportError(
+                f"Refusing to export: the {what} {name} has {bad} non-finite value(s) in "
+                f"{dtype_to_str(tensor.dtype)} (the conversion overflows that dtype)."
+            )
+
+
 @torch.no_grad()
 def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
     """The SAELens :class:`JumpReLUSAE` that computes exactly the same features.
@@ -123,7 +159,7 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
     Args:
         sae: Any gated SAE (see :func:`as_gated_sae`).
     """
-    gated = as_gated_sae(sae)
+    gated = _finite_gated(sae)
     device = _float64_device(gated.W_enc)
     scale = gated.r_mag.to(device, torch.float64).exp()
     W_enc = gated.W_enc.to(device, torch.float64) * scale
@@ -149,9 +185,9 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
         "W_dec": gated.W_dec.detach().clone(),
         "b_dec": gated.b_dec.detach().clone(),
     }
-    jumprelu.load_state_dict(
-        {k: v.to(gated.device, gated.dtype) for k, v in state.items()}, assign=True
-    )
+    state = {k: v.to(gated.device, gated.dtype) for k, v in state.items()}
+    _check_converted(state, "JumpReLU")
+    jumprelu.load_state_dict(state, assign=True)
     return jumprelu.to(device=gated.device, dtype=gated.dtype)
 
 
@@ -168,7 +204,7 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
         sae: Any gated SAE (see :func:`as_gated_sae`) without run-time normalization or
             per-head reshaping.
     """
-    gated = as_gated_sae(sae)
+    gated = _finite_gated(sae)
     check_dictionary_learning_compatible(gated.cfg)
     params = {name: getattr(gated, name).detach() for name in GATED_PARAM_NAMES}
     if not gated.cfg.apply_b_dec_to_input:
@@ -183,24 +219,110 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
         params["b_mag"] = (
             params["b_mag"].to(device, torch.float64) + scale * shift
         ).to(gated.device, gated.dtype)
+        _check_converted(
+            {"gate_bias": params["b_gate"], "mag_bias": params["b_mag"]},
+            "dictionary_learning",
+        )
     return state_dict_to_dictionary_learning(params)
 
 
 def check_new_folder(path: str | Path) -> None:
-    """Raise ``FileExistsError`` unless ``path`` is absent or an empty folder."""
+    """Raise an ``OSError`` unless a new folder can be written at ``path``.
+
+    ``path`` must be absent or an empty folder (not a symbolic link, even to one), and the
+    nearest existing folder above it must allow creating files. Meant to run before any
+    work, so a bad destination is reported before a long load or conversion.
+
+    Raises:
+        FileExistsError: ``path`` is a file, a non-empty folder or a symbolic link.
+        NotADirectoryError: Something above ``path`` is a file.
+        PermissionError: The folder ``path`` would be created in is not writable.
+    """
     path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(
+            f"Refusing to write to {path}: it is a symbolic link (to "
+            f"{os.readlink(path)}); give the path of a new or empty folder instead."
+        )
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(
             f"Refusing to write to {path}: it already exists and is not an empty folder."
         )
+    # The parents are created as needed: what counts is the nearest one that exists.
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(
+            f"Refusing to write to {path}: {parent} is not a folder."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_IDS):
+        raise PermissionError(
+            f"Refusing to write to {path}: cannot create files in {parent}."
+        )
+
+
+def _partial_folder_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(
+        re.escape(f".{name}{_PARTIAL_MARK}") + r"(?P<pid>\d+)-[0-9a-f]{8}"
+    )
+
+
+def _process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove_stale_partial_folders(path: Path) -> None:
+    """Remove what exports to ``path`` left behind when they were killed mid-write."""
+    if os.name != "posix":  # os.kill(pid, 0) is not a harmless probe elsewhere
+        return
+    pattern = _partial_folder_pattern(path.name)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # a folder we may write to but not list
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if (
+            match is None
+            or entry.is_symlink()
+            or not entry.is_dir()
+            or _process_is_alive(int(match["pid"]))
+        ):
+            continue
+        logger.info("Removing %s, left by an export that was interrupted.", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _make_partial_folder(path: Path) -> Path:
+    """Create the hidden sibling of ``path`` that an export writes into."""
+    while True:
+        partial = path.with_name(
+            f".{path.name}{_PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        try:
+            # Unlike tempfile.mkdtemp's 0700, the folder gets the umask's permissions,
+            # which it keeps once renamed to path.
+            partial.mkdir()
+        except FileExistsError:
+            continue
+        return partial
 
 
 def write_new_folder(path: str | Path, write: Callable[[Path], object]) -> list[Path]:
     """Create the folder ``path`` with ``write(folder)``, all or nothing.
 
-    An existing non-empty ``path`` is refused (never overwritten). Files are written into a
-    temporary sibling folder that is renamed to ``path`` only once ``write`` has returned,
-    so a failure leaves no partial folder behind.
+    ``path`` is checked first (:func:`check_new_folder`): an existing non-empty folder is
+    never overwritten. Files are written into a hidden sibling folder,
+    ``.NAME.sae-lens-gated-partial-PID-RANDOM``, renamed to ``path`` only once ``write``
+    has returned; on an error it is removed. A process killed mid-write leaves it behind,
+    and the next write to the same ``path`` removes it once process PID has ended.
 
     Args:
         path: The folder to create; an empty existing folder is replaced.
@@ -212,15 +334,16 @@ def write_new_folder(path: str | Path, write: Callable[[Path], object]) -> list[
     path = Path(path)
     check_new_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _remove_stale_partial_folders(path)
+    partial = _make_partial_folder(path)
     try:
-        write(staging)
-        names = sorted(p.name for p in staging.iterdir())
+        write(partial)
+        names = sorted(p.name for p in partial.iterdir())
         if path.exists():
             path.rmdir()
-        staging.rename(path)
+        partial.rename(path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return [path / name for name in names]
 
@@ -241,6 +364,7 @@ def save_dictionary_learning(sae: SAE[Any], path: str | Path) -> tuple[Path, Pat
     Returns:
         The paths of ``ae.pt`` and ``config.json``.
     """
+    check_new_folder(path)
     state = dictionary_learning_state_dict(sae)
     config = dictionary_learning_config(sae)
     write_new_folder(
@@ -266,12 +390,13 @@ def export_sae(sae: SAE[Any], path: str | Path, to: ExportFormat) -> list[Path]:
     Returns:
         The written files.
     """
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown format {to!r}: expected one of {EXPORT_FORMATS}.")
+    check_new_folder(path)
     if to == "dictionary_learning":
         return list(save_dictionary_learning(sae, path))
     if to == "saelens":
-        target: SAE[Any] = as_gated_sae(sae)
-    elif to == "jumprelu":
-        target = to_jumprelu(sae)
+        target: SAE[Any] = _finite_gated(sae)
     else:
-        raise ValueError(f"Unknown format {to!r}: expected one of {EXPORT_FORMATS}.")
+        target = to_jumprelu(sae)
     return write_new_folder(path, target.save_model)
