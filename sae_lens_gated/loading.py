@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import EntryNotFoundError
+from huggingface_hub.utils import LocalEntryNotFoundError
 from sae_lens.loading.pretrained_sae_loaders import (
     PretrainedSaeDiskLoader,
+    PretrainedSaeHuggingfaceLoader,
+    get_conversion_loader_name,
     load_sae_config_from_huggingface,
 )
 from sae_lens.loading.pretrained_saes_directory import (
@@ -34,6 +35,13 @@ from sae_lens.util import dtype_to_str, str_to_dtype
 from sae_lens_gated.formats.dictionary_learning import (
     DICTIONARY_LEARNING_FILES,
     dictionary_learning_disk_loader,
+    dictionary_learning_huggingface_loader,
+)
+from sae_lens_gated.formats.hub import (
+    OFFLINE_NOTE,
+    HubFileMissingError,
+    check_hub_path,
+    download_hub_file,
 )
 from sae_lens_gated.formats.saelens import SAELENS_FILES, saelens_disk_loader
 from sae_lens_gated.formats.validation import (
@@ -52,6 +60,10 @@ _FORMATS: tuple[tuple[tuple[str, str], PretrainedSaeDiskLoader], ...] = (
     (SAELENS_FILES, saelens_disk_loader),
     (DICTIONARY_LEARNING_FILES, dictionary_learning_disk_loader),
 )
+# SAELens's converters the plugin replaces by its own checked reader, by SAELens's name.
+_RELEASE_CONVERTERS: dict[str, PretrainedSaeHuggingfaceLoader] = {
+    "dictionary_learning_1": dictionary_learning_huggingface_loader,
+}
 
 
 def load_gated_sae(
@@ -124,40 +136,55 @@ def _load_release(
             f"SAELens release {release!r} has no SAE id {sae_id!r}; pass one as folder= "
             f"(e.g. {some}, ...)."
         )
-    # The config alone says whether the release is gated, before any weights download.
+    repo_id, folder_name = get_repo_id_and_folder_name(release, sae_id)
+    where = (
+        f"SAELens release {release!r}, SAE id {sae_id!r} (Hugging Face repo "
+        f"{repo_id!r}, folder {folder_name!r})"
+    )
+    converter = _RELEASE_CONVERTERS.get(get_conversion_loader_name(release))
+    try:
+        if converter is None:
+            _check_release_is_gated(release, sae_id, device, where)
+        # SAELens's own from_pretrained, with the plugin's checked reader where it has
+        # one; the plugin's class resolves "gated" to itself, registered or not.
+        sae = GatedSAE.from_pretrained(
+            release,
+            sae_id,
+            device=device,
+            dtype=dtype or "float32",
+            converter=converter,
+        )
+    except (HubFileMissingError, LocalEntryNotFoundError) as error:
+        if hf_constants.HF_HUB_OFFLINE:
+            raise GatedSAELoadError(
+                f"{where} is not in the local Hugging Face cache, and {OFFLINE_NOTE}."
+            ) from error
+        raise GatedSAELoadError(f"{where} could not be fetched: {error}") from error
+    if converter is None:
+        for name in GATED_PARAM_NAMES:
+            check_finite(Path(repo_id) / folder_name, name, getattr(sae, name))
+    return sae
+
+
+def _check_release_is_gated(release: str, sae_id: str, device: str, where: str) -> None:
+    """Refuse a release SAELens does not describe as gated, before its weights download."""
     architecture = load_sae_config_from_huggingface(release, sae_id, device=device).get(
         "architecture"
     )
     if architecture != GatedSAEConfig.architecture():
         raise GatedSAELoadError(
-            f"SAELens release {release!r}, SAE id {sae_id!r}: config field 'architecture' "
-            f"is {architecture!r}, expected 'gated'."
+            f"{where}: config field 'architecture' is {architecture!r}, expected 'gated'."
         )
-    # The plugin's class resolves "gated" to itself, registered or not.
-    sae = GatedSAE.from_pretrained(
-        release, sae_id, device=device, dtype=dtype or "float32"
-    )
-    repo_id, folder_name = get_repo_id_and_folder_name(release, sae_id)
-    for name in GATED_PARAM_NAMES:
-        check_finite(Path(repo_id) / folder_name, name, getattr(sae, name))
-    return sae
 
 
 def _load_from_hub(
     repo_id: str, folder: str | None, device: str, dtype: str | None
 ) -> GatedSAE:
+    folder = check_hub_path(repo_id, folder)
     for files, converter in _FORMATS:
         try:
-            paths = [
-                Path(
-                    hf_hub_download(
-                        repo_id=repo_id,
-                        filename=f"{folder.strip('/')}/{name}" if folder else name,
-                    )
-                )
-                for name in files
-            ]
-        except EntryNotFoundError:
+            paths = [download_hub_file(repo_id, folder, name) for name in files]
+        except HubFileMissingError:
             continue
         # Both files come from one snapshot folder of the cache.
         return GatedSAE.load_from_disk(

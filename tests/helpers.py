@@ -376,6 +376,22 @@ def write_saelens_folder(path: Path, seed: int = 0) -> Any:
     return sae
 
 
+class _CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: it creates a file, as an attack could."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def write_malicious_ae_pt(folder: Path, marker: Path) -> None:
+    """Replace ``folder``'s ``ae.pt`` by one whose unpickling creates the file ``marker``."""
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    torch.save({**state, "payload": _CreatesFile(marker)}, folder / "ae.pt")
+
+
 def populate_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path]) -> Path:
     """Lay out ``files`` (repo path -> local file) as huggingface_hub's cache holds a repo.
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from sae_lens.saes.gated_sae import GatedSAEConfig as BuiltinGatedSAEConfig
 from safetensors.torch import load_file, save_file
 
 import sae_lens_gated
+import sae_lens_gated.formats.hub as hub
 from sae_lens_gated import (
     GatedSAE,
     GatedSAELoadError,
@@ -29,6 +31,7 @@ from tests.helpers import (
     random_dictionary_learning_ae,
     randomize_gated_params,
     write_dictionary_learning_folder,
+    write_malicious_ae_pt,
     write_saelens_folder,
 )
 
@@ -247,11 +250,96 @@ def test_non_gated_release_is_refused_before_its_weights_are_fetched(
         "canrager/saebench_gemma-2-2b_width-2pow12_date-1109",
         {f"{folder}/config.json": config},
     )
-    with pytest.raises(GatedSAELoadError, match="'architecture' is 'topk', expected"):
+    with pytest.raises(GatedSAELoadError) as error:
         load_gated_sae(
             "sae_bench_gemma-2-2b_topk_width-2pow12_date-1109",
             "blocks.12.hook_resid_post__trainer_0",
         )
+    message = str(error.value)
+    assert f"{folder}/config.json: field 'trainer.dict_class' is 'AutoEncoderTopK'" in (
+        message
+    )
+
+
+@pytest.mark.parametrize(
+    ("release", "sae_id", "repo_id", "folder"),
+    [
+        (GATED_RELEASE, GATED_RELEASE_SAE_ID, GATED_RELEASE_REPO, GATED_RELEASE_FOLDER),
+        # A release in a format the plugin leaves to SAELens's own converter.
+        (
+            "gpt2-small-res-jb",
+            "blocks.0.hook_resid_pre",
+            "jbloom/GPT2-Small-SAEs-Reformatted",
+            "blocks.0.hook_resid_pre",
+        ),
+    ],
+)
+def test_release_missing_from_the_offline_cache_is_a_clear_error(
+    hub_cache: Path, release: str, sae_id: str, repo_id: str, folder: str
+):
+    assert list(hub_cache.iterdir()) == []
+    with pytest.raises(GatedSAELoadError) as error:
+        load_gated_sae(release, sae_id)
+    assert str(error.value) == (
+        f"SAELens release {release!r}, SAE id {sae_id!r} (Hugging Face repo "
+        f"{repo_id!r}, folder {folder!r}) is not in the local Hugging Face cache, and "
+        "the network is off (HF_HUB_OFFLINE=1)."
+    )
+
+
+def test_release_with_a_malicious_ae_pt_is_refused_without_running_it(
+    tmp_path: Path, hub_cache: Path
+):
+    local = write_dictionary_learning_folder(
+        tmp_path / "src", random_dictionary_learning_ae(), layer=3
+    )
+    marker = tmp_path / "pwned-marker"
+    write_malicious_ae_pt(local, marker)
+    snapshot = populate_gated_release(hub_cache, local)
+    with pytest.raises(GatedSAELoadError) as error:
+        load_gated_sae(GATED_RELEASE, GATED_RELEASE_SAE_ID)
+    message = str(error.value)
+    assert f"Refusing to load {snapshot / GATED_RELEASE_FOLDER / 'ae.pt'}" in message
+    assert "would execute code" in message
+    assert not marker.exists()
+
+
+def test_release_with_wrong_shapes_is_refused(tmp_path: Path, hub_cache: Path):
+    local = write_dictionary_learning_folder(
+        tmp_path / "src", random_dictionary_learning_ae(), layer=3, dict_size=40
+    )
+    snapshot = populate_gated_release(hub_cache, local)
+    with pytest.raises(GatedSAELoadError) as error:
+        load_gated_sae(GATED_RELEASE, GATED_RELEASE_SAE_ID)
+    assert str(error.value) == (
+        f"{snapshot / GATED_RELEASE_FOLDER / 'ae.pt'}: key 'encoder.weight' has shape "
+        f"(48, 16), expected (40, 16) from the sizes in "
+        f"{snapshot / GATED_RELEASE_FOLDER / 'config.json'}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "folder", "words"),
+    [
+        ("someone/repo", "a/../../b", "folder 'a/../../b' has a '..' segment"),
+        ("someone/repo", "..", "folder '..' has a '..' segment"),
+        ("someone/..", None, "'someone/..' is not a valid Hugging Face repo id"),
+        ("someone/a..b", "x", "'someone/a..b' is not a valid Hugging Face repo id"),
+    ],
+)
+def test_bad_hub_paths_are_refused_before_any_download(
+    monkeypatch: pytest.MonkeyPatch,
+    hub_cache: Path,
+    repo_id: str,
+    folder: str | None,
+    words: str,
+):
+    downloads: list[Any] = []
+    monkeypatch.setattr(hub, "hf_hub_download", lambda **kw: downloads.append(kw))
+    with pytest.raises(GatedSAELoadError, match=re.escape(words)):
+        load_gated_sae(repo_id, folder)
+    assert downloads == []
+    assert list(hub_cache.iterdir()) == []
 
 
 def test_hub_cache_files_are_not_modified(tmp_path: Path, hub_cache: Path):

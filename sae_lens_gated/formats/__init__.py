@@ -6,6 +6,7 @@
   (``ae.pt`` + ``config.json``).
 - :mod:`sae_lens_gated.formats.validation`: the checks both readers share and the errors
   they raise.
+- :mod:`sae_lens_gated.formats.hub`: fetching a format's files from a Hugging Face repo.
 
 Each reader is also a SAELens converter, usable as
 ``SAE.load_from_disk(path, converter=...)``.

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from huggingface_hub import hf_hub_download
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import SAE, SAEConfig
 from sae_lens.util import dtype_to_str, str_to_dtype
 
+from sae_lens_gated.formats.hub import download_hub_file
 from sae_lens_gated.formats.validation import (
     GatedSAEExportError,
     GatedSAELoadError,
@@ -388,13 +388,7 @@ def dictionary_learning_huggingface_loader(
     """
 
     def download(name: str) -> Path:
-        return Path(
-            hf_hub_download(
-                repo_id=repo_id,
-                filename=f"{folder_name.strip('/')}/{name}",
-                force_download=force_download,
-            )
-        )
+        return download_hub_file(repo_id, folder_name, name, force_download)
 
     cfg, state = _read_folder(
         download(DICTIONARY_LEARNING_CONFIG_FILENAME),

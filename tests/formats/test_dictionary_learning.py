@@ -34,6 +34,7 @@ from tests.helpers import (
     random_dictionary_learning_ae,
     randomize_gated_params,
     write_dictionary_learning_folder,
+    write_malicious_ae_pt,
 )
 
 
@@ -302,22 +303,6 @@ def test_truncated_ae_pt_is_refused(tmp_path: Path):
     weights.write_bytes(weights.read_bytes()[:-500])
     with pytest.raises(GatedSAELoadError, match="is not a readable PyTorch checkpoint"):
         dictionary_learning_disk_loader(folder)
-
-
-class _CreatesFile:
-    """Unpickling this calls ``open(path, "w")``: it creates a file, as an attack could."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return (open, (str(self.path), "w"))
-
-
-def write_malicious_ae_pt(folder: Path, marker: Path) -> None:
-    """Replace ``folder``'s ``ae.pt`` by one whose unpickling creates ``marker``."""
-    state = torch.load(folder / "ae.pt", weights_only=True)
-    torch.save({**state, "payload": _CreatesFile(marker)}, folder / "ae.pt")
 
 
 def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path):
