@@ -147,7 +147,11 @@ def _check_converted(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 
 @torch.no_grad()
 def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
-    """The SAELens :class:`JumpReLUSAE` that computes exactly the same features.
+    """The SAELens :class:`JumpReLUSAE` that computes the same features.
+
+    The same features exactly in real arithmetic; in floating point, exact up to rounding
+    at the threshold: an input whose gate pre-activation is within a few rounding errors of
+    0 (exactly at the threshold, say) can open the gate in one SAE and not in the other.
 
     Paper App. E: with ``pre = (x - b_dec) @ W_enc`` and ``z = pre * exp(r_mag) + b_mag``, the
     gate ``pre + b_gate > 0`` is ``z > b_mag - exp(r_mag) * b_gate``, so the gated features
@@ -158,6 +162,10 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
 
     Args:
         sae: Any gated SAE (see :func:`as_gated_sae`).
+
+    Raises:
+        GatedSAEExportError: ``sae`` is not gated, has NaN or inf parameters, or its
+            JumpReLU parameters overflow its dtype.
     """
     gated = _finite_gated(sae)
     device = _float64_device(gated.W_enc)
