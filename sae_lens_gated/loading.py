@@ -6,12 +6,13 @@ Sources, tried in this order:
    (``cfg.json`` + ``sae_weights.safetensors``) or dictionary_learning / SAEBench format
    (``ae.pt`` + ``config.json``);
 2. a SAELens pretrained release (``source``) and SAE id (``folder``), loaded by SAELens's
-   own ``from_pretrained``;
+   own ``from_pretrained`` (with the plugin's checked converter for dictionary_learning
+   releases);
 3. a Hugging Face repo id (``source``) and a folder in it, in either local format.
 
-Every local file is validated before an SAE is built, and a problem raises one
-:class:`GatedSAELoadError` that names the file and the key or field. Source files are only
-read.
+Each format is read by its module in :mod:`sae_lens_gated.formats`, which validates every
+file before an SAE is built; a problem raises one :class:`GatedSAELoadError` that names the
+file and the key or field. Source files are only read.
 """
 
 import re
