@@ -1,24 +1,61 @@
 """Take gated SAEs to formats other tools read: SAELens JumpReLU and dictionary_learning.
 
-Also holds what loading and export share: the dictionary_learning key map and config names,
-and :func:`as_gated_sae`, which turns anything gated (the plugin's training class, SAELens's
-built-in classes) into the plugin's inference :class:`GatedSAE`.
+Also holds :func:`as_gated_sae`, which turns anything gated (the plugin's training class,
+SAELens's built-in classes) into the plugin's inference :class:`GatedSAE`, and the
+all-or-nothing creation of a new folder that every export uses. The formats themselves live
+in :mod:`sae_lens_gated.formats`.
 """
 
 import copy
-import json
+import logging
+import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAEConfig
+from sae_lens.saes.sae import SAE, TrainingSAEConfig
+from sae_lens.util import dtype_to_str
 
+from sae_lens_gated.formats.dictionary_learning import (
+    DICTIONARY_LEARNING_CONFIG_FILENAME,
+    DICTIONARY_LEARNING_WEIGHTS_FILENAME,
+    check_dictionary_learning_compatible,
+    dictionary_learning_config,
+    state_dict_to_dictionary_learning,
+    write_dictionary_learning,
+)
+from sae_lens_gated.formats.validation import (
+    GATED_PARAM_NAMES,
+    GatedSAEExportError,
+    count_non_finite,
+)
 from sae_lens_gated.saes.gated_sae import GatedSAE, GatedSAEConfig
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportFormat",
+    "GatedSAEExportError",
+    "as_gated_sae",
+    "build_gated_sae",
+    "check_new_folder",
+    "dictionary_learning_state_dict",
+    "export_sae",
+    "save_dictionary_learning",
+    "to_jumprelu",
+    "write_new_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+# An export's partial folder is ".NAME" + this + "PID-RANDOM", beside the folder NAME.
+_PARTIAL_MARK = ".sae-lens-gated-partial-"
+# os.access checks the real user unless told otherwise; the effective one is what counts.
+_EFFECTIVE_IDS = os.access in os.supports_effective_ids
 
 ExportFormat = Literal["saelens", "jumprelu", "dictionary_learning"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = (
@@ -26,124 +63,6 @@ EXPORT_FORMATS: tuple[ExportFormat, ...] = (
     "jumprelu",
     "dictionary_learning",
 )
-
-
-class GatedSAEExportError(ValueError):
-    """A gated SAE that cannot be written exactly in the requested format."""
-
-
-class KeyMapping(NamedTuple):
-    """How one SAELens gated tensor is stored by dictionary_learning's ``GatedAutoEncoder``.
-
-    Attributes:
-        saelens: Name in SAELens (``sae_weights.safetensors``).
-        dictionary_learning: Name in dictionary_learning's ``ae.pt`` state dict.
-        transposed: Whether dictionary_learning stores the transpose (``nn.Linear`` layout).
-    """
-
-    saelens: str
-    dictionary_learning: str
-    transposed: bool
-
-
-# The one key map, used by the dictionary_learning loader and exporter alike.
-DICTIONARY_LEARNING_KEY_MAP: tuple[KeyMapping, ...] = (
-    KeyMapping("W_enc", "encoder.weight", True),
-    KeyMapping("W_dec", "decoder.weight", True),
-    KeyMapping("b_dec", "decoder_bias", False),
-    KeyMapping("b_gate", "gate_bias", False),
-    KeyMapping("b_mag", "mag_bias", False),
-    KeyMapping("r_mag", "r_mag", False),
-)
-GATED_PARAM_NAMES: tuple[str, ...] = tuple(
-    m.saelens for m in DICTIONARY_LEARNING_KEY_MAP
-)
-
-DICTIONARY_LEARNING_WEIGHTS_FILENAME = "ae.pt"
-DICTIONARY_LEARNING_CONFIG_FILENAME = "config.json"
-DICTIONARY_LEARNING_DICT_CLASS = "GatedAutoEncoder"
-DICTIONARY_LEARNING_TRAINER_CLASS = "GatedSAETrainer"
-# Metadata key under which a loaded dictionary_learning config.json is kept, so that
-# exporting back writes the same training record.
-DICTIONARY_LEARNING_CONFIG_METADATA_KEY = "dictionary_learning_config"
-
-# dictionary_learning names the hooked submodule "<kind>_layer_<n>"; SAELens uses
-# TransformerLens hook names. SAELens's own converter assumes resid_post.
-_SUBMODULE_KINDS_TO_HOOKS = {
-    "resid_post": "hook_resid_post",
-    "mlp_out": "hook_mlp_out",
-    "attn_out": "hook_attn_out",
-}
-_SUBMODULE_NAME = re.compile(r"(?P<kind>[a-z_]+?)_layer_(?P<layer>\d+)")
-_HOOK_NAME = re.compile(r"blocks\.(?P<layer>\d+)\.(?P<hook>hook_[a-z_]+)")
-
-
-def gated_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    """Expected SAELens shape of each gated tensor."""
-    return {
-        "W_enc": (d_in, d_sae),
-        "W_dec": (d_sae, d_in),
-        "b_dec": (d_in,),
-        "b_gate": (d_sae,),
-        "b_mag": (d_sae,),
-        "r_mag": (d_sae,),
-    }
-
-
-def dictionary_learning_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    """Expected dictionary_learning shape of each tensor in ``ae.pt``."""
-    shapes = gated_shapes(d_in, d_sae)
-    return {
-        m.dictionary_learning: shapes[m.saelens][::-1]
-        if m.transposed
-        else shapes[m.saelens]
-        for m in DICTIONARY_LEARNING_KEY_MAP
-    }
-
-
-def state_dict_from_dictionary_learning(
-    state: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Rename (and transpose) a dictionary_learning ``GatedAutoEncoder`` state dict."""
-    return {
-        m.saelens: (
-            state[m.dictionary_learning].T
-            if m.transposed
-            else state[m.dictionary_learning]
-        ).contiguous()
-        for m in DICTIONARY_LEARNING_KEY_MAP
-    }
-
-
-def hook_name_for_submodule(layer: Any, submodule_name: Any) -> str | None:
-    """The TransformerLens hook of a dictionary_learning ``(layer, submodule_name)``.
-
-    A missing ``submodule_name`` means the residual stream after the layer, as SAELens's
-    dictionary_learning converter assumes; an unrecognised one gives None.
-    """
-    if not isinstance(layer, int):
-        return None
-    kind = "resid_post"
-    if isinstance(submodule_name, str):
-        match = _SUBMODULE_NAME.fullmatch(submodule_name)
-        if match is None or int(match["layer"]) != layer:
-            return None
-        kind = match["kind"]
-    hook = _SUBMODULE_KINDS_TO_HOOKS.get(kind)
-    return None if hook is None else f"blocks.{layer}.{hook}"
-
-
-def _submodule_for_hook_name(hook_name: Any) -> tuple[int | None, str | None]:
-    if not isinstance(hook_name, str):
-        return None, None
-    match = _HOOK_NAME.fullmatch(hook_name)
-    if match is None:
-        return None, None
-    layer = int(match["layer"])
-    for kind, hook in _SUBMODULE_KINDS_TO_HOOKS.items():
-        if hook == match["hook"]:
-            return layer, f"{kind}_layer_{layer}"
-    return layer, None
 
 
 def build_gated_sae(
@@ -205,9 +124,34 @@ def _float64_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu") if tensor.device.type == "mps" else tensor.device
 
 
+def _finite_gated(sae: SAE[Any]) -> GatedSAE:
+    """:func:`as_gated_sae`, refusing an SAE with NaN or inf parameters."""
+    gated = as_gated_sae(sae)
+    for name in GATED_PARAM_NAMES:
+        if bad := count_non_finite(getattr(gated, name)):
+            raise GatedSAEExportError(
+                f"Refusing to export: {name} has {bad} non-finite value(s) (NaN or inf)."
+            )
+    return gated
+
+
+def _check_converted(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse converted tensors that overflowed when cast back to the SAE's dtype."""
+    for name, tensor in tensors.items():
+        if bad := count_non_finite(tensor):
+            raise GatedSAEExportError(
+                f"Refusing to export: the {what} {name} has {bad} non-finite value(s) in "
+                f"{dtype_to_str(tensor.dtype)} (the conversion overflows that dtype)."
+            )
+
+
 @torch.no_grad()
 def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
-    """The SAELens :class:`JumpReLUSAE` that computes exactly the same features.
+    """The SAELens :class:`JumpReLUSAE` that computes the same features.
+
+    The same features exactly in real arithmetic; in floating point, exact up to rounding
+    at the threshold: an input whose gate pre-activation is within a few rounding errors of
+    0 (exactly at the threshold, say) can open the gate in one SAE and not in the other.
 
     Paper App. E: with ``pre = (x - b_dec) @ W_enc`` and ``z = pre * exp(r_mag) + b_mag``, the
     gate ``pre + b_gate > 0`` is ``z > b_mag - exp(r_mag) * b_gate``, so the gated features
@@ -218,8 +162,12 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
 
     Args:
         sae: Any gated SAE (see :func:`as_gated_sae`).
+
+    Raises:
+        GatedSAEExportError: ``sae`` is not gated, has NaN or inf parameters, or its
+            JumpReLU parameters overflow its dtype.
     """
-    gated = as_gated_sae(sae)
+    gated = _finite_gated(sae)
     device = _float64_device(gated.W_enc)
     scale = gated.r_mag.to(device, torch.float64).exp()
     W_enc = gated.W_enc.to(device, torch.float64) * scale
@@ -245,25 +193,10 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
         "W_dec": gated.W_dec.detach().clone(),
         "b_dec": gated.b_dec.detach().clone(),
     }
-    jumprelu.load_state_dict(
-        {k: v.to(gated.device, gated.dtype) for k, v in state.items()}, assign=True
-    )
+    state = {k: v.to(gated.device, gated.dtype) for k, v in state.items()}
+    _check_converted(state, "JumpReLU")
+    jumprelu.load_state_dict(state, assign=True)
     return jumprelu.to(device=gated.device, dtype=gated.dtype)
-
-
-def _check_dictionary_learning_compatible(cfg: SAEConfig) -> None:
-    if cfg.normalize_activations != "none":
-        raise GatedSAEExportError(
-            f"dictionary_learning's GatedAutoEncoder takes raw activations, but this SAE has "
-            f"normalize_activations={cfg.normalize_activations!r}. Fold a constant scaling "
-            "factor in first (sae.fold_activation_norm_scaling_factor(factor)); run-time "
-            "normalizations cannot be represented."
-        )
-    if cfg.reshape_activations != "none":
-        raise GatedSAEExportError(
-            f"dictionary_learning's GatedAutoEncoder has no notion of per-head activations, "
-            f"but this SAE has reshape_activations={cfg.reshape_activations!r}."
-        )
 
 
 @torch.no_grad()
@@ -279,8 +212,8 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
         sae: Any gated SAE (see :func:`as_gated_sae`) without run-time normalization or
             per-head reshaping.
     """
-    gated = as_gated_sae(sae)
-    _check_dictionary_learning_compatible(gated.cfg)
+    gated = _finite_gated(sae)
+    check_dictionary_learning_compatible(gated.cfg)
     params = {name: getattr(gated, name).detach() for name in GATED_PARAM_NAMES}
     if not gated.cfg.apply_b_dec_to_input:
         device = _float64_device(gated.W_enc)
@@ -294,64 +227,110 @@ def dictionary_learning_state_dict(sae: SAE[Any]) -> dict[str, torch.Tensor]:
         params["b_mag"] = (
             params["b_mag"].to(device, torch.float64) + scale * shift
         ).to(gated.device, gated.dtype)
-    return {
-        m.dictionary_learning: (
-            params[m.saelens].T if m.transposed else params[m.saelens]
+        _check_converted(
+            {"gate_bias": params["b_gate"], "mag_bias": params["b_mag"]},
+            "dictionary_learning",
         )
-        .contiguous()
-        .cpu()
-        .clone()
-        for m in DICTIONARY_LEARNING_KEY_MAP
-    }
-
-
-def dictionary_learning_config(sae: SAE[Any]) -> dict[str, Any]:
-    """The ``config.json`` dictionary_learning writes next to a ``GatedAutoEncoder``.
-
-    A config kept from a dictionary_learning source (metadata key
-    ``dictionary_learning_config``) is reused; the architecture fields and sizes are always
-    set from the SAE, and ``layer``, ``lm_name``, ``submodule_name`` and ``buffer.ctx_len``
-    are filled from the SAELens metadata where the kept config lacks them (None if unknown).
-
-    Args:
-        sae: Any gated SAE (see :func:`as_gated_sae`).
-    """
-    metadata = sae.cfg.metadata
-    kept = metadata.get(DICTIONARY_LEARNING_CONFIG_METADATA_KEY) or {}
-    config: dict[str, Any] = copy.deepcopy(dict(kept))
-    trainer: dict[str, Any] = dict(config.get("trainer") or {})
-    layer, submodule_name = _submodule_for_hook_name(metadata.get("hook_name"))
-    trainer.setdefault("trainer_class", DICTIONARY_LEARNING_TRAINER_CLASS)
-    trainer.setdefault("layer", layer)
-    trainer.setdefault("lm_name", metadata.get("model_name"))
-    trainer.setdefault("submodule_name", submodule_name)
-    trainer.update(
-        dict_class=DICTIONARY_LEARNING_DICT_CLASS,
-        activation_dim=sae.cfg.d_in,
-        dict_size=sae.cfg.d_sae,
-    )
-    buffer: dict[str, Any] = dict(config.get("buffer") or {})
-    buffer.setdefault("ctx_len", metadata.get("context_size"))
-    config["trainer"] = trainer
-    config["buffer"] = buffer
-    return config
+    return state_dict_to_dictionary_learning(params)
 
 
 def check_new_folder(path: str | Path) -> None:
-    """Raise ``FileExistsError`` unless ``path`` is absent or an empty folder."""
+    """Raise an ``OSError`` unless a new folder can be written at ``path``.
+
+    ``path`` must be absent or an empty folder (not a symbolic link, even to one), and the
+    nearest existing folder above it must allow creating files. Meant to run before any
+    work, so a bad destination is reported before a long load or conversion.
+
+    Raises:
+        FileExistsError: ``path`` is a file, a non-empty folder or a symbolic link.
+        NotADirectoryError: Something above ``path`` is a file.
+        PermissionError: The folder ``path`` would be created in is not writable.
+    """
     path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(
+            f"Refusing to write to {path}: it is a symbolic link (to "
+            f"{os.readlink(path)}); give the path of a new or empty folder instead."
+        )
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(
             f"Refusing to write to {path}: it already exists and is not an empty folder."
         )
+    # The parents are created as needed: what counts is the nearest one that exists.
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(
+            f"Refusing to write to {path}: {parent} is not a folder."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_IDS):
+        raise PermissionError(
+            f"Refusing to write to {path}: cannot create files in {parent}."
+        )
+
+
+def _partial_folder_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(
+        re.escape(f".{name}{_PARTIAL_MARK}") + r"(?P<pid>\d+)-[0-9a-f]{8}"
+    )
+
+
+def _process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove_stale_partial_folders(path: Path) -> None:
+    """Remove what exports to ``path`` left behind when they were killed mid-write."""
+    if os.name != "posix":  # os.kill(pid, 0) is not a harmless probe elsewhere
+        return
+    pattern = _partial_folder_pattern(path.name)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # a folder we may write to but not list
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if (
+            match is None
+            or entry.is_symlink()
+            or not entry.is_dir()
+            or _process_is_alive(int(match["pid"]))
+        ):
+            continue
+        logger.info("Removing %s, left by an export that was interrupted.", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _make_partial_folder(path: Path) -> Path:
+    """Create the hidden sibling of ``path`` that an export writes into."""
+    while True:
+        partial = path.with_name(
+            f".{path.name}{_PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        try:
+            # Unlike tempfile.mkdtemp's 0700, the folder gets the umask's permissions,
+            # which it keeps once renamed to path.
+            partial.mkdir()
+        except FileExistsError:
+            continue
+        return partial
 
 
 def write_new_folder(path: str | Path, write: Callable[[Path], object]) -> list[Path]:
     """Create the folder ``path`` with ``write(folder)``, all or nothing.
 
-    An existing non-empty ``path`` is refused (never overwritten). Files are written into a
-    temporary sibling folder that is renamed to ``path`` only once ``write`` has returned,
-    so a failure leaves no partial folder behind.
+    ``path`` is checked first (:func:`check_new_folder`): an existing non-empty folder is
+    never overwritten. Files are written into a hidden sibling folder,
+    ``.NAME.sae-lens-gated-partial-PID-RANDOM``, renamed to ``path`` only once ``write``
+    has returned; on an error it is removed. A process killed mid-write leaves it behind,
+    and the next write to the same ``path`` removes it once process PID has ended.
 
     Args:
         path: The folder to create; an empty existing folder is replaced.
@@ -363,15 +342,16 @@ def write_new_folder(path: str | Path, write: Callable[[Path], object]) -> list[
     path = Path(path)
     check_new_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _remove_stale_partial_folders(path)
+    partial = _make_partial_folder(path)
     try:
-        write(staging)
-        names = sorted(p.name for p in staging.iterdir())
+        write(partial)
+        names = sorted(p.name for p in partial.iterdir())
         if path.exists():
             path.rmdir()
-        staging.rename(path)
+        partial.rename(path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return [path / name for name in names]
 
@@ -392,15 +372,12 @@ def save_dictionary_learning(sae: SAE[Any], path: str | Path) -> tuple[Path, Pat
     Returns:
         The paths of ``ae.pt`` and ``config.json``.
     """
+    check_new_folder(path)
     state = dictionary_learning_state_dict(sae)
     config = dictionary_learning_config(sae)
-
-    def write(folder: Path) -> None:
-        torch.save(state, folder / DICTIONARY_LEARNING_WEIGHTS_FILENAME)
-        with open(folder / DICTIONARY_LEARNING_CONFIG_FILENAME, "w") as f:
-            json.dump(config, f, indent=4)
-
-    write_new_folder(path, write)
+    write_new_folder(
+        path, lambda folder: write_dictionary_learning(folder, state, config)
+    )
     path = Path(path)
     return (
         path / DICTIONARY_LEARNING_WEIGHTS_FILENAME,
@@ -421,12 +398,13 @@ def export_sae(sae: SAE[Any], path: str | Path, to: ExportFormat) -> list[Path]:
     Returns:
         The written files.
     """
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown format {to!r}: expected one of {EXPORT_FORMATS}.")
+    check_new_folder(path)
     if to == "dictionary_learning":
         return list(save_dictionary_learning(sae, path))
     if to == "saelens":
-        target: SAE[Any] = as_gated_sae(sae)
-    elif to == "jumprelu":
-        target = to_jumprelu(sae)
+        target: SAE[Any] = _finite_gated(sae)
     else:
-        raise ValueError(f"Unknown format {to!r}: expected one of {EXPORT_FORMATS}.")
+        target = to_jumprelu(sae)
     return write_new_folder(path, target.save_model)

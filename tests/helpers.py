@@ -306,6 +306,49 @@ def write_dictionary_learning_folder(
     return path
 
 
+def assert_matches_dictionary_learning(sae: Any, ae: Any) -> None:
+    """``sae`` computes the features and reconstructions of dictionary_learning's ``ae``.
+
+    Up to float32 rounding: the two evaluate the encoder in different orders, which moves
+    outputs of order 1 by a few 1e-6. A wrong gate or magnitude moves them by ~0.1.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, ae.activation_dim, generator=gen) * 2
+    with torch.no_grad():
+        expected_features, expected_out = ae.encode(x), ae(x)
+        features, out = sae.encode(x), sae(x)
+    # The test must be able to see a wrong gate or magnitude: many features fire.
+    assert 0.2 < (expected_features > 0).float().mean() < 0.8
+    torch.testing.assert_close(features, expected_features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+
+
+def write_saelens_folder(path: Path, seed: int = 0) -> Any:
+    """Save a random plugin ``GatedSAE`` (d_in 16, d_sae 48) as a SAELens folder; return it."""
+    from sae_lens_gated import GatedSAE, GatedSAEConfig
+
+    sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48))
+    randomize_gated_params(sae, seed=seed)
+    sae.save_model(path)
+    return sae
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: it creates a file, as an attack could."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def write_malicious_ae_pt(folder: Path, marker: Path) -> None:
+    """Replace ``folder``'s ``ae.pt`` by one whose unpickling creates the file ``marker``."""
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    torch.save({**state, "payload": _CreatesFile(marker)}, folder / "ae.pt")
+
+
 def populate_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path]) -> Path:
     """Lay out ``files`` (repo path -> local file) as huggingface_hub's cache holds a repo.
 
@@ -330,6 +373,22 @@ def populate_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path]) ->
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     return snapshot
+
+
+# SAELens's gated release, and where its first SAE lives on the hub.
+GATED_RELEASE = "sae_bench_pythia70m_sweep_gated_ctx128_0730"
+GATED_RELEASE_SAE_ID = "blocks.3.hook_resid_post__trainer_0"
+GATED_RELEASE_REPO = "canrager/lm_sae"
+GATED_RELEASE_FOLDER = "pythia70m_sweep_gated_ctx128_0730/resid_post_layer_3/trainer_0"
+
+
+def populate_gated_release(cache_dir: Path, folder: Path) -> Path:
+    """Put a dictionary_learning ``folder``'s two files in the cache as the release's SAE."""
+    return populate_hub_cache(
+        cache_dir,
+        GATED_RELEASE_REPO,
+        {f"{GATED_RELEASE_FOLDER}/{n}": folder / n for n in ("ae.pt", "config.json")},
+    )
 
 
 def file_hashes(root: Path) -> dict[str, str]:

@@ -1,7 +1,15 @@
+import contextlib
 import json
 import math
+import os
+import re
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +359,216 @@ def test_failed_export_leaves_no_partial_folder(
     with pytest.raises(OSError, match="disk full"):
         save_dictionary_learning(_random_gated(), tmp_path / "dl")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the destination folder -------------------------------------------------------------
+
+
+def _partial_name(name: str, pid: int | str, suffix: str = "0123abcd") -> str:
+    return f".{name}.sae-lens-gated-partial-{pid}-{suffix}"
+
+
+_PARTIAL = re.compile(r"\.dst\.sae-lens-gated-partial-(?P<pid>\d+)-[0-9a-f]{8}")
+
+_KILLED_EXPORT = """
+import os
+import signal
+import sys
+from sae_lens_gated.conversion import write_new_folder
+
+def write(folder):
+    (folder / "ae.pt").write_bytes(b"half written")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+write_new_folder(sys.argv[1], write)
+"""
+
+
+def _write_one_file(folder: Path) -> None:
+    (folder / "weights.bin").write_bytes(b"complete")
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_killed_export_leaves_a_recognisable_folder_the_next_run_removes(
+    tmp_path: Path,
+):
+    dst = tmp_path / "dst"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_EXPORT, str(dst)], stderr=subprocess.PIPE
+    )
+    _, stderr = killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, stderr.decode()
+    (partial,) = tmp_path.iterdir()
+    match = _PARTIAL.fullmatch(partial.name)
+    assert match is not None, partial.name
+    assert int(match["pid"]) == killed.pid
+    assert (partial / "ae.pt").read_bytes() == b"half written"
+
+    written = conversion.write_new_folder(dst, _write_one_file)
+
+    assert written == [dst / "weights.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_only_stale_partial_folders_of_the_same_destination_are_removed(
+    tmp_path: Path,
+):
+    dead = _dead_pid()
+    stale = tmp_path / _partial_name("dst", dead)
+    kept = [
+        tmp_path / _partial_name("dst", os.getpid()),  # a live export
+        tmp_path / _partial_name("other", dead),  # another destination
+        tmp_path / (_partial_name("dst", dead) + ".bak"),  # not the exact pattern
+        tmp_path / _partial_name("dst", dead, "0123ABCD"),
+        tmp_path / _partial_name("dst", "12x"),
+    ]
+    for folder in [stale, *kept]:
+        folder.mkdir()
+        (folder / "ae.pt").write_bytes(b"partial")
+    not_a_folder = tmp_path / _partial_name("dst", dead, "feedbeef")
+    not_a_folder.write_bytes(b"a file")
+
+    conversion.write_new_folder(tmp_path / "dst", _write_one_file)
+
+    assert not stale.exists()
+    assert all((folder / "ae.pt").read_bytes() == b"partial" for folder in kept)
+    assert not_a_folder.read_bytes() == b"a file"
+
+
+@pytest.mark.parametrize("to", conversion.EXPORT_FORMATS)
+def test_exported_folders_get_permissions_from_the_umask(tmp_path: Path, to: Any):
+    previous = os.umask(0o027)
+    try:
+        export_sae(_random_gated(), tmp_path / "dst", to)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == 0o750
+
+
+@pytest.mark.parametrize("target", ["empty folder", "nothing"])
+def test_symlinked_destination_is_refused_before_any_work(tmp_path: Path, target: str):
+    real = tmp_path / "real"
+    if target == "empty folder":
+        real.mkdir()
+    link = tmp_path / "dst"
+    link.symlink_to(real, target_is_directory=True)
+    for call in (
+        lambda: conversion.check_new_folder(link),
+        lambda: export_sae(_random_gated(), link, "saelens"),
+    ):
+        with pytest.raises(FileExistsError) as error:
+            call()
+        assert str(error.value) == (
+            f"Refusing to write to {link}: it is a symbolic link (to {real}); give "
+            "the path of a new or empty folder instead."
+        )
+    assert os.readlink(link) == str(real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["dst", "real"] if target == "empty folder" else ["dst"]
+    )
+    assert target == "nothing" or list(real.iterdir()) == []
+
+
+@contextlib.contextmanager
+def _without_root_privileges() -> Iterator[None]:
+    """Run the block as ``nobody`` when the tests run as root, who may write anywhere."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_destination_in_an_unwritable_folder_is_refused_before_any_work():
+    # Outside tmp_path, whose parents only root may enter.
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        sae = _random_gated()
+        with _without_root_privileges():
+            for dst in (locked / "dst", locked / "new" / "dst"):
+                for call in (
+                    lambda: conversion.check_new_folder(dst),
+                    lambda: export_sae(sae, dst, "dictionary_learning"),
+                ):
+                    with pytest.raises(PermissionError) as error:
+                        call()
+                    assert str(error.value) == (
+                        f"Refusing to write to {dst}: cannot create files in {locked}."
+                    )
+        assert list(locked.iterdir()) == []
+    finally:
+        (base / "locked").chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_destination_under_a_file_is_refused_before_any_work(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError) as error:
+        export_sae(_random_gated(), tmp_path / "file" / "dst", "saelens")
+    assert str(error.value) == (
+        f"Refusing to write to {tmp_path / 'file' / 'dst'}: {tmp_path / 'file'} is not "
+        "a folder."
+    )
+
+
+# --- non-finite parameters ----------------------------------------------------------------
+
+
+def _with_non_finite(sae: SAE[Any], name: str, count: int) -> SAE[Any]:
+    with torch.no_grad():
+        getattr(sae, name).view(-1)[:count] = float("nan")
+    return sae
+
+
+@pytest.mark.parametrize("to", conversion.EXPORT_FORMATS)
+@pytest.mark.parametrize(("name", "count"), [("b_gate", 1), ("W_enc", 3)])
+def test_exports_refuse_non_finite_parameters(
+    tmp_path: Path, to: Any, name: str, count: int
+):
+    sae = _with_non_finite(_random_gated(), name, count)
+    with pytest.raises(GatedSAEExportError) as error:
+        export_sae(sae, tmp_path / "dst", to)
+    assert str(error.value) == (
+        f"Refusing to export: {name} has {count} non-finite value(s) (NaN or inf)."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_to_jumprelu_and_save_dictionary_learning_refuse_non_finite_parameters(
+    tmp_path: Path,
+):
+    sae = _with_non_finite(_random_gated(), "r_mag", 2)
+    with pytest.raises(GatedSAEExportError, match="r_mag has 2 non-finite value"):
+        to_jumprelu(sae)
+    with pytest.raises(GatedSAEExportError, match="r_mag has 2 non-finite value"):
+        save_dictionary_learning(sae, tmp_path / "dl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_to_jumprelu_refuses_an_encoder_that_overflows_the_dtype():
+    sae = _plugin_gated(seed=0)
+    with torch.no_grad():
+        sae.r_mag[5] = 100.0  # exp(100) * W_enc is finite in float64, not in float32
+    with pytest.raises(GatedSAEExportError) as error:
+        to_jumprelu(sae)
+    message = str(error.value)
+    assert message.startswith("Refusing to export: the JumpReLU W_enc has ")
+    assert "non-finite value(s) in float32" in message
 
 
 # --- what vanilla SAELens reads ---------------------------------------------------------

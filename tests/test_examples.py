@@ -115,6 +115,18 @@ def test_convert_to_jumprelu_example(tmp_path: Path):
     assert type(SAE.load_from_disk(tmp_path / "jr")) is JumpReLUSAE
 
 
+def test_convert_to_jumprelu_example_never_overwrites_a_saved_sae(tmp_path: Path):
+    sae = GatedSAE(GatedSAEConfig(d_in=32, d_sae=64, metadata=_metadata()))
+    randomize_gated_params(sae, seed=43)
+    sae.save_model(tmp_path / "gated")
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "gated").iterdir()}
+    with pytest.raises(FileExistsError, match="Refusing to write to"):
+        _load("convert_to_jumprelu").convert(
+            str(tmp_path / "gated"), tmp_path / "gated"
+        )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "gated").iterdir()} == saved
+
+
 def test_hooked_sae_transformer_example_reads_features_and_spliced_loss():
     model = _tiny_sae_model()
     sae = GatedSAE(GatedSAEConfig(d_in=32, d_sae=64, metadata=_metadata()))

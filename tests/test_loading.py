@@ -1,5 +1,6 @@
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,50 +12,34 @@ from sae_lens.saes.gated_sae import GatedSAEConfig as BuiltinGatedSAEConfig
 from safetensors.torch import load_file, save_file
 
 import sae_lens_gated
+import sae_lens_gated.formats.hub as hub
 from sae_lens_gated import (
     GatedSAE,
-    GatedSAEConfig,
     GatedSAELoadError,
     load_gated_sae,
-    to_jumprelu,
 )
 from tests.helpers import (
     GATED_PARAM_NAMES,
+    GATED_RELEASE,
+    GATED_RELEASE_FOLDER,
+    GATED_RELEASE_REPO,
+    GATED_RELEASE_SAE_ID,
+    assert_matches_dictionary_learning,
     file_hashes,
+    populate_gated_release,
     populate_hub_cache,
     random_dictionary_learning_ae,
     randomize_gated_params,
     write_dictionary_learning_folder,
+    write_malicious_ae_pt,
+    write_saelens_folder,
 )
-
-RELEASE = "sae_bench_pythia70m_sweep_gated_ctx128_0730"
-RELEASE_SAE_ID = "blocks.3.hook_resid_post__trainer_0"
-RELEASE_REPO = "canrager/lm_sae"
-RELEASE_FOLDER = "pythia70m_sweep_gated_ctx128_0730/resid_post_layer_3/trainer_0"
 
 
 @pytest.fixture
 def registered_after() -> Iterator[None]:
     yield
     sae_lens_gated.register()
-
-
-def _assert_matches_dictionary_learning(sae: GatedSAE, ae: Any) -> None:
-    x = torch.randn(200, ae.activation_dim) * 2
-    with torch.no_grad():
-        expected_features, expected_out = ae.encode(x), ae(x)
-        features, out = sae.encode(x), sae(x)
-    # The test must be able to see a wrong gate or magnitude: many features fire.
-    assert 0.2 < (expected_features > 0).float().mean() < 0.8
-    torch.testing.assert_close(features, expected_features, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
-
-
-def _saelens_folder(path: Path, seed: int = 0) -> GatedSAE:
-    sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48))
-    randomize_gated_params(sae, seed=seed)
-    sae.save_model(path)
-    return sae
 
 
 def test_dictionary_learning_folder_equals_dictionary_learning_forward(tmp_path: Path):
@@ -66,7 +51,7 @@ def test_dictionary_learning_folder_equals_dictionary_learning_forward(tmp_path:
     assert type(sae) is GatedSAE
     assert sae.cfg.apply_b_dec_to_input is True
     assert sae.cfg.dtype == "float32"
-    _assert_matches_dictionary_learning(sae, ae)
+    assert_matches_dictionary_learning(sae, ae)
     metadata = sae.cfg.metadata
     assert metadata.hook_name == "blocks.3.hook_resid_post"
     assert metadata.model_name == "pythia-70m-deduped"
@@ -79,25 +64,11 @@ def test_folder_argument_is_joined_to_a_local_source(tmp_path: Path):
     write_dictionary_learning_folder(tmp_path / "sweep" / "resid_post_layer_4", ae, 4)
     sae = load_gated_sae(tmp_path / "sweep", "resid_post_layer_4")
     assert sae.cfg.metadata.hook_name == "blocks.4.hook_resid_post"
-    _assert_matches_dictionary_learning(sae, ae)
-
-
-def test_dictionary_learning_submodule_names_map_to_hooks(tmp_path: Path):
-    ae = random_dictionary_learning_ae(seed=3)
-    write_dictionary_learning_folder(
-        tmp_path / "mlp", ae, layer=2, submodule_name="mlp_out_layer_2"
-    )
-    write_dictionary_learning_folder(
-        tmp_path / "odd", ae, layer=2, submodule_name="embed"
-    )
-    assert load_gated_sae(tmp_path / "mlp").cfg.metadata.hook_name == (
-        "blocks.2.hook_mlp_out"
-    )
-    assert load_gated_sae(tmp_path / "odd").cfg.metadata.hook_name is None
+    assert_matches_dictionary_learning(sae, ae)
 
 
 def test_saelens_folder_loads_the_same_sae(tmp_path: Path):
-    saved = _saelens_folder(tmp_path / "sae", seed=4)
+    saved = write_saelens_folder(tmp_path / "sae", seed=4)
     loaded = load_gated_sae(tmp_path / "sae")
     assert type(loaded) is GatedSAE
     x = torch.randn(50, 16)
@@ -125,7 +96,7 @@ def test_saelens_folder_written_by_the_builtin_class_loads_unregistered(
 def test_dtype_and_device_are_respected(tmp_path: Path):
     ae = random_dictionary_learning_ae(seed=6)
     write_dictionary_learning_folder(tmp_path / "dl", ae)
-    saved = _saelens_folder(tmp_path / "sl", seed=6)
+    saved = write_saelens_folder(tmp_path / "sl", seed=6)
     for path, expected in (
         (tmp_path / "dl", ae.encoder.weight.T),
         (tmp_path / "sl", saved.W_enc),
@@ -140,7 +111,7 @@ def test_dtype_and_device_are_respected(tmp_path: Path):
 
 def test_loading_never_modifies_the_source_files(tmp_path: Path):
     write_dictionary_learning_folder(tmp_path / "dl", random_dictionary_learning_ae())
-    _saelens_folder(tmp_path / "sl")
+    write_saelens_folder(tmp_path / "sl")
     (tmp_path / "sl" / "sparsity.safetensors").write_bytes(b"not read")
     before = file_hashes(tmp_path)
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
@@ -153,210 +124,21 @@ def test_loading_never_modifies_the_source_files(tmp_path: Path):
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
 
 
-# --- validation -------------------------------------------------------------------------
+# --- validation (each format's checks: tests/formats) ----------------------------------
 
 
-def _corrupt_dictionary_learning(path: Path, edit: Any) -> None:
-    state = torch.load(path / "ae.pt", weights_only=True)
-    edit(state)
-    torch.save(state, path / "ae.pt")
-
-
-def _corrupt_saelens(path: Path, edit: Any) -> None:
-    state = load_file(path / "sae_weights.safetensors")
-    edit(state)
-    save_file(state, path / "sae_weights.safetensors")
-
-
-def _set(key: str, index: int, value: float) -> Any:
-    def edit(state: dict[str, torch.Tensor]) -> None:
-        tensor = state[key]
-        tensor[torch.unravel_index(torch.tensor(index), tensor.shape)] = value
-
-    return edit
-
-
-# name: (dictionary_learning edit, SAELens edit, expected words, key in ae.pt, key in
-# sae_weights.safetensors)
-CORRUPTIONS: dict[str, tuple[Any, Any, str, str, str]] = {
-    "missing key": (
-        lambda s: s.pop("r_mag"),
-        lambda s: s.pop("r_mag"),
-        "missing key(s) 'r_mag'",
-        "r_mag",
-        "r_mag",
-    ),
-    "extra key": (
-        lambda s: s.update(threshold=torch.zeros(48)),
-        lambda s: s.update(threshold=torch.zeros(48)),
-        "unexpected key(s) 'threshold'",
-        "threshold",
-        "threshold",
-    ),
-    "NaN weight": (
-        _set("gate_bias", 7, float("nan")),
-        _set("b_gate", 7, float("nan")),
-        "has 1 non-finite value(s)",
-        "gate_bias",
-        "b_gate",
-    ),
-    "inf weight": (
-        _set("encoder.weight", 3, float("inf")),
-        _set("W_enc", 3, float("-inf")),
-        "has 1 non-finite value(s)",
-        "encoder.weight",
-        "W_enc",
-    ),
-}
-
-
-@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_dictionary_learning_validation_errors_name_file_and_key(
-    tmp_path: Path, corruption: str
-):
-    edit, _, words, key, _ = CORRUPTIONS[corruption]
-    folder = write_dictionary_learning_folder(
-        tmp_path / "dl", random_dictionary_learning_ae()
-    )
-    _corrupt_dictionary_learning(folder, edit)
-    with pytest.raises(GatedSAELoadError) as error:
-        load_gated_sae(folder)
-    message = str(error.value)
-    assert str(folder / "ae.pt") in message
-    assert words in message and f"'{key}'" in message
-
-
-@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_saelens_validation_errors_name_file_and_key(tmp_path: Path, corruption: str):
-    _, edit, words, _, key = CORRUPTIONS[corruption]
-    _saelens_folder(tmp_path / "sl")
-    _corrupt_saelens(tmp_path / "sl", edit)
-    with pytest.raises(GatedSAELoadError) as error:
-        load_gated_sae(tmp_path / "sl")
-    message = str(error.value)
-    assert str(tmp_path / "sl" / "sae_weights.safetensors") in message
-    assert words in message and f"'{key}'" in message
-
-
-def test_shape_mismatch_with_the_config_is_an_error(tmp_path: Path):
+def test_both_formats_are_validated_before_anything_is_built(tmp_path: Path):
     folder = write_dictionary_learning_folder(
         tmp_path / "dl", random_dictionary_learning_ae(), dict_size=40
     )
-    with pytest.raises(GatedSAELoadError) as error:
+    with pytest.raises(GatedSAELoadError, match="'encoder.weight' has shape"):
         load_gated_sae(folder)
-    message = str(error.value)
-    assert str(folder / "ae.pt") in message and str(folder / "config.json") in message
-    assert "'encoder.weight' has shape (48, 16), expected (40, 16)" in message
-
-    _saelens_folder(tmp_path / "sl")
-    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    (tmp_path / "sl" / "cfg.json").write_text(json.dumps({**cfg, "d_in": 15}))
-    with pytest.raises(GatedSAELoadError, match=r"'W_enc' has shape \(16, 48\), "):
+    write_saelens_folder(tmp_path / "sl")
+    state = load_file(tmp_path / "sl" / "sae_weights.safetensors")
+    state["b_mag"][3] = float("nan")
+    save_file(state, tmp_path / "sl" / "sae_weights.safetensors")
+    with pytest.raises(GatedSAELoadError, match="'b_mag' has 1 non-finite value"):
         load_gated_sae(tmp_path / "sl")
-
-
-def test_all_ones_scaling_factor_of_old_saelens_saves_is_ignored(tmp_path: Path):
-    saved = _saelens_folder(tmp_path / "sl")
-    _corrupt_saelens(tmp_path / "sl", lambda s: s.update(scaling_factor=torch.ones(48)))
-    torch.testing.assert_close(load_gated_sae(tmp_path / "sl").W_enc, saved.W_enc)
-    _corrupt_saelens(tmp_path / "sl", _set("scaling_factor", 0, 2.0))
-    with pytest.raises(GatedSAELoadError, match="unexpected key 'scaling_factor'"):
-        load_gated_sae(tmp_path / "sl")
-
-
-def test_topk_dictionary_learning_folder_is_refused(tmp_path: Path):
-    folder = tmp_path / "topk"
-    folder.mkdir()
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "trainer": {
-                    "dict_class": "AutoEncoderTopK",
-                    "trainer_class": "TopKTrainer",
-                    "activation_dim": 16,
-                    "dict_size": 48,
-                    "k": 8,
-                },
-                "buffer": {"ctx_len": 128},
-            }
-        )
-    )
-    torch.save(
-        {
-            "encoder.weight": torch.randn(48, 16),
-            "encoder.bias": torch.zeros(48),
-            "decoder.weight": torch.randn(16, 48),
-            "b_dec": torch.zeros(16),
-            "k": torch.tensor(8),
-            "threshold": torch.tensor(-1.0),
-        },
-        folder / "ae.pt",
-    )
-    with pytest.raises(GatedSAELoadError) as error:
-        load_gated_sae(folder)
-    message = str(error.value)
-    assert str(folder / "config.json") in message
-    assert "'trainer.dict_class' is 'AutoEncoderTopK'" in message
-
-
-def test_non_gated_saelens_folder_is_refused(tmp_path: Path):
-    gated = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48))
-    to_jumprelu(gated).save_model(tmp_path / "jumprelu")
-    with pytest.raises(GatedSAELoadError) as error:
-        load_gated_sae(tmp_path / "jumprelu")
-    message = str(error.value)
-    assert str(tmp_path / "jumprelu" / "cfg.json") in message
-    assert "field 'architecture' is 'jumprelu', expected 'gated'" in message
-
-
-@pytest.mark.parametrize("keep_bytes", [40, -100])
-def test_truncated_safetensors_is_refused(tmp_path: Path, keep_bytes: int):
-    _saelens_folder(tmp_path / "sl")
-    weights = tmp_path / "sl" / "sae_weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:keep_bytes])
-    with pytest.raises(GatedSAELoadError) as error:
-        load_gated_sae(tmp_path / "sl")
-    assert f"{weights} is not a readable safetensors file" in str(error.value)
-
-
-def test_truncated_ae_pt_is_refused(tmp_path: Path):
-    folder = write_dictionary_learning_folder(
-        tmp_path / "dl", random_dictionary_learning_ae()
-    )
-    weights = folder / "ae.pt"
-    weights.write_bytes(weights.read_bytes()[:-500])
-    with pytest.raises(GatedSAELoadError, match="is not a readable PyTorch checkpoint"):
-        load_gated_sae(folder)
-
-
-class _CreatesFile:
-    """Unpickling this calls ``open(path, "w")``: it creates a file, as an attack could."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return (open, (str(self.path), "w"))
-
-
-def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path):
-    ae = random_dictionary_learning_ae()
-    state = {k: v.cpu() for k, v in ae.state_dict().items()}
-    # Control: the payload really does create its file when unpickled unsafely.
-    control = tmp_path / "control-marker"
-    torch.save({**state, "payload": _CreatesFile(control)}, tmp_path / "control.pt")
-    torch.load(tmp_path / "control.pt", weights_only=False)
-    assert control.exists()
-
-    folder = write_dictionary_learning_folder(tmp_path / "evil", ae)
-    marker = tmp_path / "pwned-marker"
-    torch.save({**state, "payload": _CreatesFile(marker)}, folder / "ae.pt")
-    with pytest.raises(GatedSAELoadError) as error:
-        load_gated_sae(folder)
-    message = str(error.value)
-    assert f"Refusing to load {folder / 'ae.pt'}" in message
-    assert "would execute code" in message
-    assert not marker.exists()
 
 
 @pytest.mark.usefixtures("hub_cache")
@@ -372,7 +154,7 @@ def test_unknown_sources_are_clear_errors(tmp_path: Path):
     with pytest.raises(GatedSAELoadError, match="found: notes.txt"):
         load_gated_sae(tmp_path / "other")
     with pytest.raises(GatedSAELoadError, match="has no SAE id 'blocks.3.nope'"):
-        load_gated_sae(RELEASE, "blocks.3.nope")
+        load_gated_sae(GATED_RELEASE, "blocks.3.nope")
     with pytest.raises(GatedSAELoadError) as error:
         load_gated_sae("someone/not-cached", "trainer_0")
     message = str(error.value)
@@ -394,11 +176,11 @@ def test_hub_dictionary_learning_folder(tmp_path: Path, hub_cache: Path):
     )
     sae = load_gated_sae("someone/saebench_pythia-160m", folder)
     assert sae.cfg.metadata.hook_name == "blocks.8.hook_resid_post"
-    _assert_matches_dictionary_learning(sae, ae)
+    assert_matches_dictionary_learning(sae, ae)
 
 
 def test_hub_saelens_folder(tmp_path: Path, hub_cache: Path):
-    saved = _saelens_folder(tmp_path / "src", seed=8)
+    saved = write_saelens_folder(tmp_path / "src", seed=8)
     populate_hub_cache(
         hub_cache,
         "someone/gated-saes",
@@ -415,11 +197,7 @@ def test_hub_saelens_folder(tmp_path: Path, hub_cache: Path):
 
 def _populate_release(tmp_path: Path, hub_cache: Path, ae: Any) -> Path:
     local = write_dictionary_learning_folder(tmp_path / "src", ae, layer=3)
-    populate_hub_cache(
-        hub_cache,
-        RELEASE_REPO,
-        {f"{RELEASE_FOLDER}/{n}": local / n for n in ("ae.pt", "config.json")},
-    )
+    populate_gated_release(hub_cache, local)
     return local
 
 
@@ -433,13 +211,13 @@ def test_saelens_release_loads_through_from_pretrained(
     if not registered:
         sae_lens_gated.unregister()
 
-    sae = load_gated_sae(RELEASE, RELEASE_SAE_ID)
+    sae = load_gated_sae(GATED_RELEASE, GATED_RELEASE_SAE_ID)
 
     assert type(sae) is GatedSAE
     assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
     assert sae.cfg.metadata.model_name == "pythia-70m-deduped"
     assert sae.cfg.metadata.context_size == 128
-    _assert_matches_dictionary_learning(sae, ae)
+    assert_matches_dictionary_learning(sae, ae)
     # SAELens's converter and the plugin's own reader agree on the same files.
     direct = load_gated_sae(local)
     for name in GATED_PARAM_NAMES:
@@ -472,18 +250,103 @@ def test_non_gated_release_is_refused_before_its_weights_are_fetched(
         "canrager/saebench_gemma-2-2b_width-2pow12_date-1109",
         {f"{folder}/config.json": config},
     )
-    with pytest.raises(GatedSAELoadError, match="'architecture' is 'topk', expected"):
+    with pytest.raises(GatedSAELoadError) as error:
         load_gated_sae(
             "sae_bench_gemma-2-2b_topk_width-2pow12_date-1109",
             "blocks.12.hook_resid_post__trainer_0",
         )
+    message = str(error.value)
+    assert f"{folder}/config.json: field 'trainer.dict_class' is 'AutoEncoderTopK'" in (
+        message
+    )
+
+
+@pytest.mark.parametrize(
+    ("release", "sae_id", "repo_id", "folder"),
+    [
+        (GATED_RELEASE, GATED_RELEASE_SAE_ID, GATED_RELEASE_REPO, GATED_RELEASE_FOLDER),
+        # A release in a format the plugin leaves to SAELens's own converter.
+        (
+            "gpt2-small-res-jb",
+            "blocks.0.hook_resid_pre",
+            "jbloom/GPT2-Small-SAEs-Reformatted",
+            "blocks.0.hook_resid_pre",
+        ),
+    ],
+)
+def test_release_missing_from_the_offline_cache_is_a_clear_error(
+    hub_cache: Path, release: str, sae_id: str, repo_id: str, folder: str
+):
+    assert list(hub_cache.iterdir()) == []
+    with pytest.raises(GatedSAELoadError) as error:
+        load_gated_sae(release, sae_id)
+    assert str(error.value) == (
+        f"SAELens release {release!r}, SAE id {sae_id!r} (Hugging Face repo "
+        f"{repo_id!r}, folder {folder!r}) is not in the local Hugging Face cache, and "
+        "the network is off (HF_HUB_OFFLINE=1)."
+    )
+
+
+def test_release_with_a_malicious_ae_pt_is_refused_without_running_it(
+    tmp_path: Path, hub_cache: Path
+):
+    local = write_dictionary_learning_folder(
+        tmp_path / "src", random_dictionary_learning_ae(), layer=3
+    )
+    marker = tmp_path / "pwned-marker"
+    write_malicious_ae_pt(local, marker)
+    snapshot = populate_gated_release(hub_cache, local)
+    with pytest.raises(GatedSAELoadError) as error:
+        load_gated_sae(GATED_RELEASE, GATED_RELEASE_SAE_ID)
+    message = str(error.value)
+    assert f"Refusing to load {snapshot / GATED_RELEASE_FOLDER / 'ae.pt'}" in message
+    assert "would execute code" in message
+    assert not marker.exists()
+
+
+def test_release_with_wrong_shapes_is_refused(tmp_path: Path, hub_cache: Path):
+    local = write_dictionary_learning_folder(
+        tmp_path / "src", random_dictionary_learning_ae(), layer=3, dict_size=40
+    )
+    snapshot = populate_gated_release(hub_cache, local)
+    with pytest.raises(GatedSAELoadError) as error:
+        load_gated_sae(GATED_RELEASE, GATED_RELEASE_SAE_ID)
+    assert str(error.value) == (
+        f"{snapshot / GATED_RELEASE_FOLDER / 'ae.pt'}: key 'encoder.weight' has shape "
+        f"(48, 16), expected (40, 16) from the sizes in "
+        f"{snapshot / GATED_RELEASE_FOLDER / 'config.json'}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "folder", "words"),
+    [
+        ("someone/repo", "a/../../b", "folder 'a/../../b' has a '..' segment"),
+        ("someone/repo", "..", "folder '..' has a '..' segment"),
+        ("someone/..", None, "'someone/..' is not a valid Hugging Face repo id"),
+        ("someone/a..b", "x", "'someone/a..b' is not a valid Hugging Face repo id"),
+    ],
+)
+def test_bad_hub_paths_are_refused_before_any_download(
+    monkeypatch: pytest.MonkeyPatch,
+    hub_cache: Path,
+    repo_id: str,
+    folder: str | None,
+    words: str,
+):
+    downloads: list[Any] = []
+    monkeypatch.setattr(hub, "hf_hub_download", lambda **kw: downloads.append(kw))
+    with pytest.raises(GatedSAELoadError, match=re.escape(words)):
+        load_gated_sae(repo_id, folder)
+    assert downloads == []
+    assert list(hub_cache.iterdir()) == []
 
 
 def test_hub_cache_files_are_not_modified(tmp_path: Path, hub_cache: Path):
     _populate_release(tmp_path, hub_cache, random_dictionary_learning_ae(seed=10))
     before = file_hashes(hub_cache)
     links = {p: os.readlink(p) for p in hub_cache.rglob("*") if p.is_symlink()}
-    load_gated_sae(RELEASE, RELEASE_SAE_ID)
-    load_gated_sae(RELEASE_REPO, RELEASE_FOLDER)
+    load_gated_sae(GATED_RELEASE, GATED_RELEASE_SAE_ID)
+    load_gated_sae(GATED_RELEASE_REPO, GATED_RELEASE_FOLDER)
     assert file_hashes(hub_cache) == before
     assert {p: os.readlink(p) for p in hub_cache.rglob("*") if p.is_symlink()} == links
