@@ -88,8 +88,9 @@ class TrainingConventions:
 
     def _reset_transient_state(self) -> None:
         # State tied to this process and these parameter objects: rebuilt, never copied.
+        # It must not touch the SAE, which a deep copy or unpickling has not rebuilt yet.
         self.batch_guard = BatchGuard()
-        self.clip_undo = None if self.sae.cfg.clip_grad_norm else GradientClipUndo()
+        self.clip_undo: GradientClipUndo | None = None
         self._attached_to: tuple[weakref.ref[torch.nn.Parameter], ...] = ()
         self._logging_step: int | None = None
 
@@ -113,6 +114,9 @@ class TrainingConventions:
         """
         _install_optimizer_hooks()
         _LISTENERS.add(self)
+        if self.clip_undo is None and not self.sae.cfg.clip_grad_norm:
+            self.clip_undo = GradientClipUndo()
+            self._attached_to = ()
         params = list(self.sae.parameters())
         if len(params) == len(self._attached_to) and all(
             ref() is p for ref, p in zip(self._attached_to, params)

@@ -23,6 +23,7 @@ from sae_lens_gated import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
     NonFiniteBatchError,
+    to_jumprelu,
 )
 from tests.helpers import (
     GATED_PARAM_NAMES,
@@ -193,6 +194,99 @@ def test_weight_tying_none_keeps_r_mag_out_of_the_graph():
     centered = x - sae.b_dec
     expected_mag = centered @ sae.W_enc + sae.b_mag
     torch.testing.assert_close(out.hidden_pre, expected_mag)
+
+
+def test_a_frozen_non_zero_r_mag_is_applied_everywhere(tmp_path: Path):
+    # weight_tying="none" freezes r_mag; a non-zero value (e.g. loaded from a file) must
+    # act the same in training, inference, exports and after a save/load round trip.
+    sae = GatedTrainingSAE(build_gated_training_cfg(weight_tying="none"))
+    randomize_gated_params(sae, seed=6, unit_decoder=True)
+    assert sae.r_mag.abs().max() > 0.1
+    x = torch.randn(64, 16)
+    centered = x - sae.b_dec
+    pre = centered @ sae.W_enc
+    expected = (pre + sae.b_gate > 0) * torch.relu(pre * sae.r_mag.exp() + sae.b_mag)
+    out = sae.training_forward_pass(step_input(x))
+    torch.testing.assert_close(out.feature_acts, expected)
+    torch.testing.assert_close(sae.encode(x), expected)
+    torch.testing.assert_close(to_jumprelu(sae).encode(x), expected)
+    sae.save_inference_model(tmp_path)
+    torch.testing.assert_close(GatedSAE.load_from_disk(tmp_path).encode(x), expected)
+    out.loss.backward()
+    assert sae.r_mag.grad is None
+
+
+def _normalize_activations_modes() -> list[str]:
+    modes = []
+    for mode in (
+        "none",
+        "expected_average_only_in",
+        "constant_norm_rescale",
+        "layer_norm",
+        "covariance_whitening",  # SAELens >= 6.51
+    ):
+        try:
+            BuiltinGatedTrainingSAEConfig(d_in=4, d_sae=4, normalize_activations=mode)  # type: ignore[arg-type]
+        except ValueError:
+            continue
+        modes.append(mode)
+    return modes
+
+
+# Modes whose normalization runs inside the SAE at every forward pass (the others are
+# applied to the batch by SAELens's trainer before the SAE sees it).
+_RUN_TIME_MODES = ("constant_norm_rescale", "layer_norm")
+
+
+@pytest.mark.parametrize("mode", _normalize_activations_modes())
+def test_april_update_equals_builtin_in_every_normalization_mode(mode: str):
+    builtin = BuiltinGatedTrainingSAE(
+        BuiltinGatedTrainingSAEConfig(d_in=16, d_sae=48, normalize_activations=mode)  # type: ignore[arg-type]
+    )
+    randomize_gated_params(builtin, seed=1)
+    plugin = GatedTrainingSAE(
+        build_gated_training_cfg(recipe="april_update", normalize_activations=mode)
+    )
+    copy_params(builtin, plugin)
+    x = torch.randn(64, 16) * 3.0 + 1.0
+    out_plugin = plugin.training_forward_pass(step_input(x))
+    if mode in _RUN_TIME_MODES:
+        # The built-in computes its reconstruction loss in raw units but its gate (aux and
+        # sparsity terms) on un-normalized inputs; the plugin computes all three terms in
+        # the normalized space, i.e. it equals the built-in given inputs normalized first.
+        reference = BuiltinGatedTrainingSAE(
+            BuiltinGatedTrainingSAEConfig(d_in=16, d_sae=48)
+        )
+        copy_params(builtin, reference)
+        x_normalized = builtin.run_time_activation_norm_fn_in(x)
+        out_builtin = reference.training_forward_pass(step_input(x_normalized))
+        raw_out = builtin.run_time_activation_norm_fn_out(out_builtin.sae_out)
+        torch.testing.assert_close(out_plugin.sae_out, raw_out, rtol=1e-5, atol=1e-5)
+    else:
+        reference = builtin
+        out_builtin = builtin.training_forward_pass(step_input(x))
+        torch.testing.assert_close(out_plugin.sae_out, out_builtin.sae_out)
+    for name, value in out_builtin.losses.items():
+        assert _rel_err(out_plugin.losses[name], value) <= 1e-5, name
+    grads_builtin = _grads(reference, out_builtin.loss)
+    grads_plugin = _grads(plugin, out_plugin.loss)
+    for name in GATED_PARAM_NAMES:
+        assert grads_builtin[name].abs().max() > 0, name
+        assert _rel_err(grads_plugin[name], grads_builtin[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("mode", _RUN_TIME_MODES)
+def test_the_three_loss_terms_share_one_space_under_run_time_normalization(mode: str):
+    # Scaling the raw batch must not change any term: all three live in the SAE's
+    # normalized space, so the paper's 1:1 weighting of the two reconstructions holds.
+    sae = GatedTrainingSAE(build_gated_training_cfg(normalize_activations=mode))
+    randomize_gated_params(sae, seed=2, unit_decoder=True)
+    x = torch.randn(64, 16) + 0.5
+    small = sae.training_forward_pass(step_input(x)).losses
+    large = sae.training_forward_pass(step_input(x * 29.0)).losses
+    for name, value in small.items():
+        assert value > 0, name
+        torch.testing.assert_close(large[name], value, rtol=1e-4, atol=1e-6)
 
 
 def _train_one_feature_toy(sae: SAE[Any], steps: int = 2500) -> float:

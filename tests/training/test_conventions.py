@@ -1,3 +1,7 @@
+import copy
+from typing import Any
+
+import pytest
 import torch
 
 from sae_lens_gated import GatedTrainingSAE
@@ -7,6 +11,7 @@ from tests.helpers import (
     build_gated_training_cfg,
     make_trainer,
     randomize_gated_params,
+    step_input,
 )
 
 
@@ -78,3 +83,114 @@ def test_hooks_follow_parameters_replaced_by_assign_loading():
     assert sae.conventions in listeners_of(optimizer)
     optimizer.step()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-6, rtol=0)
+
+
+def _resampling_cfg(**kwargs: Any) -> Any:
+    return build_gated_training_cfg(
+        d_in=16,
+        d_sae=48,
+        resample_every=10,
+        resample_window=10,
+        resample_pool_size=256,
+        resample_lr_warmup_steps=6,
+        clip_grad_norm=False,
+        **kwargs,
+    )
+
+
+def _with_dead_features(sae: GatedTrainingSAE, n_dead: int = 6) -> GatedTrainingSAE:
+    with torch.no_grad():
+        sae.b_gate[:n_dead] = -1e3  # these gates never open: dead at every event
+    return sae
+
+
+@pytest.mark.parametrize("make_copy", ["deepcopy", "dill"])
+def test_copied_and_unpickled_saes_train_with_their_conventions(make_copy: str):
+    import dill  # type: ignore[import-untyped]
+
+    original = _with_dead_features(GatedTrainingSAE(_resampling_cfg()))
+    copy_of: dict[str, Any] = {
+        "deepcopy": copy.deepcopy,
+        "dill": lambda sae: dill.loads(dill.dumps(sae)),
+    }
+    clone = copy_of[make_copy](original)
+    assert clone.conventions.sae is clone
+    for sae in (original, clone):
+        make_trainer(sae, SparseSyntheticData(d_in=16, seed=3), steps=30).fit()
+    # Unit norm, resampling (3 events) and the unclipped gradient all applied to the
+    # copy exactly as to the original: the two trained to the same weights.
+    assert _max_norm_error(clone) <= 1e-5
+    resampler = clone.conventions.resampler
+    assert resampler is not None and resampler.n_events == 3
+    assert resampler.n_resampled > 0
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(clone.state_dict()[name], value, rtol=0, atol=0)
+
+
+def _train_sharing_one_optimizer(
+    saes: list[GatedTrainingSAE], one_group: bool, steps: int = 30
+) -> tuple[torch.optim.Optimizer, list[list[float]], list[list[float]]]:
+    base_lr = 1e-3
+    if one_group:
+        groups: list[dict[str, Any]] = [
+            {"params": [p for sae in saes for p in sae.parameters()]}
+        ]
+    else:
+        groups = [{"params": list(sae.parameters())} for sae in saes]
+    optimizer = torch.optim.Adam(groups, lr=base_lr, betas=(0.0, 0.999))
+    used: list[list[float]] = []
+    expected: list[list[float]] = []
+
+    def record(opt: torch.optim.Optimizer, *_: Any) -> None:
+        # Runs after the plugin's global pre-step hook, with the LR the step will use.
+        used.append([g["lr"] for g in opt.param_groups])
+        factors = [sae.conventions.lr_factor() for sae in saes]
+        expected.append(
+            [base_lr * min(factors)]
+            if one_group
+            else [base_lr * factor for factor in factors]
+        )
+
+    optimizer.register_step_pre_hook(record)
+    data = SparseSyntheticData(d_in=16, seed=1)
+    for _ in range(steps):
+        x = next(data)
+        loss = sum(sae.training_forward_pass(step_input(x)).loss for sae in saes)
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        optimizer.step()
+    return optimizer, used, expected
+
+
+@pytest.mark.parametrize("one_group", [True, False])
+@pytest.mark.parametrize("periods", [(10, 10), (10, 15)])
+def test_lr_rewarm_of_saes_sharing_an_optimizer_uses_one_factor_per_group(
+    one_group: bool, periods: tuple[int, int]
+):
+    saes = [
+        _with_dead_features(
+            GatedTrainingSAE(
+                build_gated_training_cfg(
+                    d_in=16,
+                    d_sae=48,
+                    resample_every=period,
+                    resample_window=10,
+                    resample_pool_size=256,
+                    resample_lr_warmup_steps=6,
+                )
+            )
+        )
+        for period in periods
+    ]
+    optimizer, used, expected = _train_sharing_one_optimizer(saes, one_group)
+    for sae in saes:
+        assert sae.conventions.resampler is not None
+        assert sae.conventions.resampler.n_resampled > 0
+    for step, (got, want) in enumerate(zip(used, expected)):
+        assert got == pytest.approx(want, rel=1e-12), step
+    assert min(min(lrs) for lrs in used) == pytest.approx(1e-4)  # the 0.1x dip
+    if not one_group and periods[0] != periods[1]:
+        # Each SAE's re-warm stays in its own group.
+        assert any(a != b for a, b in used)
+    # The scheduled learning rate is back, for good, after every step.
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3] * len(used[0])
