@@ -66,6 +66,9 @@ class DataParallelPlan:
             self.sae.conventions, self.ranks, check_gradients=False
         )
 
+    def after_step(self) -> None:
+        """Nothing: identical gradients gave identical steps."""
+
 
 class DataParallelResampling:
     """The resampler's collectives when every process holds all features and some rows.

@@ -263,17 +263,24 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
         its share is read), processed as plugin loading processes a whole state dict."""
         state: dict[str, torch.Tensor] = {}
         with safe_open(str(weights_path), framework="pt", device="cpu") as weights:
-            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if name in SHARDED_DIMS:
-                    index: list[Any] = [slice(None), slice(None)]
-                    index[SHARDED_DIMS[name]] = self.features
-                    tensor = weights.get_slice(name)[
-                        tuple(index[: SHARDED_DIMS[name] + 1])
-                    ]
-                else:
-                    tensor = weights.get_tensor(name)
-                state[name] = tensor
-        check_whole_shapes(state, self.d_sae_total, self.ranks, weights_path)
+            names = list(weights.keys())
+            missing = sorted({*SHARDED_DIMS, "b_dec"} - set(names))
+            if missing:
+                raise ValueError(f"{weights_path} has no {', '.join(missing)}.")
+            for name in names:
+                if name not in SHARDED_DIMS:
+                    state[name] = weights.get_tensor(name)
+                    continue
+                tensor = weights.get_slice(name)
+                dim = SHARDED_DIMS[name]
+                width = tensor.get_shape()[dim]
+                if width != self.d_sae_total:
+                    raise ValueError(
+                        f"{weights_path}: {name} has {width} features, expected "
+                        f"d_sae={self.d_sae_total}."
+                    )
+                index = (slice(None),) * dim + (self.features,)
+                state[name] = tensor[index]
         # Per-feature processing (e.g. folding non-unit decoder rows): shard by shard.
         self.process_state_dict_for_loading(state)
         return state
@@ -323,6 +330,16 @@ class LatentShardedPlan:
             self.ranks,
             SAELENS_MAX_GRAD_NORM,
         )
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Give every process the first process's ``b_dec``.
+
+        Undoing SAELens's per-process clip rescales each process's ``b_dec`` gradient by
+        its own factor, equal up to rounding: without this, the copies of ``b_dec`` would
+        drift apart by a few ulps per step.
+        """
+        self.ranks.broadcast(self.sae.b_dec.data, "copying the first process's b_dec")
 
 
 @torch.no_grad()
@@ -414,23 +431,6 @@ def check_shardable(cfg: GatedTrainingSAEConfig, ranks: Ranks) -> None:
             f"d_sae={cfg.d_sae} is not divisible by the {ranks.world_size} processes: "
             "latent sharding gives each process the same number of features."
         )
-
-
-def check_whole_shapes(
-    state: dict[str, torch.Tensor], d_sae: int, ranks: Ranks, source: object
-) -> None:
-    """Raise a clear ``ValueError`` unless ``state`` holds this process's share of a
-    ``d_sae``-feature SAE."""
-    width = d_sae // ranks.world_size
-    missing = sorted({*SHARDED_DIMS, "b_dec"} - {"r_mag"} - set(state))
-    if missing:
-        raise ValueError(f"{source} has no {', '.join(missing)}.")
-    for name, dim in SHARDED_DIMS.items():
-        if name in state and state[name].shape[dim] != width:
-            raise ValueError(
-                f"{source}: {name} has {state[name].shape[dim] * ranks.world_size} "
-                f"features after sharding, expected d_sae={d_sae}."
-            )
 
 
 @torch.no_grad()

@@ -257,18 +257,23 @@ class DistributedRunner(LanguageModelSAETrainingRunner):
         try:
             return super().run()
         finally:
-            # Checkpoints still in the staging folder are incomplete: a failed run or an
-            # interruption stopped them.
-            staging = self._staging_folder()
-            if staging is not None:
+            # Checkpoints still in a staging folder are incomplete: a failed run or an
+            # interruption stopped them. The first process also removes those of
+            # processes that crashed.
+            for staging in self._staging_folders():
                 shutil.rmtree(staging, ignore_errors=True)
             if self._temporary_checkpoints is not None and self.ranks.is_first:
                 shutil.rmtree(self._temporary_checkpoints, ignore_errors=True)
 
-    def _staging_folder(self) -> Path | None:
+    def _staging_folders(self) -> list[Path]:
         if self.cfg.checkpoint_path is None:
-            return None
-        return Path(self.cfg.checkpoint_path)
+            return []
+        own = Path(self.cfg.checkpoint_path)
+        if self.mode == "data" or not self.ranks.is_first:
+            return [own]
+        return [
+            rank_checkpoint_folder(own, rank) for rank in range(self.ranks.world_size)
+        ]
 
     @override
     def save_checkpoint(self, checkpoint_path: Path | None) -> None:

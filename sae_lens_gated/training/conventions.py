@@ -84,6 +84,10 @@ class ParallelPlan(Protocol):
         """Run first in the optimizer pre-step hook, before any other check or change."""
         ...
 
+    def after_step(self) -> None:
+        """Run first in the optimizer post-step hook, before renormalization and resampling."""
+        ...
+
 
 class TrainingConventions:
     """Per-step work the paper's recipe needs that SAELens's trainer cannot be asked for.
@@ -217,6 +221,8 @@ class TrainingConventions:
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Renormalize decoder rows and run a resampling event if one is due."""
+        if self.parallel is not None:
+            self.parallel.after_step()
         if self.sae.cfg.unit_norm_decoder:
             normalize_decoder_rows(self.sae.W_dec)
         if self.resampler is not None:
