@@ -168,19 +168,23 @@ class Ranks:
         return box[0]
 
     def gather(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor] | None:
-        """Every process's ``tensor`` (same shape), on the first process (None elsewhere),
-        in rank order, on the CPU."""
+        """Every process's ``tensor`` (same shape), on the CPU of the first process (None
+        elsewhere), in rank order; the first process receives one at a time."""
         work = self._on_device(tensor.contiguous())
-        parts = (
-            [torch.empty_like(work) for _ in range(self.world_size)]
-            if self.is_first
-            else None
-        )
-        self._run(
-            what,
-            lambda: dist.gather(work, parts, dst=self._global(0), group=self.group),
-        )
-        return None if parts is None else [p.cpu() for p in parts]
+        if not self.is_first:
+            self._run(
+                what, lambda: dist.send(work, dst=self._global(0), group=self.group)
+            )
+            return None
+        parts = [work.cpu().clone()]
+        buffer = torch.empty_like(work)
+        for rank in range(1, self.world_size):
+            self._run(
+                what,
+                lambda: dist.recv(buffer, src=self._global(rank), group=self.group),
+            )
+            parts.append(buffer.cpu().clone())
+        return parts
 
     def scatter(
         self, chunks: list[torch.Tensor] | None, out: torch.Tensor, what: str

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import sae_lens
 import torch
 import torch.distributed as dist
 from datasets import load_dataset
@@ -415,6 +416,21 @@ def check_runner_config(
             f"d_sae={cfg.sae.d_sae} is not divisible by the {world} processes: "
             "latent sharding gives each process the same number of features."
         )
+
+
+def trainer_estimates_normalization(cfg: LanguageModelSAERunnerConfig[Any]) -> bool:
+    """Whether SAELens's trainer draws batches to estimate the activation normalization
+    before the first training step of this run."""
+    if cfg.sae.normalize_activations not in _NORMALIZATIONS_ESTIMATED:
+        return False
+    # SAELens before 6.52 estimated again when resuming; from 6.52 it keeps the
+    # checkpoint's estimate.
+    return cfg.resume_from_checkpoint is None or _saelens_version() < (6, 52)
+
+
+def _saelens_version() -> tuple[int, ...]:
+    release = sae_lens.__version__.split("+")[0].split(".")
+    return tuple(int(part) for part in release[:3] if part.isdigit())
 
 
 def rank_dataset(

@@ -14,7 +14,11 @@ from safetensors.torch import load_file
 import sae_lens_gated
 from sae_lens_gated.cli import main
 from sae_lens_gated.distributed import DistributedTrainingError, init_distributed
-from sae_lens_gated.distributed.runner import DistributedRunner, rank_dataset
+from sae_lens_gated.distributed.runner import (
+    DistributedRunner,
+    rank_dataset,
+    trainer_estimates_normalization,
+)
 from tests.distributed.spawn import run_on_ranks
 from tests.helpers import tiny_model, tiny_runner_dict, tiny_token_dataset
 
@@ -268,3 +272,23 @@ def test_each_process_reads_its_own_contiguous_block_of_the_dataset():
     out = run_on_ranks(_dataset_share)
     assert out[0] == rows[:5]
     assert out[1] == rows[5:]
+
+
+def test_the_normalization_batches_are_gathered_when_saelens_estimates_it(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import sae_lens
+
+    cfg = LanguageModelSAERunnerConfig.from_dict(
+        tiny_runner_dict(
+            Path("unused"), sae={"normalize_activations": "expected_average_only_in"}
+        )
+    )
+    assert trainer_estimates_normalization(cfg)
+    cfg.resume_from_checkpoint = "a checkpoint"
+    monkeypatch.setattr(sae_lens, "__version__", "6.54.12")
+    assert not trainer_estimates_normalization(cfg)  # keeps the checkpoint's estimate
+    monkeypatch.setattr(sae_lens, "__version__", "6.50.0")
+    assert trainer_estimates_normalization(cfg)  # estimates again
+    cfg.sae.normalize_activations = "none"
+    assert not trainer_estimates_normalization(cfg)
