@@ -319,7 +319,9 @@ class LatentShardedPlan:
 
     def before_step(self) -> None:
         """Agree on finiteness; replace SAELens's per-process clip by the global one."""
-        stop_everywhere_if_not_finite(self.sae.conventions, self.ranks, True)
+        stop_everywhere_if_not_finite(
+            self.sae.conventions, self.ranks, check_gradients=True
+        )
         if self.clip_undo is None:
             return
         params = [p for p in self.sae.parameters() if p.grad is not None]
