@@ -88,7 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "train",
         help="Run SAELens's training runner CLI with the plugin registered.",
         description="All arguments go to SAELens's LanguageModelSAETrainingRunner CLI, "
-        "e.g. `sae-lens-gated train --architecture gated --model_name gpt2 ...`.",
+        "e.g. `sae-lens-gated train --architecture gated --model_name gpt2 ...`. Under "
+        "torchrun with several processes, one SAE trains on all of them: "
+        "--distributed {data,latent} (default data), --distributed-timeout SECONDS.",
         add_help=False,
     )
     _add_convert_parser(commands)
@@ -172,10 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     register()
     if args_list[:1] == ["train"]:
-        from sae_lens.llm_sae_training_runner import _run_cli
+        from sae_lens_gated.distributed.runner import run_training_cli
 
-        _run_cli(args_list[1:])
-        return 0
+        return run_training_cli(args_list[1:])
 
     parser = _build_parser()
     args = parser.parse_args(args_list)

@@ -1,6 +1,9 @@
 """Every script in examples/ runs offline, with tiny random models and local files."""
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -152,3 +155,90 @@ def test_hooked_sae_transformer_example_reads_features_and_spliced_loss():
 
     exact = example.inspect(model, _exact_gated_sae(), tokens)
     assert exact["spliced_loss"] == pytest.approx(exact["clean_loss"], rel=1e-4)
+
+
+_DISTRIBUTED_ARGS = [
+    "--steps",
+    "40",
+    "--batch-size",
+    "256",
+    "--d-sae",
+    "256",
+    "--l1",
+    "3",
+    "--lr",
+    "3e-2",
+    "--dtype",
+    "float64",  # float32 rounding grows under Adam; float64 shows the runs are the same
+]
+
+
+def _distributed_example(rank: int, mode: str, out: str) -> Any:
+    del rank
+    return _load("train_distributed").main(
+        ["--mode", mode, "--out", out, *_DISTRIBUTED_ARGS]
+    )
+
+
+def test_train_distributed_example_gives_the_same_sae_on_one_and_two_processes(
+    tmp_path: Path,
+):
+    from safetensors.torch import load_file
+
+    from tests.distributed.spawn import run_on_ranks
+
+    runs: dict[str, Path] = {}
+    for mode in ("data", "latent"):
+        for world in (1, 2):
+            runs[f"{mode}-{world}"] = out = tmp_path / f"{mode}-{world}"
+            summary = run_on_ranks(
+                _distributed_example, mode, str(out), world_size=world
+            )[0]
+            assert summary["processes"] == world
+            assert summary["resampled"] > 0  # a resampling event rewrote features
+    # The script as torchrun launches it.
+    runs["torchrun"] = tmp_path / "torchrun"
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "train_distributed.py"),
+            "--mode",
+            "latent",
+            "--out",
+            str(runs["torchrun"]),
+            *_DISTRIBUTED_ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert json.loads(launched.stdout.strip().splitlines()[-1])["processes"] == 2
+
+    reference = load_file(runs["data-1"] / "sae_weights.safetensors")
+    assert reference["W_enc"].shape == (64, 256)
+    for name, folder in runs.items():
+        weights = load_file(folder / "sae_weights.safetensors")
+        for key, value in reference.items():
+            torch.testing.assert_close(
+                weights[key], value, rtol=0, atol=1e-10, msg=f"{name}: {key}"
+            )
+
+
+def test_train_distributed_example_refuses_a_non_empty_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "sae_weights.safetensors").write_text("a saved SAE")
+    with pytest.raises(SystemExit) as exit_info:
+        _load("train_distributed").main(
+            ["--mode", "data", "--steps", "5", "--out", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "sae_weights.safetensors").read_text() == "a saved SAE"

@@ -14,8 +14,10 @@ the trainer hands it each batch); PyTorch's global optimizer step hooks call it 
   resampling event when one is due.
 
 It also saves and restores the resampler's state with SAELens's checkpoints and logs the
-extra W&B values. When SAELens grows step callbacks, this module is what changes
-(docs/maintainers.md maps each piece onto the seam that would replace it).
+extra W&B values. Training across processes (:mod:`sae_lens_gated.distributed`) plugs in
+through :meth:`TrainingConventions.use_parallel`. When SAELens grows step callbacks, this
+module is what changes (docs/maintainers.md maps each piece onto the seam that would
+replace it).
 """
 
 import logging
@@ -68,6 +70,25 @@ class ConventionsTarget(ResampleTarget, Protocol):
     ) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
 
+class ParallelPlan(Protocol):
+    """What a multi-process training plan (:mod:`sae_lens_gated.distributed`) hooks into."""
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        """Hook the gradients of ``params`` (replacing earlier hooks; none for ``[]``).
+
+        Called before the clip undo attaches, so these hooks run before its hooks.
+        """
+        ...
+
+    def before_step(self) -> None:
+        """Run first in the optimizer pre-step hook, before any other check or change."""
+        ...
+
+    def after_step(self) -> None:
+        """Run first in the optimizer post-step hook, before renormalization and resampling."""
+        ...
+
+
 class TrainingConventions:
     """Per-step work the paper's recipe needs that SAELens's trainer cannot be asked for.
 
@@ -91,12 +112,13 @@ class TrainingConventions:
         # It must not touch the SAE, which a deep copy or unpickling has not rebuilt yet.
         self.batch_guard = BatchGuard()
         self.clip_undo: GradientClipUndo | None = None
+        self.parallel: ParallelPlan | None = None
         self._attached_to: tuple[weakref.ref[torch.nn.Parameter], ...] = ()
         self._logging_step: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for transient in ("batch_guard", "clip_undo", "_attached_to"):
+        for transient in ("batch_guard", "clip_undo", "parallel", "_attached_to"):
             state.pop(transient)
         return state
 
@@ -122,9 +144,22 @@ class TrainingConventions:
             ref() is p for ref, p in zip(self._attached_to, params)
         ):
             return
+        if self.parallel is not None:
+            self.parallel.attach(params)
         if self.clip_undo is not None:
             self.clip_undo.attach(params)
         self._attached_to = tuple(weakref.ref(p) for p in params)
+
+    def use_parallel(self, plan: ParallelPlan | None) -> None:
+        """Train as one process of several under ``plan`` (None: alone again).
+
+        Re-hooks the parameters so that the plan's gradient hooks run first.
+        """
+        if self.parallel is not None:
+            self.parallel.attach([])
+        self.parallel = plan
+        self._attached_to = ()
+        self.attach()
 
     # ---- inside training_forward_pass ---------------------------------------------------
 
@@ -174,6 +209,8 @@ class TrainingConventions:
 
     def before_step(self) -> None:
         """Refuse non-finite values, restore clipped gradients, project decoder gradients."""
+        if self.parallel is not None:
+            self.parallel.before_step()
         self.batch_guard.raise_if_bad()
         named = [(n, p) for n, p in self.sae.named_parameters() if p.grad is not None]
         self.batch_guard.check_gradients(named)
@@ -188,6 +225,8 @@ class TrainingConventions:
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Renormalize decoder rows and run a resampling event if one is due."""
+        if self.parallel is not None:
+            self.parallel.after_step()
         if self.sae.cfg.unit_norm_decoder:
             normalize_decoder_rows(self.sae.W_dec)
         if self.resampler is not None:

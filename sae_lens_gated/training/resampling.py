@@ -10,6 +10,10 @@ then restarts at 0.1x and returns to its scheduled value on a cosine.
 
 The state (step count, firing history, input pool, random generator, event counters) is a
 plain tensor dict saved next to SAELens's checkpoints, so resuming is exact.
+
+In a run of several processes (:mod:`sae_lens_gated.distributed`) every process keeps the
+same resampler state, over all the SAE's features and the global batch: the few places where
+one process's view differs from the whole go through :class:`ResamplingCollectives`.
 """
 
 import logging
@@ -50,6 +54,64 @@ class ResampleTarget(Protocol):
         ...
 
 
+class ResamplingCollectives(Protocol):
+    """How the resamplers of the processes of one training run act as one.
+
+    In one process (:data:`SINGLE_PROCESS`) every method is the identity: the process holds
+    the whole batch and every feature.
+    """
+
+    def global_rows(self, rows: int) -> int:
+        """Rows of the global batch when this process holds ``rows`` of it."""
+        ...
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """The global batch, from this process's ``(rows, d_in)`` part of it."""
+        ...
+
+    def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
+        """Which of all the SAE's features fired, from this process's ``fired`` flags."""
+        ...
+
+    def local_features(self, d_sae: int) -> slice:
+        """The features this process holds, as a slice of all ``d_sae`` features."""
+        ...
+
+    def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of this process's per-feature ``values`` where ``mask`` over all processes
+        (of all values if ``mask`` is empty everywhere)."""
+        ...
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The first process's ``tensor``, on every process."""
+        ...
+
+
+class SingleProcess:
+    """:class:`ResamplingCollectives` of a process that trains alone."""
+
+    def global_rows(self, rows: int) -> int:
+        return rows
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
+        return fired
+
+    def local_features(self, d_sae: int) -> slice:
+        return slice(0, d_sae)
+
+    def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return values[mask].mean() if mask.any() else values.mean()
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
 @dataclass(frozen=True)
 class ResamplingSchedule:
     """When to resample and how.
@@ -88,11 +150,25 @@ class ResampleEvent:
 
 
 class DeadFeatureResampler:
-    """Tracks firing and recent inputs, and resamples dead features at scheduled steps."""
+    """Tracks firing and recent inputs, and resamples dead features at scheduled steps.
 
-    def __init__(self, schedule: ResamplingSchedule, d_sae: int, seed: int) -> None:
+    Args:
+        schedule: When and how to resample.
+        d_sae: Number of features of the whole SAE (of all processes together).
+        seed: Seed of the generator that draws the new directions.
+        collectives: How this process's view combines with the other processes' of a run.
+    """
+
+    def __init__(
+        self,
+        schedule: ResamplingSchedule,
+        d_sae: int,
+        seed: int,
+        collectives: ResamplingCollectives = SINGLE_PROCESS,
+    ) -> None:
         self.schedule = schedule
         self.d_sae = d_sae
+        self.collectives = collectives
         self.completed_steps = 0
         self.n_events = 0
         self.n_resampled = 0
@@ -113,15 +189,17 @@ class DeadFeatureResampler:
             return
         steps_left = event - self.completed_steps  # including this one
         if steps_left <= self.schedule.window:
-            fired = (feature_acts > 0).reshape(-1, self.d_sae).any(dim=0)
+            fired = (feature_acts > 0).reshape(-1, feature_acts.shape[-1]).any(dim=0)
+            fired = self.collectives.combine_fired(fired)
             if self.fired_in_window is None or steps_left == self.schedule.window:
                 self.fired_in_window = fired
             else:
                 self.fired_in_window = self.fired_in_window | fired
         batch = sae_in.detach().reshape(-1, sae_in.shape[-1])
-        self._check_batch_size(batch.shape[0])
-        if (steps_left - 1) * batch.shape[0] < self.schedule.pool_size:
-            self._add_to_pool(batch)
+        rows = self.collectives.global_rows(batch.shape[0])
+        self._check_batch_size(rows)
+        if (steps_left - 1) * rows < self.schedule.pool_size:
+            self._add_to_pool(self.collectives.gather_rows(batch))
 
     def _check_batch_size(self, batch_size: int) -> None:
         if self._batch_size_checked:
@@ -212,6 +290,7 @@ class DeadFeatureResampler:
             directions.to(sae.W_dec.dtype),
             ~dead.to(sae.W_dec.device),
             self.schedule.encoder_scale,
+            self.collectives,
         )
         _reset_optimizer_slices(optimizer, touched)
 
@@ -244,6 +323,7 @@ class DeadFeatureResampler:
         chosen = torch.multinomial(
             weights, n, replacement=n > int((weights > 0).sum()), generator=generator
         )
+        chosen = self.collectives.agree(chosen)
         self.generator_state = generator.get_state()
         return pool[chosen.to(pool.device)]
 
@@ -305,6 +385,7 @@ def reinitialize_features(
     directions: torch.Tensor,
     alive: torch.Tensor,
     encoder_scale: float,
+    collectives: ResamplingCollectives = SINGLE_PROCESS,
 ) -> list[ParameterSlice]:
     """Restart features ``idx`` along unit ``directions``.
 
@@ -319,15 +400,20 @@ def reinitialize_features(
         directions: Unit vectors, one row per feature in ``idx``.
         alive: Boolean mask of the features that are not being restarted.
         encoder_scale: Relative norm of the new encoder columns (Bricken et al.: 0.2).
+        collectives: Where ``sae`` holds only some of the features (latent-sharded
+            training), ``idx``, ``directions`` and ``alive`` are over all features, and this
+            process writes its own and takes the mean norms over all processes.
 
     Returns:
         The ``(parameter, index)`` slices written, whose optimizer state must be reset.
     """
+    local = collectives.local_features(alive.numel())
+    held = (idx >= local.start) & (idx < local.stop)
+    idx, directions, alive = idx[held] - local.start, directions[held], alive[local]
     sae.W_dec.data[idx] = directions
     written: list[ParameterSlice] = [(sae.W_dec, (idx,))]
     for encoder in sae.encoder_matrices():
-        norms = encoder.norm(dim=0)
-        mean_norm = norms[alive].mean() if alive.any() else norms.mean()
+        mean_norm = collectives.masked_mean(encoder.norm(dim=0), alive)
         encoder.data[:, idx] = (directions * encoder_scale * mean_norm).T
         written.append((encoder, (slice(None), idx)))
     for parameter in sae.per_feature_encoder_parameters():

@@ -194,3 +194,66 @@ def test_lr_rewarm_of_saes_sharing_an_optimizer_uses_one_factor_per_group(
         assert any(a != b for a, b in used)
     # The scheduled learning rate is back, for good, after every step.
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3] * len(used[0])
+
+
+class _DoublingPlan:
+    """A parallel plan whose gradient hook doubles each gradient, recording its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.handles: list[Any] = []
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.calls.append(f"attach {len(params)}")
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._double)
+            for p in params
+            if p.requires_grad
+        ]
+
+    @staticmethod
+    def _double(param: torch.Tensor) -> None:
+        assert param.grad is not None
+        param.grad.mul_(2)
+
+    def before_step(self) -> None:
+        self.calls.append("before_step")
+
+    def after_step(self) -> None:
+        self.calls.append("after_step")
+
+
+def _gradients_at_the_step(
+    sae: GatedTrainingSAE, x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    sae.zero_grad()
+    sae.training_forward_pass(step_input(x)).loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1e-3)  # SAELens's clip, smaller
+    torch.optim.SGD(sae.parameters(), lr=0.0).step()
+    return {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+def test_a_parallel_plan_hooks_gradients_first_and_runs_first_around_each_step():
+    cfg = build_gated_training_cfg(recipe="april_update", clip_grad_norm=False)
+    sae = GatedTrainingSAE(cfg)
+    randomize_gated_params(sae, seed=0)
+    x = torch.randn(32, 16)
+    alone = _gradients_at_the_step(sae, x)
+
+    plan = _DoublingPlan()
+    sae.conventions.use_parallel(plan)
+    assert plan.calls == ["attach 6"]
+    # The clip undo records the gradient after the plan's hook: it restores the doubled
+    # gradient (recorded first, it would restore the undoubled one).
+    doubled = _gradients_at_the_step(sae, x)
+    for name, grad in alone.items():
+        torch.testing.assert_close(doubled[name], 2 * grad, msg=name)
+    assert plan.calls == ["attach 6", "before_step", "after_step"]
+
+    sae.conventions.use_parallel(None)
+    assert plan.calls[-1] == "attach 0"  # its hooks are gone
+    again = _gradients_at_the_step(sae, x)
+    for name, grad in alone.items():
+        torch.testing.assert_close(again[name], grad, msg=name)

@@ -11,7 +11,10 @@ from torch.optim.optimizer import (
 )
 
 from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
-from sae_lens_gated.training.resampling import DeadFeatureResampler
+from sae_lens_gated.training.resampling import (
+    DeadFeatureResampler,
+    reinitialize_features,
+)
 from tests.helpers import (
     SparseSyntheticData,
     build_gated_training_cfg,
@@ -436,3 +439,71 @@ def test_resampler_state_round_trips_and_rejects_bad_state():
     bad = dict(state, fired_in_window=torch.zeros(5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"fired_in_window of shape \(5,\)"):
         copy.load_state_dict(bad, device="cpu")
+
+
+class _HalfOfTwoProcesses:
+    """Collectives of the second of two processes, each holding half of 8 features and
+    of the rows; the other process's rows are ``batch + 100`` and its features never fire."""
+
+    def global_rows(self, rows: int) -> int:
+        return 2 * rows
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([batch + 100, batch])
+
+    def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(fired), fired])
+
+    def local_features(self, d_sae: int) -> slice:
+        return slice(d_sae // 2, d_sae)
+
+    def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        del values, mask
+        return torch.tensor(2.0)
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def test_resampler_state_covers_every_process_through_its_collectives():
+    cfg = build_gated_training_cfg(
+        d_in=4, d_sae=4, resample_every=3, resample_window=2, resample_pool_size=4
+    )
+    resampler = DeadFeatureResampler(
+        cfg.resampling_schedule(), d_sae=8, seed=0, collectives=_HalfOfTwoProcesses()
+    )
+    for step in range(3):  # firing is tracked, and inputs pooled, in steps 2 and 3
+        acts = torch.zeros(1, 4)
+        acts[0, step] = 1.0
+        resampler.observe(torch.full((1, 4), float(step)), acts)
+        resampler.completed_steps += 1
+    assert resampler.fired_in_window is not None
+    assert resampler.fired_in_window.tolist() == [False] * 5 + [True, True, False]
+    # 2 global rows per step: the other process's rows, then this one's.
+    assert resampler.pool is not None
+    assert resampler.pool[:, 0].tolist() == [101.0, 1.0, 102.0, 2.0]
+
+
+def test_each_process_rewrites_only_its_own_features_with_the_global_mean_norm():
+    sae = GatedTrainingSAE(build_gated_training_cfg(d_in=4, d_sae=4))
+    randomize_gated_params(sae, seed=3, unit_decoder=True)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    directions = torch.eye(4)[:3]
+    written = reinitialize_features(
+        sae,
+        torch.tensor([1, 5, 6]),  # feature 1 belongs to the other process
+        directions,
+        torch.tensor([True, False] * 4),
+        0.5,
+        _HalfOfTwoProcesses(),
+    )
+    local = torch.tensor([1, 2])  # global features 5 and 6
+    assert torch.equal(written[0][1][0], local)
+    torch.testing.assert_close(sae.W_dec.detach()[local], directions[1:])
+    torch.testing.assert_close(
+        sae.W_enc.detach()[:, local], directions[1:].T * 0.5 * 2.0
+    )
+    for name in ("W_dec", "b_gate", "b_mag", "r_mag"):
+        for kept in (0, 3):
+            assert torch.equal(getattr(sae, name).detach()[kept], before[name][kept])
+    assert torch.equal(sae.W_enc.detach()[:, [0, 3]], before["W_enc"][:, [0, 3]])

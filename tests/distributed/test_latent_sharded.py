@@ -1,0 +1,218 @@
+"""Latent-sharded training on two gloo processes against one process holding every feature."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import SAE
+
+import sae_lens_gated
+from sae_lens_gated.distributed import init_distributed, shard_latents
+from sae_lens_gated.distributed.latent_sharded import (
+    check_shardable,
+    clip_grad_norm_across_shards,
+    rank_checkpoint_folder,
+    whole_checkpoint_folder,
+)
+from tests.distributed.common import (
+    BATCH,
+    SETTINGS,
+    Rows,
+    assert_states_close,
+    fresh_sae,
+    global_batches,
+    reference_run,
+    state_of,
+    trainer_for,
+)
+from tests.distributed.spawn import run_on_ranks
+from tests.helpers import build_gated_training_cfg
+
+HALF_FEATURES = SETTINGS["d_sae"] // 2
+
+
+def _shard(rank: int, gather_batch: bool = False, **overrides: Any) -> Any:
+    ranks = init_distributed(timeout_s=60)
+    whole = fresh_sae(**overrides)
+    return shard_latents(
+        whole if rank == 0 else None, whole.cfg, ranks, gather_batch=gather_batch
+    )
+
+
+def _data(rank: int, gather_batch: bool, skip: int = 0) -> tuple[Rows, int]:
+    # gather_batch: each process reads its half of the rows, the SAE gathers them.
+    rows = BATCH // 2 if gather_batch else BATCH
+    start = rank * rows if gather_batch else 0
+    return Rows(global_batches(), slice(start, start + rows), skip=skip), rows
+
+
+def _train(
+    rank: int, overrides: dict[str, Any], gather_batch: bool, folder: str
+) -> dict[str, Any]:
+    sae = _shard(rank, gather_batch, **overrides)
+    data, rows = _data(rank, gather_batch)
+    trainer = trainer_for(sae, data, rows)
+    trainer.fit()
+    resampler = sae.conventions.resampler
+    assert resampler is not None and resampler.last_event is not None
+    result: dict[str, Any] = {
+        "whole": sae.gather_state_dict(),
+        "local": state_of(sae),
+        "d_sae": sae.cfg.d_sae,
+        "firing_stats": tuple(trainer.act_freq_scores.shape),
+        "resampled": resampler.last_event.resampled.clone(),
+    }
+    sae.save_inference_model(Path(folder) / "inference")
+
+    # Stopped at step 30 and resumed: the whole SAE from the first process's folder,
+    # each process's optimizer state from its own.
+    sae = _shard(rank, gather_batch, **overrides)
+    data, rows = _data(rank, gather_batch)
+    trainer = trainer_for(sae, data, rows, steps=30)
+    trainer.fit()
+    checkpoint = rank_checkpoint_folder(Path(folder) / "checkpoints" / "30", rank)
+    trainer.cfg.checkpoint_path = str(checkpoint.parent)
+    trainer.save_checkpoint(checkpoint.name)
+    result["saved_local"] = state_of(sae)
+
+    sae = _shard(rank, gather_batch, **overrides)
+    sae.load_weights_from_checkpoint(
+        checkpoint
+    )  # this process's part of the checkpoint
+    result["loaded_local"] = state_of(sae)
+    data, rows = _data(rank, gather_batch, skip=30)
+    trainer = trainer_for(sae, data, rows)
+    trainer.load_trainer_state(checkpoint)
+    trainer.fit()
+    result["resumed"] = sae.gather_state_dict()
+    return result
+
+
+@pytest.mark.parametrize(
+    ("clip_grad_norm", "gather_batch"), [(True, False), (False, True)]
+)
+def test_two_shards_match_one_process_holding_every_feature(
+    tmp_path: Path, clip_grad_norm: bool, gather_batch: bool
+):
+    reference, max_grad_norm = reference_run(clip_grad_norm=clip_grad_norm)
+    # Above norm 1 SAELens clips; each shard alone would clip by its own smaller norm.
+    assert max_grad_norm > 2.0
+    assert reference.conventions.resampler is not None
+    event = reference.conventions.resampler.last_event
+    assert event is not None and event.resampled.numel() >= 5
+    # Both shards lose features at the event, so each rewrites some of its own.
+    assert (event.resampled < HALF_FEATURES).any()
+    assert (event.resampled >= HALF_FEATURES).any()
+
+    out = run_on_ranks(
+        _train, {"clip_grad_norm": clip_grad_norm}, gather_batch, str(tmp_path)
+    )
+
+    expected = state_of(reference)
+    assert_states_close(out[0]["whole"], expected)
+    assert_states_close(out[0]["resumed"], expected)
+    assert out[1]["whole"] is None
+    for rank in (0, 1):
+        assert out[rank]["d_sae"] == HALF_FEATURES
+        assert out[rank]["firing_stats"] == (HALF_FEATURES,)
+        assert torch.equal(out[rank]["resampled"], event.resampled)
+        shard = slice(rank * HALF_FEATURES, (rank + 1) * HALF_FEATURES)
+        local = out[rank]["local"]
+        assert torch.equal(local["W_enc"], out[0]["whole"]["W_enc"][:, shard])
+        assert torch.equal(local["W_dec"], out[0]["whole"]["W_dec"][shard])
+        assert torch.equal(local["b_dec"], out[0]["whole"]["b_dec"])
+        for name, value in out[rank]["saved_local"].items():
+            assert torch.equal(out[rank]["loaded_local"][name], value), name
+
+    # One ordinary SAELens folder, which SAELens alone loads at the whole width.
+    folder = tmp_path / "inference"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "sae_weights.safetensors",
+    ]
+    assert json.loads((folder / "cfg.json").read_text())["d_sae"] == SETTINGS["d_sae"]
+    sae_lens_gated.unregister()
+    try:
+        vanilla = SAE.load_from_disk(folder, dtype="float64")
+        assert type(vanilla).__module__.startswith("sae_lens.")
+    finally:
+        sae_lens_gated.register()
+    x = torch.randn(32, SETTINGS["d_in"], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(vanilla(x), reference(x), rtol=0, atol=1e-10)
+    assert not (
+        tmp_path / "checkpoints" / "rank1" / "30" / "sae_weights.safetensors"
+    ).exists()
+    assert (tmp_path / "checkpoints" / "rank1" / "30" / "trainer_state.pt").exists()
+
+
+def _load_wrong_width(rank: int, folder: str) -> str:
+    ranks = init_distributed(timeout_s=60)
+    cfg = build_gated_training_cfg(**{**SETTINGS, "d_sae": 64})
+    sae = shard_latents(fresh_sae(d_sae=64) if rank == 0 else None, cfg, ranks)
+    try:
+        sae.load_weights_from_checkpoint(folder)
+    except ValueError as error:
+        return str(error)
+    return "loaded"
+
+
+def test_loading_a_checkpoint_of_another_width_is_refused(tmp_path: Path):
+    fresh_sae().save_model(tmp_path)
+    messages = run_on_ranks(_load_wrong_width, str(tmp_path))
+    for message in messages.values():
+        assert "has 128 features, expected d_sae=64" in message
+
+
+def _clip(rank: int) -> dict[str, Any]:
+    ranks = init_distributed(timeout_s=60)
+    # Whole gradient: sharded (3, 0) | (0, 4) and replicated (12): norm 13.
+    sharded = torch.nn.Parameter(torch.zeros(2))
+    sharded.grad = torch.tensor([3.0, 0.0]) if rank == 0 else torch.tensor([0.0, 4.0])
+    replicated = torch.nn.Parameter(torch.zeros(1))
+    replicated.grad = torch.tensor([12.0])
+    norm = clip_grad_norm_across_shards([sharded], [replicated], ranks, max_norm=1.0)
+    return {"norm": float(norm), "sharded": sharded.grad, "replicated": replicated.grad}
+
+
+def test_clipping_uses_the_whole_models_norm_counting_replicated_gradients_once():
+    out = run_on_ranks(_clip)
+    coefficient = 1.0 / (13.0 + 1e-6)
+    for rank, expected in ((0, [3.0, 0.0]), (1, [0.0, 4.0])):
+        assert out[rank]["norm"] == pytest.approx(13.0)
+        torch.testing.assert_close(
+            out[rank]["sharded"], torch.tensor(expected) * coefficient
+        )
+        torch.testing.assert_close(
+            out[rank]["replicated"], torch.tensor([12.0]) * coefficient
+        )
+
+
+def test_checkpoint_folders_of_each_process():
+    first = Path("run") / "checkpoints" / "4096"
+    assert rank_checkpoint_folder(first, 0) == first
+    assert rank_checkpoint_folder(first, 3) == Path("run/checkpoints/rank3/4096")
+    for rank in (0, 3):
+        folder = rank_checkpoint_folder(first, rank)
+        assert whole_checkpoint_folder(folder, rank) == first
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "world", "message"),
+    [
+        ({"d_sae": 100}, 3, "d_sae=100 is not divisible by the 3 processes"),
+        ({"architecture_untied": True}, 2, "supports architecture 'gated'"),
+    ],
+)
+def test_unshardable_configs_are_refused(
+    kwargs: dict[str, Any], world: int, message: str
+):
+    if kwargs.pop("architecture_untied", False):
+        cfg: Any = sae_lens_gated.GatedUntiedTrainingSAEConfig(d_in=16, d_sae=48)
+    else:
+        cfg = build_gated_training_cfg(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        check_shardable(cfg, SimpleNamespace(world_size=world))  # type: ignore[arg-type]
