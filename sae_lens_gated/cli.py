@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(args_list)
     if args.command == "demo":
-        from sae_lens_gated.demo import DemoConfig, format_table, run_demo
+        from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
 
         runs = run_demo(
             _settings(
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Saved the gated SAE, demo.png and demo_results.json to {args.out}\n"
         )
     elif args.command == "sweep":
-        from sae_lens_gated.sweep import SweepConfig, format_claims, run_sweep
+        from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
 
         results = run_sweep(
             _settings(
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sys.stdout.write(format_claims(results) + "\n")
     elif args.command == "bench":
-        from sae_lens_gated.benchmark import BenchConfig, format_report, run_benchmark
+        from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
 
         result = run_benchmark(
             _settings(

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sae_lens_gated.benchmark import (
+from sae_lens_gated.repro.bench import (
     MATMULS_PER_STEP,
     BenchConfig,
     format_report,

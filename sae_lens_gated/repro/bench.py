@@ -29,7 +29,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from sae_lens_gated.experiments import TrainingSettings, trainer_config
+from sae_lens_gated.repro.experiments import TrainingSettings, trainer_config
 from sae_lens_gated.saes.gated_sae import (
     GatedSAE,
     GatedSAEConfig,

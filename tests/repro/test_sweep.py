@@ -5,14 +5,14 @@ from typing import Any
 
 import pytest
 
-from sae_lens_gated.experiments import (
+from sae_lens_gated.repro.experiments import (
     BASELINE,
     NO_AUX,
     PAPER,
     TRAINABLE_AUX,
     UNTIED,
 )
-from sae_lens_gated.sweep import (
+from sae_lens_gated.repro.sweep import (
     SweepConfig,
     check_claims,
     format_claims,

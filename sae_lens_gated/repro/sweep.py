@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sae_lens_gated import __version__
-from sae_lens_gated.experiments import (
+from sae_lens_gated.repro.experiments import (
     APRIL,
     BASELINE,
     EVAL_SEED,
@@ -38,7 +38,7 @@ from sae_lens_gated.experiments import (
     make_source,
     run_grid,
 )
-from sae_lens_gated.plots import plot_gamma, plot_magnitudes, plot_pareto
+from sae_lens_gated.repro.plots import plot_gamma, plot_magnitudes, plot_pareto
 
 GAMMA_BAND = (0.97, 1.03)
 BASELINE_GAMMA_MAX = 0.95

@@ -6,8 +6,8 @@ import torch
 from sae_lens import SAE
 
 from sae_lens_gated import GatedSAE, relative_reconstruction_bias
-from sae_lens_gated.demo import DemoConfig, format_table, run_demo
-from sae_lens_gated.experiments import BASELINE, PAPER, SyntheticSource
+from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
+from sae_lens_gated.repro.experiments import BASELINE, PAPER, SyntheticSource
 from tests.helpers import tiny_model, tiny_token_dataset
 
 

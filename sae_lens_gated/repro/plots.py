@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from sae_lens_gated.experiments import (  # noqa: E402
+from sae_lens_gated.repro.experiments import (  # noqa: E402
     BASELINE,
     MAGNITUDE_BINS,
     PAPER,

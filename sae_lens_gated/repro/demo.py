@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sae_lens_gated.experiments import (
+from sae_lens_gated.repro.experiments import (
     BASELINE,
     DEFAULT_SYNTHETIC_MODEL,
     PAPER,
@@ -28,7 +28,7 @@ from sae_lens_gated.experiments import (
     make_source,
     train_sae,
 )
-from sae_lens_gated.plots import plot_demo
+from sae_lens_gated.repro.plots import plot_demo
 
 __all__ = ["DEFAULT_SYNTHETIC_MODEL", "DemoConfig", "format_table", "run_demo"]
 
