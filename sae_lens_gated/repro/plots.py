@@ -1,18 +1,18 @@
-"""PNG plots of sweep and demo results (matplotlib, no display needed)."""
+"""PNG plots of sweep and demo results.
+
+Figures are built with matplotlib's object API (``Figure``), never through pyplot: plotting
+needs no display and leaves the process's matplotlib backend, and any open figures, alone.
+"""
 
 import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-matplotlib.use("Agg")  # files only; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
-
-from sae_lens_gated.repro.experiments import (  # noqa: E402
+from sae_lens_gated.repro.experiments import (
     BASELINE,
     MAGNITUDE_BINS,
     PAPER,
@@ -34,7 +34,8 @@ _STYLE: dict[str, dict[str, Any]] = {
 
 def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
     """L0 against explained variance, one line per variant (higher and further left wins)."""
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for name, pts in _by_variant(points).items():
         # Runs whose gates all but closed would stretch the axis to 0.01; list them instead.
         shown = sorted(
@@ -63,7 +64,8 @@ def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
 
 def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
     """Relative reconstruction bias against lambda: gated variants and the baseline."""
-    fig, (gated_ax, base_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    gated_ax, base_ax = fig.subplots(1, 2)
     for name, pts in _by_variant(points).items():
         ax = base_ax if name == BASELINE else gated_ax
         pts = sorted(
@@ -90,7 +92,8 @@ def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
 
 def plot_magnitudes(runs: list[RunResult], path: Path) -> None:
     """Histograms of non-zero activations: gated vs baseline, the runs closest in L0."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     _draw_magnitudes(
         ax, runs, "Magnitudes of active features (gated: few tiny activations)"
     )
@@ -99,7 +102,8 @@ def plot_magnitudes(runs: list[RunResult], path: Path) -> None:
 
 def plot_demo(runs: list[RunResult], path: Path) -> None:
     """The demo's figure: its runs on the frontier, and their activation magnitudes."""
-    fig, (pareto_ax, hist_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    pareto_ax, hist_ax = fig.subplots(1, 2)
     for run in runs:
         style = _STYLE.get(run.variant, {})
         pareto_ax.scatter(
@@ -178,8 +182,7 @@ def _plain_log_axis(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
