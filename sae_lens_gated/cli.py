@@ -1,11 +1,23 @@
-"""Command line interface: ``sae-lens-gated`` or ``python -m sae_lens_gated``."""
+"""Command line interface: ``sae-lens-gated`` or ``python -m sae_lens_gated``.
+
+The options of ``demo``, ``sweep`` and ``bench`` are the fields of their settings dataclasses
+(:class:`DemoConfig`, :class:`SweepConfig`, :class:`BenchConfig`), turned into options by
+simple_parsing as SAELens's runner CLI does: ``batch_size`` is ``--batch-size``, and the help
+and defaults come from the dataclasses, so they are written down once. ``convert`` has its
+own options; ``train`` hands its arguments to SAELens's runner CLI.
+"""
 
 import argparse
 import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn
+
+from simple_parsing import ArgumentParser, DashVariant, SimpleHelpFormatter
+from simple_parsing.wrappers import DataclassWrapper
+from typing_extensions import override
 
 from sae_lens_gated import __version__
 from sae_lens_gated.conversion import (
@@ -16,74 +28,111 @@ from sae_lens_gated.conversion import (
 )
 from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
+from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
+from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
+from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
 
-T = TypeVar("T")
+# Sphinx roles and literals of the docstrings, shown as plain text in --help.
+_DOCSTRING_MARKUP = re.compile(r":\w+:`~?([^`]+)`|``([^`]+)``")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _plain(text: str) -> str:
+    return _DOCSTRING_MARKUP.sub(lambda m: m.group(1) or m.group(2), text)
+
+
+class _HelpFormatter(SimpleHelpFormatter):
+    """simple_parsing's help (types and defaults) without the docstrings' markup."""
+
+    @override
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        return None if text is None else _plain(text)
+
+    @override
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # Wrap command descriptions to the terminal (simple_parsing keeps line breaks).
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+class _SettingsWrapper(DataclassWrapper[Any]):
+    """The options of a settings dataclass, listed under "settings"."""
+
+    @property
+    @override
+    def title(self) -> str:
+        return "settings"
+
+    @property
+    @override
+    def description(self) -> str:
+        return argparse.SUPPRESS  # the command's description says it
+
+
+class _Parser(ArgumentParser):
+    """simple_parsing's parser with ``--dashed-names`` and one-line usage errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
+        kwargs.setdefault("add_config_path_arg", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    @override
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+    @override
+    def parse_known_args(
+        self,
+        args: Sequence[str] | None = None,
+        namespace: argparse.Namespace | None = None,
+        attempt_to_reorder: bool = False,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        try:
+            return super().parse_known_args(args, namespace, attempt_to_reorder)
+        except ValueError as error:  # a settings dataclass refused a value
+            self.error(str(error))
+
+
+# The commands whose options are the fields of a settings dataclass.
+_SETTINGS_COMMANDS: dict[str, tuple[type[Any], str, str]] = {
+    "demo": (
+        DemoConfig,
+        "Gated SAE vs a 1.5x wider baseline on synthetic data (offline).",
+        "Train the paper-recipe gated SAE and SAELens's standard SAE at 1.5x the width on "
+        "the embedded synthetic default (or a model's activations with --model/--hook), "
+        "print a side-by-side table, write demo.png and save the gated SAE.",
+    ),
+    "sweep": (
+        SweepConfig,
+        "Lambda sweeps of gated SAEs, their ablations and a baseline; claims, plots.",
+        "Train every variant over a lambda grid on synthetic activations with known "
+        "features (or a model's with --model/--hook), check the paper's claims, and write "
+        "results.json and PNG plots to --out.",
+    ),
+    "bench": (
+        BenchConfig,
+        "Time training steps and encoding against SAELens's gated and standard SAEs.",
+        "Interleaved, median-of-repeats timings of a full SAETrainer step for the plugin "
+        "(paper and april_update recipes), SAELens's built-in gated SAE and SAELens's "
+        "standard SAE; inference encode; peak memory; fraction of the dense matmul "
+        "roofline. The last line is a JSON summary.",
+    ),
+}
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
         prog="sae-lens-gated",
         description="Gated SAEs (Rajamanoharan et al. 2024) for SAELens.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser(
-        "demo",
-        help="Gated SAE vs a 1.5x wider baseline on synthetic data (offline).",
-        description="Train the paper-recipe gated SAE and SAELens's standard SAE at 1.5x "
-        "the width on the embedded synthetic default (or a model's activations with "
-        "--model/--hook), print a side-by-side table, write demo.png and save the gated SAE.",
-    )
-    demo.add_argument("--out", type=Path, default=Path("gated-demo"))
-    demo.add_argument("--steps", type=int, default=3000)
-    demo.add_argument("--batch-size", type=int, default=1024)
-    demo.add_argument("--gated-l1", type=float, nargs="+", default=[0.5, 1.0])
-    demo.add_argument("--baseline-l1", type=float, nargs="+", default=[0.35, 1.0])
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu")
-    _add_model_arguments(demo)
-
-    sweep = commands.add_parser(
-        "sweep",
-        help="Lambda sweeps of gated SAEs, their ablations and a baseline; claims, plots.",
-        description="Train every variant over a lambda grid on synthetic activations with "
-        "known features (or a model's with --model/--hook), check the paper's claims, and "
-        "write results.json and PNG plots to --out.",
-    )
-    sweep.add_argument("--out", type=Path, default=Path("gated-sweep"))
-    sweep.add_argument(
-        "--quick", action="store_true", help="The small grid (<10 min on CPU)."
-    )
-    sweep.add_argument("--steps", type=int, default=None)
-    sweep.add_argument("--seeds", type=int, nargs="+", default=None)
-    sweep.add_argument("--variants", nargs="+", default=None)
-    sweep.add_argument(
-        "--l1",
-        type=float,
-        nargs="+",
-        default=None,
-        help="Lambdas for every selected variant.",
-    )
-    sweep.add_argument("--device", default="cpu")
-    _add_model_arguments(sweep)
-
-    bench = commands.add_parser(
-        "bench",
-        help="Time training steps and encoding against SAELens's gated and standard SAEs.",
-        description="Interleaved, median-of-repeats timings of a full SAETrainer step for "
-        "the plugin (paper and april_update recipes), SAELens's built-in gated SAE and "
-        "SAELens's standard SAE; inference encode; peak memory; fraction of the dense "
-        "matmul roofline. The last line is a JSON summary.",
-    )
-    bench.add_argument("--d-in", type=int, default=512)
-    bench.add_argument("--d-sae", type=int, default=8192)
-    bench.add_argument("--batch", type=int, default=4096)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--seed", type=int, default=0)
-
+    for name, (settings, summary, description) in _SETTINGS_COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        command.add_arguments(
+            settings, dest="settings", dataclass_wrapper_class=_SettingsWrapper
+        )
     commands.add_parser(
         "train",
         help="Run SAELens's training runner CLI with the plugin registered.",
@@ -93,28 +142,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_convert_parser(commands)
     return parser
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("language-model activations (needs the network)")
-    group.add_argument("--model", default=None, help="TransformerLens model name.")
-    group.add_argument(
-        "--hook", default=None, help="Hook name, e.g. blocks.6.hook_resid_post."
-    )
-    group.add_argument(
-        "--dataset",
-        default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
-        help="Tokenized Hugging Face dataset.",
-    )
-    group.add_argument("--context-size", type=int, default=128)
-    group.add_argument("--expansion", type=float, default=8.0)
-
-
-def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        name: getattr(args, name)
-        for name in ("model", "hook", "dataset", "context_size", "expansion")
-    }
 
 
 def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
@@ -128,9 +155,14 @@ def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
     convert.add_argument("dst", metavar="DST", type=Path)
     convert.add_argument("--to", required=True, choices=EXPORT_FORMATS)
     convert.add_argument(
-        "--folder", default=None, help="Subfolder of SRC, or the SAE id in a release."
+        "--folder",
+        default=None,
+        metavar="FOLDER",
+        help="Subfolder of SRC, or the SAE id in a release.",
     )
-    convert.add_argument("--device", default="cpu")
+    convert.add_argument(
+        "--device", default="cpu", metavar="DEVICE", help="Torch device to load on."
+    )
     convert.add_argument(
         "--dtype",
         default=None,
@@ -156,12 +188,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
-    # Invalid combinations of options exit like an argparse error, with usage, not a trace.
-    try:
-        return build()
-    except ValueError as error:
-        parser.error(str(error))
+def _run_settings_command(command: str, settings: Any) -> None:
+    if command == "demo":
+        runs = run_demo(settings)
+        sys.stdout.write(format_table(runs) + "\n")
+        sys.stdout.write(
+            f"Saved the gated SAE, demo.png and demo_results.json to {settings.out}\n"
+        )
+    elif command == "sweep":
+        sys.stdout.write(format_claims(run_sweep(settings)) + "\n")
+    elif command == "bench":
+        sys.stdout.write(format_report(run_benchmark(settings)) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,67 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run_cli(args_list[1:])
         return 0
 
-    parser = _build_parser()
-    args = parser.parse_args(args_list)
-    if args.command == "demo":
-        from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
-
-        runs = run_demo(
-            _settings(
-                parser,
-                lambda: DemoConfig(
-                    out=args.out,
-                    steps=args.steps,
-                    batch_size=args.batch_size,
-                    gated_l1=tuple(args.gated_l1),
-                    baseline_l1=tuple(args.baseline_l1),
-                    seed=args.seed,
-                    device=args.device,
-                    **_model_options(args),
-                ),
-            ),
-        )
-        sys.stdout.write(format_table(runs) + "\n")
-        sys.stdout.write(
-            f"Saved the gated SAE, demo.png and demo_results.json to {args.out}\n"
-        )
-    elif args.command == "sweep":
-        from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
-
-        results = run_sweep(
-            _settings(
-                parser,
-                lambda: SweepConfig(
-                    out=args.out,
-                    quick=args.quick,
-                    steps=args.steps,
-                    seeds=args.seeds,
-                    variants=args.variants,
-                    l1=args.l1,
-                    device=args.device,
-                    **_model_options(args),
-                ),
-            ),
-        )
-        sys.stdout.write(format_claims(results) + "\n")
-    elif args.command == "bench":
-        from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
-
-        result = run_benchmark(
-            _settings(
-                parser,
-                lambda: BenchConfig(
-                    d_in=args.d_in,
-                    d_sae=args.d_sae,
-                    batch=args.batch,
-                    device=args.device,
-                    dtype=args.dtype,
-                    repeats=args.repeats,
-                    seed=args.seed,
-                ),
-            ),
-        )
-        sys.stdout.write(format_report(result) + "\n")
-    elif args.command == "convert":
+    args = _build_parser().parse_args(args_list)
+    if args.command == "convert":
         return _convert(args)
+    _run_settings_command(args.command, args.settings)
     return 0

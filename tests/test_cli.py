@@ -1,18 +1,140 @@
+import dataclasses
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import docstring_parser
 import pytest
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import SAE
 
-from sae_lens_gated import __version__
+from sae_lens_gated import __version__, cli
 from sae_lens_gated.cli import main
+from sae_lens_gated.repro.bench import BenchConfig
+from sae_lens_gated.repro.demo import DemoConfig
+from sae_lens_gated.repro.sweep import SweepConfig
 from tests.helpers import (
     random_dictionary_learning_ae,
     write_dictionary_learning_folder,
 )
+
+SETTINGS = {"demo": DemoConfig, "sweep": SweepConfig, "bench": BenchConfig}
+
+
+def _field_docs(settings: type[Any]) -> dict[str, str]:
+    """The ``Args:`` descriptions of a settings dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for cls in reversed(settings.__mro__[:-1]):
+        for param in docstring_parser.parse(inspect.getdoc(cls) or "").params:
+            docs[param.arg_name] = param.description or ""
+    return docs
+
+
+@pytest.mark.parametrize("command", list(SETTINGS))
+def test_help_shows_every_setting_with_its_meaning_and_default(
+    command: str, capsys: pytest.CaptureFixture[str]
+):
+    settings = SETTINGS[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    section = capsys.readouterr().out.split("\nsettings:\n")[1]
+    entries = {
+        entry.split()[0]: " ".join(entry.split())
+        for entry in re.split(r"\n  (?=--)", section.strip("\n"))
+    }
+    docs = _field_docs(settings)
+    options = {
+        field.name: field
+        for field in dataclasses.fields(settings)
+        if field.metadata.get("cmd", True)
+    }
+    assert set(entries) == {"--" + name.replace("_", "-") for name in options}
+    # The nested synthetic-model config is the one field that is not an option.
+    excluded = {field.name for field in dataclasses.fields(settings)} - set(options)
+    assert excluded == (set() if command == "bench" else {"synthetic_model"})
+    defaults = settings()
+    for name in options:
+        entry = entries["--" + name.replace("_", "-")]
+        meaning = " ".join(docs[name].replace("``", "").split()[:4])
+        assert meaning in entry, (name, entry)
+        assert entry.endswith(f"(default: {getattr(defaults, name)})"), (name, entry)
+
+
+def _capture_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace the commands' work by recording the settings they were given."""
+    seen: dict[str, Any] = {}
+
+    def record(command: str, result: Any) -> Any:
+        def run(settings: Any) -> Any:
+            seen[command] = settings
+            return result
+
+        return run
+
+    monkeypatch.setattr(cli, "run_demo", record("demo", []))
+    monkeypatch.setattr(cli, "run_sweep", record("sweep", {}))
+    monkeypatch.setattr(cli, "format_claims", str)
+    monkeypatch.setattr(cli, "run_benchmark", record("bench", {}))
+    monkeypatch.setattr(cli, "format_report", str)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo"], DemoConfig()),
+        (["sweep"], SweepConfig()),
+        (["bench"], BenchConfig()),
+        (
+            ["demo", "--out", "o", "--steps", "7", "--batch-size", "9"]
+            + ["--gated-l1", "0.1", "0.2", "--baseline-l1", "0.3", "--seed", "4"]
+            + ["--device", "cpu", "--model", "m", "--hook", "h", "--dataset", "d"]
+            + ["--context-size", "5", "--expansion", "2.5"],
+            DemoConfig(
+                out=Path("o"),
+                steps=7,
+                batch_size=9,
+                gated_l1=(0.1, 0.2),
+                baseline_l1=(0.3,),
+                seed=4,
+                model="m",
+                hook="h",
+                dataset="d",
+                context_size=5,
+                expansion=2.5,
+            ),
+        ),
+        (
+            ["sweep", "--out", "s", "--quick", "--steps", "3", "--seeds", "1", "2"]
+            + ["--variants", "gated (paper)", "gated, no aux loss", "--l1", "0.5"]
+            + ["--device", "cpu"],
+            SweepConfig(
+                out=Path("s"),
+                quick=True,
+                steps=3,
+                seeds=(1, 2),
+                variants=("gated (paper)", "gated, no aux loss"),
+                l1=(0.5,),
+            ),
+        ),
+        (
+            ["bench", "--d-in", "8", "--d-sae", "16", "--batch", "4", "--device"]
+            + ["cpu", "--dtype", "bfloat16", "--repeats", "2", "--seed", "3"],
+            BenchConfig(d_in=8, d_sae=16, batch=4, dtype="bfloat16", repeats=2, seed=3),
+        ),
+    ],
+)
+def test_options_set_the_settings_fields(
+    argv: list[str], expected: Any, monkeypatch: pytest.MonkeyPatch
+):
+    seen = _capture_settings(monkeypatch)
+    assert main(argv) == 0
+    assert seen == {argv[0]: expected}
 
 
 def test_module_entry_point_prints_help():

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from sae_lens.saes.gated_sae import GatedSAE as BuiltinGatedSAE
@@ -64,7 +64,7 @@ class BenchConfig:
     d_sae: int = 8192
     batch: int = 4096
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     repeats: int = 5
     seed: int = 0
 

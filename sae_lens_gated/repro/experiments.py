@@ -342,8 +342,9 @@ class SourceConfig:
 
     gated_width: int = 256
     device: str = "cpu"
+    # "cmd": False keeps this nested config off the command line (simple_parsing's marker).
     synthetic_model: SyntheticModelConfig = field(
-        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL
+        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL, metadata={"cmd": False}
     )
     model: str | None = None
     hook: str | None = None

@@ -66,17 +66,17 @@ class SweepConfig(SourceConfig):
     out: Path = Path("gated-sweep")
     quick: bool = False
     steps: int | None = None
-    seeds: list[int] | None = None
+    seeds: tuple[int, ...] | None = None
     batch_size: int = 1024
     lr: float = 3e-3
     eval_samples: int | None = None
-    variants: list[str] | None = None
-    l1: list[float] | None = None
+    variants: tuple[str, ...] | None = None
+    l1: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         known = {v.name for v in VARIANTS}
-        unknown = set(self.variants or []) - known
+        unknown = set(self.variants or ()) - known
         if unknown:
             raise ValueError(
                 f"Unknown variant(s) {sorted(unknown)}; known: {sorted(known)}."
@@ -88,7 +88,7 @@ class SweepConfig(SourceConfig):
 
     @property
     def resolved_seeds(self) -> list[int]:
-        return self.seeds or ([0] if self.quick else [0, 1, 2])
+        return list(self.seeds or ((0,) if self.quick else (0, 1, 2)))
 
     @property
     def resolved_eval_samples(self) -> int:

@@ -45,6 +45,6 @@ def test_bench_reports_consistent_ratios_and_a_json_last_line():
 
 def test_bench_config_rejects_bad_values():
     with pytest.raises(ValueError, match="dtype"):
-        BenchConfig(dtype="float16")
+        BenchConfig(dtype="float16")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match=">= 1"):
         BenchConfig(repeats=0)

@@ -92,7 +92,7 @@ def test_quick_sweep_writes_results_claims_and_plots(tmp_path: Path):
         quick=True,
         steps=60,
         eval_samples=4_000,
-        variants=[PAPER, BASELINE, NO_AUX],
+        variants=(PAPER, BASELINE, NO_AUX),
     )
     results = run_sweep(cfg, progress=False)
     stored = json.loads((cfg.out / "results.json").read_text())
@@ -116,7 +116,7 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
         quick=True,
         steps=10,
         batch_size=64,
-        variants=[PAPER],
+        variants=(PAPER,),
         model="tiny-random",
         hook="blocks.0.hook_resid_post",
         context_size=16,
@@ -138,6 +138,6 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
 
 def test_sweep_config_rejects_bad_input():
     with pytest.raises(ValueError, match="Unknown variant"):
-        SweepConfig(variants=["gated (imaginary)"])
+        SweepConfig(variants=("gated (imaginary)",))
     with pytest.raises(ValueError, match="both --model and --hook"):
         SweepConfig(model="gpt2")
