@@ -27,6 +27,7 @@ from sae_lens.saes.gated_sae import (
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from sae_lens_gated.repro.experiments import TrainingSettings, trainer_config
@@ -36,14 +37,6 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
 )
-
-# Matmuls of (batch x d_in x d_sae) per training step, forward + backward.
-MATMULS_PER_STEP = {
-    "plugin (paper)": 7,  # encoder; decoder; frozen aux decoder | 4 in backward
-    "plugin (april_update)": 8,  # the aux decoder is trainable: one more W_dec gradient
-    "SAELens built-in gated": 13,  # 3 encoder matmuls, 2 decoders | 8 in backward
-    "SAELens standard": 6,  # encoder, decoder | 4 in backward (incl. the input gradient)
-}
 
 
 @dataclass
@@ -92,8 +85,16 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     gemm_a = x.to(out.dtype)
     gemm_b = torch.randn(cfg.d_in, cfg.d_sae, device=device, dtype=out.dtype)
 
+    flops_per_matmul = 2 * cfg.batch * cfg.d_in * cfg.d_sae
+    # One counted step per variant, before the timed rounds.
+    matmuls = {
+        name: _matmul_flops(lambda t=trainer: t.step(x)) / flops_per_matmul
+        for name, trainer in trainers.items()
+    }
+
     rounds = tqdm(range(n_rounds), desc="bench rounds", disable=not progress)
     for round_index in rounds:
+        gc.collect()  # once per round: a full collection takes long in a big process
         for name, trainer in trainers.items():
             seconds, peak = _measure(lambda t=trainer: t.step(x), device)
             if round_index > 0:  # the first round is warm-up
@@ -112,10 +113,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     encode = {name: statistics.median(v) for name, v in encode_times.items()}
     peak = {name: statistics.median(v) for name, v in peaks.items()}
     gemm = statistics.median(gemm_times)
-    flops_per_matmul = 2 * cfg.batch * cfg.d_in * cfg.d_sae
     paper, builtin = "plugin (paper)", "SAELens built-in gated"
     standard = "SAELens standard"
-    achieved = MATMULS_PER_STEP[paper] * flops_per_matmul / step[paper]
+    achieved = matmuls[paper] * flops_per_matmul / step[paper]
     return {
         "config": asdict(cfg),
         "machine": _machine(device),
@@ -124,6 +124,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "encode_seconds": encode,
         "peak_memory_bytes": peak,
         "memory_measure": _memory_measure_name(device),
+        "matmuls_per_step": matmuls,
         "gemm_seconds": gemm,
         "gemm_flops_per_second": flops_per_matmul / gemm,
         "plugin_flops_per_second": achieved,
@@ -173,7 +174,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['gemm_seconds']:.3f} s = {result['gemm_flops_per_second'] / 1e9:.0f} GFLOP/s; "
         f"plugin step achieves {result['plugin_flops_per_second'] / 1e9:.0f} GFLOP/s "
         f"({summary['fraction_of_gemm_roofline']:.0%} of that, counting "
-        f"{MATMULS_PER_STEP['plugin (paper)']} matmuls per step)",
+        f"{result['matmuls_per_step']['plugin (paper)']:.2f} matmuls' FLOPs per step)",
         f"Peak memory: {result['memory_measure']}.",
         f"Machine: {json.dumps(result['machine'])}",
         json.dumps(summary),
@@ -223,15 +224,40 @@ def _build_encoders(cfg: BenchConfig) -> dict[str, Any]:
     return {"plugin": plugin, "SAELens built-in": builtin}
 
 
+def _matmul_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products ``fn`` runs, counted by PyTorch's dispatcher."""
+    # The gated function accumulates weight gradients in place (addmm_), which torch's
+    # counter does not know by default.
+    counter = FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}
+    )
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _addmm_flops(
+    _bias_shape: torch.Size, a_shape: torch.Size, b_shape: torch.Size, **_: Any
+) -> int:
+    """FLOPs of ``bias + a @ b``: a multiply and an add per term of the product."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """Wall time of ``fn`` and the peak memory it added (bytes)."""
-    gc.collect()
-    _synchronize(device)
-    base = _reset_peak_memory(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    """Wall time of ``fn`` and the peak memory it added (bytes), without garbage
+    collection pauses inside it."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _synchronize(device)
+        base = _reset_peak_memory(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        if collecting:
+            gc.enable()
     return seconds, max(0.0, _peak_memory(device) - base)
 
 
