@@ -8,6 +8,8 @@ own options; ``train`` hands its arguments to SAELens's runner CLI.
 """
 
 import argparse
+import contextlib
+import io
 import logging
 import re
 import sys
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sae_lens import LanguageModelSAETrainingRunner
+from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from simple_parsing import ArgumentParser, DashVariant, SimpleHelpFormatter
 from simple_parsing.wrappers import DataclassWrapper
 from typing_extensions import override
@@ -30,6 +34,7 @@ from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
 from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
 from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
+from sae_lens_gated.repro.experiments import check_device, prepare_output_folder
 from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
 
 # Sphinx roles and literals of the docstrings, shown as plain text in --help.
@@ -79,7 +84,7 @@ class _Parser(ArgumentParser):
 
     @override
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
     @override
     def parse_known_args(
@@ -172,15 +177,20 @@ def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    # Everything about the command line, the destination included, before a possibly
+    # long download.
     try:
-        check_new_folder(args.dst)  # fail before a possibly long download
+        check_device(args.device)
+        check_new_folder(args.dst)
+    except (ValueError, OSError) as error:
+        return _fail("convert", error, 2)
+    try:
         sae = load_gated_sae(
             args.src, args.folder, device=args.device, dtype=args.dtype
         )
         written = export_sae(sae, args.dst, args.to)
-    except (GatedSAELoadError, GatedSAEExportError, FileExistsError) as error:
-        sys.stderr.write(f"sae-lens-gated convert: error: {error}\n")
-        return 1
+    except Exception as error:
+        return _fail("convert", error, 1)
     sys.stdout.write(
         f"Wrote {args.to} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to "
         f"{args.dst}: {', '.join(p.name for p in written)}\n"
@@ -188,34 +198,100 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_settings_command(command: str, settings: Any) -> None:
-    if command == "demo":
-        runs = run_demo(settings)
-        sys.stdout.write(format_table(runs) + "\n")
-        sys.stdout.write(
-            f"Saved the gated SAE, demo.png and demo_results.json to {settings.out}\n"
+def _train(args: list[str]) -> int:
+    """SAELens's runner CLI with the config built first: a bad field is a usage error
+    before any model or dataset is loaded."""
+    try:
+        cfg = _parse_runner_args(args)
+    except (argparse.ArgumentError, ValueError, TypeError) as error:
+        return _fail("train", error, 2)
+    try:
+        LanguageModelSAETrainingRunner(cfg=cfg).run()
+    except Exception as error:
+        return _fail("train", error, 1)
+    return 0
+
+
+def _parse_runner_args(args: list[str]) -> Any:
+    # SAELens's parser prints its whole usage before "unrecognized arguments"; keep only
+    # the message. --help output goes to stdout and is not held back.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            cfg = _parse_cfg_args(args)
+    except SystemExit as exit_info:
+        if exit_info.code in (0, None):
+            raise
+        lines = captured.getvalue().strip().splitlines() or ["invalid arguments"]
+        raise ValueError(lines[-1].split("error: ", 1)[-1]) from None
+    sys.stderr.write(captured.getvalue())
+    return cfg
+
+
+def _run_settings_command(command: str, settings: Any) -> int:
+    if isinstance(settings, DemoConfig | SweepConfig):
+        try:  # a folder that is not free is a command-line problem: refuse it now
+            prepare_output_folder(settings.out, settings.overwrite)
+        except OSError as error:
+            return _fail(command, error, 2)
+    try:
+        if isinstance(settings, DemoConfig):
+            runs = run_demo(settings)
+            sys.stdout.write(format_table(runs) + "\n")
+            sys.stdout.write(
+                f"Saved the gated SAE, demo.png and demo_results.json to {settings.out}\n"
+            )
+        elif isinstance(settings, SweepConfig):
+            sys.stdout.write(format_claims(run_sweep(settings)) + "\n")
+        else:
+            sys.stdout.write(format_report(run_benchmark(settings)) + "\n")
+    except Exception as error:
+        return _fail(command, error, 1)
+    return 0
+
+
+def _fail(command: str, error: BaseException, code: int) -> int:
+    """Report ``error`` as one line on stderr, return the exit code ``code``."""
+    message = str(error)
+    if not isinstance(
+        error,
+        argparse.ArgumentError
+        | ValueError
+        | OSError
+        | GatedSAELoadError
+        | GatedSAEExportError,
+    ):
+        # An unexpected error: its type is the most useful part of a one-line report.
+        message = (
+            f"{type(error).__name__}: {message}" if message else type(error).__name__
         )
-    elif command == "sweep":
-        sys.stdout.write(format_claims(run_sweep(settings)) + "\n")
-    elif command == "bench":
-        sys.stdout.write(format_report(run_benchmark(settings)) + "\n")
+    sys.stderr.write(f"sae-lens-gated {command}: error: {_one_line(message)}\n")
+    return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sae-lens-gated`` command."""
+    """Entry point of the ``sae-lens-gated`` command.
+
+    Returns:
+        0 on success, 2 for a usage error (checked before any work starts), 1 for an error
+        during the work; either error is one line on stderr.
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     register()
-    if args_list[:1] == ["train"]:
-        from sae_lens.llm_sae_training_runner import _run_cli
-
-        _run_cli(args_list[1:])
-        return 0
-
-    args = _build_parser().parse_args(args_list)
-    if args.command == "convert":
-        return _convert(args)
-    _run_settings_command(args.command, args.settings)
-    return 0
+    try:
+        if args_list[:1] == ["train"]:
+            return _train(args_list[1:])
+        args = _build_parser().parse_args(args_list)
+        if args.command == "convert":
+            return _convert(args)
+        return _run_settings_command(args.command, args.settings)
+    except KeyboardInterrupt:
+        sys.stderr.write("sae-lens-gated: interrupted\n")
+        return 130

@@ -30,7 +30,12 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from sae_lens_gated.repro.experiments import TrainingSettings, trainer_config
+from sae_lens_gated.repro.experiments import (
+    TrainingSettings,
+    check_counts,
+    check_device,
+    trainer_config,
+)
 from sae_lens_gated.saes.gated_sae import (
     GatedSAE,
     GatedSAEConfig,
@@ -64,8 +69,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}.")
-        if min(self.d_in, self.d_sae, self.batch, self.repeats) < 1:
-            raise ValueError("d_in, d_sae, batch and repeats must all be >= 1.")
+        check_counts(
+            d_in=self.d_in, d_sae=self.d_sae, batch=self.batch, repeats=self.repeats
+        )
+        check_device(self.device)
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -135,9 +142,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "april_update_speedup_vs_builtin": step[builtin]
             / step["plugin (april_update)"],
             "encode_speedup_vs_builtin": encode["SAELens built-in"] / encode["plugin"],
+            # null, not NaN (which strict JSON parsers refuse), when not measurable.
             "peak_mem_ratio_vs_builtin": peak[paper] / peak[builtin]
             if peak[builtin] > 0
-            else float("nan"),
+            else None,
             "fraction_of_gemm_roofline": achieved / (flops_per_matmul / gemm),
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,

@@ -7,7 +7,7 @@ language model's activations), with the same optimizer settings for all variants
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
+from sae_lens_gated.conversion import check_new_folder
 from sae_lens_gated.metrics import relative_reconstruction_bias
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.saes.gated_untied_sae import (
@@ -323,6 +324,101 @@ class LanguageModelSource:
 ActivationSource = SyntheticSource | LanguageModelSource
 
 
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` unless ``device`` names a torch device this machine has.
+
+    Catches what would otherwise fail only once work has started: a misspelled device, CUDA
+    on a machine without it, or a GPU index past the last GPU.
+
+    Args:
+        device: A torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` ...).
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"Unknown device {device!r}; use cpu, cuda, cuda:N or mps."
+        ) from None
+    if target.type == "cpu":
+        return
+    if target.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"Device {device!r} is not available on this machine.")
+        return
+    backend: Any = getattr(torch, target.type, None)  # torch.cuda, torch.xpu ...
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(
+            f"Device {device!r} is not available: PyTorch sees no {target.type} device "
+            "on this machine."
+        )
+    count = int(backend.device_count())
+    if target.index is not None and target.index >= count:
+        raise ValueError(
+            f"Device {device!r} is not available: this machine has {count} "
+            f"{target.type} device(s), {target.type}:0 to {target.type}:{count - 1}."
+        )
+
+
+def check_counts(**counts: int | None) -> None:
+    """Raise ``ValueError`` naming the first count below 1 (``None`` means a default)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+def check_positive(**values: float) -> None:
+    """Raise ``ValueError`` naming the first value that is not finite and above 0."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number above 0, got {value}.")
+
+
+def check_coefficients(name: str, values: Sequence[float] | None) -> None:
+    """Raise ``ValueError`` unless ``values`` (``None``: a default) are sparsity
+    coefficients: at least one, each finite and at least 0."""
+    if values is None:
+        return
+    if len(values) == 0:
+        raise ValueError(f"{name} needs at least one value.")
+    for value in values:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"{name} must be finite and at least 0, got {value} (lambda, the "
+                "sparsity coefficient)."
+            )
+
+
+def prepare_output_folder(path: Path, overwrite: bool = False) -> None:
+    """Create the folder ``path`` for new results, before any work is done.
+
+    A folder that exists and is not empty is refused (results and saved SAEs are never
+    overwritten by accident) unless ``overwrite`` is set; then files of the same names in it
+    are replaced. Creating the folder first also surfaces an unwritable location before
+    training rather than after it.
+
+    Args:
+        path: The output folder.
+        overwrite: Write into an existing non-empty folder.
+
+    Raises:
+        OSError: ``path`` is a file, an existing non-empty folder (without ``overwrite``), or
+            cannot be created.
+    """
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"Refusing to write to {path}: it is a file, not a folder."
+        )
+    if not overwrite:
+        try:
+            check_new_folder(path)
+        except FileExistsError as error:
+            raise FileExistsError(
+                f"{error} Choose a new folder, or pass --overwrite (overwrite=True) to "
+                "replace the files in it."
+            ) from None
+    path.mkdir(parents=True, exist_ok=True)
+
+
 @dataclass
 class SourceConfig:
     """Where ``demo`` and ``sweep`` take their activations from.
@@ -357,6 +453,9 @@ class SourceConfig:
             raise ValueError(
                 "Give both --model and --hook to train on a language model."
             )
+        check_counts(gated_width=self.gated_width, context_size=self.context_size)
+        check_positive(expansion=self.expansion)
+        check_device(self.device)
 
     def record(self) -> dict[str, Any]:
         """These settings as JSON values: paths as text, the synthetic model only if used."""

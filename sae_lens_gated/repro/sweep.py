@@ -34,8 +34,12 @@ from sae_lens_gated.repro.experiments import (
     SourceConfig,
     TrainingSettings,
     Variant,
+    check_coefficients,
+    check_counts,
+    check_positive,
     is_healthy,
     make_source,
+    prepare_output_folder,
     run_grid,
 )
 from sae_lens_gated.repro.plots import plot_gamma, plot_magnitudes, plot_pareto
@@ -61,6 +65,8 @@ class SweepConfig(SourceConfig):
         variants: Names of the variants to run (default: all).
         l1: Sparsity coefficients for every selected variant, instead of their grids (the
             gated and baseline lambdas are on different scales).
+        overwrite: Write into ``out`` even if it is a non-empty folder, replacing its files;
+            without it such a folder is refused before any training.
     """
 
     out: Path = Path("gated-sweep")
@@ -72,9 +78,21 @@ class SweepConfig(SourceConfig):
     eval_samples: int | None = None
     variants: tuple[str, ...] | None = None
     l1: tuple[float, ...] | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_counts(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            eval_samples=self.eval_samples,
+        )
+        check_positive(lr=self.lr)
+        check_coefficients("l1", self.l1)
+        if self.seeds is not None and len(self.seeds) == 0:
+            raise ValueError("seeds needs at least one value.")
+        if self.variants is not None and len(self.variants) == 0:
+            raise ValueError("variants needs at least one name.")
         known = {v.name for v in VARIANTS}
         unknown = set(self.variants or ()) - known
         if unknown:
@@ -101,7 +119,13 @@ def run_sweep(
     override_dataset: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the sweep, write ``results.json`` and the plots, and return the results."""
+    """Run the sweep, write ``results.json`` and the plots, and return the results.
+
+    Raises:
+        OSError: ``cfg.out`` is a file, or a non-empty folder and ``cfg.overwrite`` is not
+            set (checked before any training).
+    """
+    prepare_output_folder(cfg.out, cfg.overwrite)
     settings = TrainingSettings(
         steps=cfg.resolved_steps,
         batch_size=cfg.batch_size,
@@ -131,7 +155,6 @@ def run_sweep(
         "claims": check_claims(points),
         "magnitude_bins": list(MAGNITUDE_BINS),
     }
-    cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     plot_pareto(points, cfg.out / "pareto.png")
     plot_gamma(points, cfg.out / "gamma_vs_lambda.png")

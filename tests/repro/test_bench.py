@@ -60,8 +60,12 @@ def test_bench_timings_are_seconds_and_its_gemm_rate_matches_a_timed_matmul(
 
 def test_bench_report_ends_with_its_summary_as_json(result: dict[str, Any]):
     report = format_report(result)
-    assert json.loads(report.splitlines()[-1]) == result["summary"]
-    summary = result["summary"]
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    summary = json.loads(report.splitlines()[-1], parse_constant=strict)
+    assert summary == result["summary"]
     assert (summary["d_in"], summary["d_sae"], summary["batch"]) == (32, 256, 512)
     assert (summary["device"], summary["dtype"]) == ("cpu", "float32")
     for name in EXPECTED_MATMULS:
@@ -72,5 +76,9 @@ def test_bench_report_ends_with_its_summary_as_json(result: dict[str, Any]):
 def test_bench_config_rejects_bad_values():
     with pytest.raises(ValueError, match="dtype"):
         BenchConfig(dtype="float16")  # pyright: ignore[reportArgumentType]
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
         BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="batch must be at least 1, got -2"):
+        BenchConfig(batch=-2)
+    with pytest.raises(ValueError, match="Unknown device 'gpu0'"):
+        BenchConfig(device="gpu0")

@@ -1,10 +1,12 @@
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sae_lens_gated.repro import sweep
 from sae_lens_gated.repro.experiments import (
     BASELINE,
     NO_AUX,
@@ -136,8 +138,39 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
     assert (cfg.out / "pareto.png").exists()
 
 
-def test_sweep_config_rejects_bad_input():
-    with pytest.raises(ValueError, match="Unknown variant"):
-        SweepConfig(variants=("gated (imaginary)",))
-    with pytest.raises(ValueError, match="both --model and --hook"):
-        SweepConfig(model="gpt2")
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"variants": ("gated (imaginary)",)}, "Unknown variant"),
+        ({"variants": ()}, "variants needs at least one name"),
+        ({"model": "gpt2"}, "both --model and --hook"),
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"eval_samples": -1}, "eval_samples must be at least 1"),
+        ({"seeds": ()}, "seeds needs at least one value"),
+        ({"l1": ()}, "l1 needs at least one value"),
+        ({"l1": (0.5, -1.0)}, "l1 must be finite and at least 0, got -1.0"),
+        ({"l1": (float("nan"),)}, "l1 must be finite and at least 0, got nan"),
+        ({"lr": 0.0}, "lr must be a finite number above 0"),
+        ({"device": "cuda:x"}, "Unknown device 'cuda:x'"),
+    ],
+)
+def test_sweep_config_rejects_bad_input(settings: dict[str, Any], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SweepConfig(**settings)
+
+
+def test_sweep_refuses_a_non_empty_out_folder_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    (tmp_path / "results.json").write_text("earlier results")
+
+    def no_training(*_: Any, **__: Any) -> Any:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sweep, "make_source", no_training)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_sweep(SweepConfig(out=tmp_path))
+    assert (tmp_path / "results.json").read_text() == "earlier results"
+    with pytest.raises(AssertionError, match="training started"):
+        run_sweep(SweepConfig(out=tmp_path, overwrite=True))
