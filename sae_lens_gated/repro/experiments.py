@@ -85,6 +85,7 @@ NO_R_MAG = "gated, no r_mag"
 UNTIED = "gated, untied encoders"
 TRAINABLE_AUX = "gated, trainable aux decoder"
 NO_AUX = "gated, no aux loss"
+MIXTURE = "gated, discouraged mixture"
 BASELINE = "baseline (standard, 1.5x wide)"
 
 VARIANTS: tuple[Variant, ...] = (
@@ -99,6 +100,12 @@ VARIANTS: tuple[Variant, ...] = (
         {"aux_coefficient": 0.0},
         quick_l1=(0.5, 1.0),
         full_l1=(0.25, 0.5, 1.0),
+    ),
+    # The combination the authors advise against: april_update's L1 weighted by decoder
+    # norms (which the sparsity penalty can then shrink) with the paper's frozen decoder in
+    # the aux loss, and decoder norms free. The plugin warns about it when it is built.
+    Variant(
+        MIXTURE, "gated", {"recipe": "april_update", "freeze_decoder_in_aux": True}
     ),
     # SAELens's standard SAE (ReLU, L1 weighted by decoder norms), 1.5x wider: the paper's
     # compute-matched baseline. Its lambda is on a different scale from the gated ones.

@@ -13,22 +13,30 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from sae_lens_gated.repro.experiments import (
+    APRIL,
     BASELINE,
     MAGNITUDE_BINS,
+    MIXTURE,
+    NO_AUX,
+    NO_R_MAG,
     PAPER,
-    VARIANTS,
+    TRAINABLE_AUX,
+    UNTIED,
     RunResult,
 )
 
 _MIN_PLOTTED_L0 = 0.5
 
-_STYLE: dict[str, dict[str, Any]] = {
-    v.name: {"color": color, "marker": marker}
-    for v, color, marker in zip(
-        VARIANTS,
-        ("#1f77b4", "#17becf", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#d62728"),
-        ("o", "s", "^", "v", "D", "x", "P"),
-    )
+# Colour and marker of each variant in every plot.
+VARIANT_STYLES: dict[str, dict[str, Any]] = {
+    PAPER: {"color": "#1f77b4", "marker": "o"},
+    APRIL: {"color": "#17becf", "marker": "s"},
+    NO_R_MAG: {"color": "#9467bd", "marker": "^"},
+    UNTIED: {"color": "#8c564b", "marker": "v"},
+    TRAINABLE_AUX: {"color": "#e377c2", "marker": "D"},
+    NO_AUX: {"color": "#7f7f7f", "marker": "x"},
+    MIXTURE: {"color": "#bcbd22", "marker": "*"},
+    BASELINE: {"color": "#d62728", "marker": "P"},
 }
 
 
@@ -51,7 +59,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
             [p["l0"] for p in shown],
             [p["explained_variance"] for p in shown],
             label=label,
-            **_STYLE.get(name, {}),
+            **VARIANT_STYLES.get(name, {}),
         )
     _plain_log_axis(ax)
     ax.set_xlabel("L0 (active features per input)")
@@ -76,7 +84,7 @@ def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
                 [p["l1_coefficient"] for p in pts],
                 [p["relative_reconstruction_bias"] for p in pts],
                 label=name,
-                **_STYLE.get(name, {}),
+                **VARIANT_STYLES.get(name, {}),
             )
     for ax, title in ((gated_ax, "gated SAEs"), (base_ax, "baseline, 1.5x wide")):
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
@@ -105,7 +113,7 @@ def plot_demo(runs: list[RunResult], path: Path) -> None:
     fig = Figure(figsize=(12, 4.5))
     pareto_ax, hist_ax = fig.subplots(1, 2)
     for run in runs:
-        style = _STYLE.get(run.variant, {})
+        style = VARIANT_STYLES.get(run.variant, {})
         pareto_ax.scatter(
             run.l0,
             run.explained_variance,
@@ -163,7 +171,7 @@ def _histogram(ax: Axes, run: RunResult) -> None:
         [c / total for c in run.magnitude_histogram],
         where="mid",
         label=f"{run.variant}, L0={run.l0:.1f}",
-        color=_STYLE.get(run.variant, {}).get("color"),
+        color=VARIANT_STYLES.get(run.variant, {}).get("color"),
     )
 
 

@@ -4,7 +4,8 @@ Checks the paper's claims on data with known ground truth (or on a language mode
 activations): gated SAEs do not shrink (gamma near 1) while the baseline does, more so as
 lambda grows; gated SAEs beat a 1.5x wider baseline at matched L0; freezing the decoder in
 the auxiliary loss matters; ``r_mag`` tying helps slightly; untied encoders do not help;
-without the auxiliary loss the gates close. Results go to ``results.json`` with the claims'
+without the auxiliary loss the gates close; the combination the authors advise against
+(decoder-norm-weighted L1 with a frozen auxiliary decoder) does worse. Results go to ``results.json`` with the claims'
 verdicts and the numbers behind them, and to PNG plots.
 """
 
@@ -24,6 +25,7 @@ from sae_lens_gated.repro.experiments import (
     BASELINE,
     EVAL_SEED,
     MAGNITUDE_BINS,
+    MIXTURE,
     NO_AUX,
     NO_R_MAG,
     PAPER,
@@ -248,6 +250,13 @@ def check_claims(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             PAPER,
             APRIL,
             "paper gated above the april_update recipe",
+        ),
+        (
+            "discouraged_mixture_hurts",
+            PAPER,
+            MIXTURE,
+            "paper gated above the discouraged mixture (decoder-norm-weighted L1, "
+            "frozen aux decoder, free decoder norms)",
         ),
     )
     for key, better, worse, text in comparisons:

@@ -3,6 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sae_lens_gated.repro.experiments import VARIANTS
+from sae_lens_gated.repro.plots import VARIANT_STYLES
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Draws every plot of the harness in a fresh process whose backend is "svg", then checks
@@ -58,3 +61,10 @@ def test_plots_write_pngs_and_leave_the_matplotlib_backend_alone(tmp_path: Path)
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
         assert len(data) > 10_000, name
+
+
+def test_every_variant_has_its_own_colour_and_marker():
+    assert set(VARIANT_STYLES) == {v.name for v in VARIANTS}
+    styles = list(VARIANT_STYLES.values())
+    assert len({s["color"] for s in styles}) == len(styles)
+    assert len({s["marker"] for s in styles}) == len(styles)

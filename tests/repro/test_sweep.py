@@ -9,6 +9,7 @@ import pytest
 from sae_lens_gated.repro import sweep
 from sae_lens_gated.repro.experiments import (
     BASELINE,
+    MIXTURE,
     NO_AUX,
     PAPER,
     TRAINABLE_AUX,
@@ -62,6 +63,8 @@ def test_claims_hold_or_fail_on_the_numbers():
         _point(UNTIED, 0.5, 8.0, 0.91, 1.0),
         _point(UNTIED, 1.0, 2.0, 0.70, 1.0),
         _point(NO_AUX, 0.5, 0.2, 0.1, 0.9),
+        _point(MIXTURE, 0.5, 32.0, 0.75, 1.0),
+        _point(MIXTURE, 2.0, 2.0, 0.55, 1.0),
     ]
     claims = check_claims(points)
     assert claims["gated_gamma_near_1"]["holds"]
@@ -74,16 +77,24 @@ def test_claims_hold_or_fail_on_the_numbers():
     # untied is better at L0=8 (0.91 vs 0.90) and worse at L0=4: mean margin decides.
     assert claims["untied_encoders_do_not_help"]["holds"]
     assert claims["no_aux_loss_closes_the_gates"]["holds"]
+    # The mixture at L0 8 and 4, interpolated in log L0 between L0 2 and 32: 0.55 + 0.2 * t.
+    assert claims["discouraged_mixture_hurts"]["holds"]
+    assert claims["discouraged_mixture_hurts"]["mean_margin"] == pytest.approx(
+        ((0.90 - (0.55 + 0.2 * 0.5)) + (0.85 - (0.55 + 0.2 * 0.25))) / 2
+    )
 
     points[0]["relative_reconstruction_bias"] = 1.05
     points[4]["relative_reconstruction_bias"] = (
         0.95  # baseline gamma no longer decreasing
     )
     points[6]["explained_variance"] = 0.95  # ablation above the paper recipe at L0=8
+    for mixture in points[11:]:  # the mixture now above the paper recipe everywhere
+        mixture["explained_variance"] = 0.95
     claims = check_claims(points)
     assert not claims["gated_gamma_near_1"]["holds"]
     assert not claims["baseline_gamma_shrinks"]["holds"]
     assert not claims["frozen_aux_decoder_helps"]["holds"]
+    assert not claims["discouraged_mixture_hurts"]["holds"]
     text = format_claims({"points": points, "claims": claims, "config": {"out": "x"}})
     assert "gated_gamma_near_1: DOES NOT HOLD" in text
 
