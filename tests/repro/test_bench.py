@@ -1,6 +1,5 @@
 import json
 import math
-import statistics
 import time
 from typing import Any
 
@@ -37,23 +36,27 @@ def test_bench_counts_the_matmuls_each_design_needs(result: dict[str, Any]):
 def test_bench_timings_are_seconds_and_its_gemm_rate_matches_a_timed_matmul(
     result: dict[str, Any],
 ):
-    steps = result["step_seconds"]
-    assert set(steps) == set(EXPECTED_MATMULS)
-    # Positive and finite, and a training step costs at least its dense matmuls.
-    gemm = result["gemm_seconds"]
-    assert 0 < gemm < 1
-    for name, seconds in steps.items():
-        assert math.isfinite(seconds) and seconds > gemm, name
-    # The reported matmul rate, in FLOP/s, against one timed here (loose: a shared machine).
+    # The best of matmuls of the benchmark's shape timed here (the first few warm up).
     a = torch.randn(CFG.batch, CFG.d_in)
     b = torch.randn(CFG.d_in, CFG.d_sae)
     times = []
-    for _ in range(7):
+    for _ in range(30):
         start = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
-    direct = 2 * CFG.batch * CFG.d_in * CFG.d_sae / statistics.median(times)
-    assert direct / 4 < result["gemm_flops_per_second"] < direct * 4
+    best_seconds = min(times[5:])
+    best_rate = 2 * CFG.batch * CFG.d_in * CFG.d_sae / best_seconds
+
+    steps = result["step_seconds"]
+    assert set(steps) == set(EXPECTED_MATMULS)
+    for name, seconds in steps.items():
+        # In seconds, and at least the cost of the (6 or more) dense matmuls of a step.
+        assert math.isfinite(seconds) and 3 * best_seconds < seconds < 60, name
+    # The reported matmul rate is in FLOP/s and no faster than the best here (it is a
+    # median of a few). Only loosely below: on a loaded machine a descheduled worker
+    # thread can stretch a 0.1 ms matmul to 20 ms.
+    assert 0 < result["gemm_seconds"] < 1
+    assert best_rate / 1000 < result["gemm_flops_per_second"] < best_rate * 2
     peaks = result["peak_memory_bytes"]
     assert all(p >= 0 or math.isnan(p) for p in peaks.values())
 
