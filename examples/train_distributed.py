@@ -41,7 +41,7 @@ from sae_lens_gated.distributed import (
     init_distributed,
     shard_latents,
 )
-from sae_lens_gated.experiments import DEFAULT_SYNTHETIC_MODEL
+from sae_lens_gated.repro.experiments import DEFAULT_SYNTHETIC_MODEL
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,11 +1,26 @@
-"""Command line interface: ``sae-lens-gated`` or ``python -m sae_lens_gated``."""
+"""Command line interface: ``sae-lens-gated`` or ``python -m sae_lens_gated``.
+
+The options of ``demo``, ``sweep`` and ``bench`` are the fields of their settings dataclasses
+(:class:`DemoConfig`, :class:`SweepConfig`, :class:`BenchConfig`), turned into options by
+simple_parsing as SAELens's runner CLI does: ``batch_size`` is ``--batch-size``, and the help
+and defaults come from the dataclasses, so they are written down once. ``convert`` has its
+own options; ``train`` hands its arguments to SAELens's runner CLI.
+"""
 
 import argparse
+import contextlib
+import io
 import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn
+
+from sae_lens.llm_sae_training_runner import _parse_cfg_args
+from simple_parsing import ArgumentParser, DashVariant, SimpleHelpFormatter
+from simple_parsing.wrappers import DataclassWrapper
+from typing_extensions import override
 
 from sae_lens_gated import __version__
 from sae_lens_gated.conversion import (
@@ -14,76 +29,115 @@ from sae_lens_gated.conversion import (
     check_new_folder,
     export_sae,
 )
+from sae_lens_gated.distributed.runner import distributed_arguments, run_training
 from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
+from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
+from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
+from sae_lens_gated.repro.experiments import check_device, prepare_output_folder
+from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
 
-T = TypeVar("T")
+# Sphinx roles and literals of the docstrings, shown as plain text in --help.
+_DOCSTRING_MARKUP = re.compile(r":\w+:`~?([^`]+)`|``([^`]+)``")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _plain(text: str) -> str:
+    return _DOCSTRING_MARKUP.sub(lambda m: m.group(1) or m.group(2), text)
+
+
+class _HelpFormatter(SimpleHelpFormatter):
+    """simple_parsing's help (types and defaults) without the docstrings' markup."""
+
+    @override
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        return None if text is None else _plain(text)
+
+    @override
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # Wrap command descriptions to the terminal (simple_parsing keeps line breaks).
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+class _SettingsWrapper(DataclassWrapper[Any]):
+    """The options of a settings dataclass, listed under "settings"."""
+
+    @property
+    @override
+    def title(self) -> str:
+        return "settings"
+
+    @property
+    @override
+    def description(self) -> str:
+        return argparse.SUPPRESS  # the command's description says it
+
+
+class _Parser(ArgumentParser):
+    """simple_parsing's parser with ``--dashed-names`` and one-line usage errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
+        kwargs.setdefault("add_config_path_arg", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    @override
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+    @override
+    def parse_known_args(
+        self,
+        args: Sequence[str] | None = None,
+        namespace: argparse.Namespace | None = None,
+        attempt_to_reorder: bool = False,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        try:
+            return super().parse_known_args(args, namespace, attempt_to_reorder)
+        except ValueError as error:  # a settings dataclass refused a value
+            self.error(str(error))
+
+
+# The commands whose options are the fields of a settings dataclass.
+_SETTINGS_COMMANDS: dict[str, tuple[type[Any], str, str]] = {
+    "demo": (
+        DemoConfig,
+        "Gated SAE vs a 1.5x wider baseline on synthetic data (offline).",
+        "Train the paper-recipe gated SAE and SAELens's standard SAE at 1.5x the width on "
+        "the embedded synthetic default (or a model's activations with --model/--hook), "
+        "print a side-by-side table, write demo.png and save the gated SAE.",
+    ),
+    "sweep": (
+        SweepConfig,
+        "Lambda sweeps of gated SAEs, their ablations and a baseline; claims, plots.",
+        "Train every variant over a lambda grid on synthetic activations with known "
+        "features (or a model's with --model/--hook), check the paper's claims, and write "
+        "results.json and PNG plots to --out.",
+    ),
+    "bench": (
+        BenchConfig,
+        "Time training steps and encoding against SAELens's gated and standard SAEs.",
+        "Interleaved, median-of-repeats timings of a full SAETrainer step for the plugin "
+        "(paper and april_update recipes), SAELens's built-in gated SAE and SAELens's "
+        "standard SAE; inference encode; peak memory; fraction of the dense matmul "
+        "roofline. The last line is a JSON summary.",
+    ),
+}
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
         prog="sae-lens-gated",
         description="Gated SAEs (Rajamanoharan et al. 2024) for SAELens.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser(
-        "demo",
-        help="Gated SAE vs a 1.5x wider baseline on synthetic data (offline).",
-        description="Train the paper-recipe gated SAE and SAELens's standard SAE at 1.5x "
-        "the width on the embedded synthetic default (or a model's activations with "
-        "--model/--hook), print a side-by-side table, write demo.png and save the gated SAE.",
-    )
-    demo.add_argument("--out", type=Path, default=Path("gated-demo"))
-    demo.add_argument("--steps", type=int, default=3000)
-    demo.add_argument("--batch-size", type=int, default=1024)
-    demo.add_argument("--gated-l1", type=float, nargs="+", default=[0.5, 1.0])
-    demo.add_argument("--baseline-l1", type=float, nargs="+", default=[0.35, 1.0])
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu")
-    _add_model_arguments(demo)
-
-    sweep = commands.add_parser(
-        "sweep",
-        help="Lambda sweeps of gated SAEs, their ablations and a baseline; claims, plots.",
-        description="Train every variant over a lambda grid on synthetic activations with "
-        "known features (or a model's with --model/--hook), check the paper's claims, and "
-        "write results.json and PNG plots to --out.",
-    )
-    sweep.add_argument("--out", type=Path, default=Path("gated-sweep"))
-    sweep.add_argument(
-        "--quick", action="store_true", help="The small grid (<10 min on CPU)."
-    )
-    sweep.add_argument("--steps", type=int, default=None)
-    sweep.add_argument("--seeds", type=int, nargs="+", default=None)
-    sweep.add_argument("--variants", nargs="+", default=None)
-    sweep.add_argument(
-        "--l1",
-        type=float,
-        nargs="+",
-        default=None,
-        help="Lambdas for every selected variant.",
-    )
-    sweep.add_argument("--device", default="cpu")
-    _add_model_arguments(sweep)
-
-    bench = commands.add_parser(
-        "bench",
-        help="Time training steps and encoding against SAELens's gated and standard SAEs.",
-        description="Interleaved, median-of-repeats timings of a full SAETrainer step for "
-        "the plugin (paper and april_update recipes), SAELens's built-in gated SAE and "
-        "SAELens's standard SAE; inference encode; peak memory; fraction of the dense "
-        "matmul roofline. The last line is a JSON summary.",
-    )
-    bench.add_argument("--d-in", type=int, default=512)
-    bench.add_argument("--d-sae", type=int, default=8192)
-    bench.add_argument("--batch", type=int, default=4096)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--seed", type=int, default=0)
-
+    for name, (settings, summary, description) in _SETTINGS_COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        command.add_arguments(
+            settings, dest="settings", dataclass_wrapper_class=_SettingsWrapper
+        )
     commands.add_parser(
         "train",
         help="Run SAELens's training runner CLI with the plugin registered.",
@@ -97,28 +151,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("language-model activations (needs the network)")
-    group.add_argument("--model", default=None, help="TransformerLens model name.")
-    group.add_argument(
-        "--hook", default=None, help="Hook name, e.g. blocks.6.hook_resid_post."
-    )
-    group.add_argument(
-        "--dataset",
-        default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
-        help="Tokenized Hugging Face dataset.",
-    )
-    group.add_argument("--context-size", type=int, default=128)
-    group.add_argument("--expansion", type=float, default=8.0)
-
-
-def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        name: getattr(args, name)
-        for name in ("model", "hook", "dataset", "context_size", "expansion")
-    }
-
-
 def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
     convert = commands.add_parser(
         "convert",
@@ -130,9 +162,14 @@ def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
     convert.add_argument("dst", metavar="DST", type=Path)
     convert.add_argument("--to", required=True, choices=EXPORT_FORMATS)
     convert.add_argument(
-        "--folder", default=None, help="Subfolder of SRC, or the SAE id in a release."
+        "--folder",
+        default=None,
+        metavar="FOLDER",
+        help="Subfolder of SRC, or the SAE id in a release.",
     )
-    convert.add_argument("--device", default="cpu")
+    convert.add_argument(
+        "--device", default="cpu", metavar="DEVICE", help="Torch device to load on."
+    )
     convert.add_argument(
         "--dtype",
         default=None,
@@ -142,15 +179,20 @@ def _add_convert_parser(commands: "argparse._SubParsersAction[Any]") -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    # Everything about the command line, the destination included, before a possibly
+    # long download.
     try:
-        check_new_folder(args.dst)  # fail before a possibly long download
+        check_device(args.device)
+        check_new_folder(args.dst)
+    except (ValueError, OSError) as error:
+        return _fail("convert", error, 2)
+    try:
         sae = load_gated_sae(
             args.src, args.folder, device=args.device, dtype=args.dtype
         )
         written = export_sae(sae, args.dst, args.to)
-    except (GatedSAELoadError, GatedSAEExportError, FileExistsError) as error:
-        sys.stderr.write(f"sae-lens-gated convert: error: {error}\n")
-        return 1
+    except Exception as error:
+        return _fail("convert", error, 1)
     sys.stdout.write(
         f"Wrote {args.to} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to "
         f"{args.dst}: {', '.join(p.name for p in written)}\n"
@@ -158,87 +200,103 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
-    # Invalid combinations of options exit like an argparse error, with usage, not a trace.
+def _train(args: list[str]) -> int:
+    """SAELens's runner CLI with the config built first: a bad field is a usage error
+    before any model or dataset is loaded."""
     try:
-        return build()
-    except ValueError as error:
-        parser.error(str(error))
+        options, runner_args = distributed_arguments().parse_known_args(args)
+        if not options.distributed_timeout > 0:
+            raise ValueError("--distributed-timeout must be positive.")
+        cfg = _parse_runner_args(runner_args)
+    except (argparse.ArgumentError, ValueError, TypeError) as error:
+        return _fail("train", error, 2)
+    try:
+        run_training(cfg, options.distributed, options.distributed_timeout)
+    except Exception as error:
+        return _fail("train", error, 1)
+    return 0
+
+
+def _parse_runner_args(args: list[str]) -> Any:
+    # SAELens's parser prints its whole usage before "unrecognized arguments"; keep only
+    # the message. --help output goes to stdout and is not held back.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            cfg = _parse_cfg_args(args)
+    except SystemExit as exit_info:
+        if exit_info.code in (0, None):
+            raise
+        lines = captured.getvalue().strip().splitlines() or ["invalid arguments"]
+        raise ValueError(lines[-1].split("error: ", 1)[-1]) from None
+    sys.stderr.write(captured.getvalue())
+    return cfg
+
+
+def _run_settings_command(command: str, settings: Any) -> int:
+    if isinstance(settings, DemoConfig | SweepConfig):
+        try:  # a folder that is not free is a command-line problem: refuse it now
+            prepare_output_folder(settings.out, settings.overwrite)
+        except OSError as error:
+            return _fail(command, error, 2)
+    try:
+        if isinstance(settings, DemoConfig):
+            runs = run_demo(settings)
+            sys.stdout.write(format_table(runs) + "\n")
+            sys.stdout.write(
+                f"Saved the gated SAE, demo.png and demo_results.json to {settings.out}\n"
+            )
+        elif isinstance(settings, SweepConfig):
+            sys.stdout.write(format_claims(run_sweep(settings)) + "\n")
+        else:
+            sys.stdout.write(format_report(run_benchmark(settings)) + "\n")
+    except Exception as error:
+        return _fail(command, error, 1)
+    return 0
+
+
+def _fail(command: str, error: BaseException, code: int) -> int:
+    """Report ``error`` as one line on stderr, return the exit code ``code``."""
+    message = str(error)
+    if not isinstance(
+        error,
+        argparse.ArgumentError
+        | ValueError
+        | OSError
+        | GatedSAELoadError
+        | GatedSAEExportError,
+    ):
+        # An unexpected error: its type is the most useful part of a one-line report.
+        message = (
+            f"{type(error).__name__}: {message}" if message else type(error).__name__
+        )
+    sys.stderr.write(f"sae-lens-gated {command}: error: {_one_line(message)}\n")
+    return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sae-lens-gated`` command."""
+    """Entry point of the ``sae-lens-gated`` command.
+
+    Returns:
+        0 on success, 2 for a usage error (checked before any work starts), 1 for an error
+        during the work; either error is one line on stderr.
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     register()
-    if args_list[:1] == ["train"]:
-        from sae_lens_gated.distributed.runner import run_training_cli
-
-        return run_training_cli(args_list[1:])
-
-    parser = _build_parser()
-    args = parser.parse_args(args_list)
-    if args.command == "demo":
-        from sae_lens_gated.demo import DemoConfig, format_table, run_demo
-
-        runs = run_demo(
-            _settings(
-                parser,
-                lambda: DemoConfig(
-                    out=args.out,
-                    steps=args.steps,
-                    batch_size=args.batch_size,
-                    gated_l1=tuple(args.gated_l1),
-                    baseline_l1=tuple(args.baseline_l1),
-                    seed=args.seed,
-                    device=args.device,
-                    **_model_options(args),
-                ),
-            ),
-        )
-        sys.stdout.write(format_table(runs) + "\n")
-        sys.stdout.write(
-            f"Saved the gated SAE, demo.png and demo_results.json to {args.out}\n"
-        )
-    elif args.command == "sweep":
-        from sae_lens_gated.sweep import SweepConfig, format_claims, run_sweep
-
-        results = run_sweep(
-            _settings(
-                parser,
-                lambda: SweepConfig(
-                    out=args.out,
-                    quick=args.quick,
-                    steps=args.steps,
-                    seeds=args.seeds,
-                    variants=args.variants,
-                    l1=args.l1,
-                    device=args.device,
-                    **_model_options(args),
-                ),
-            ),
-        )
-        sys.stdout.write(format_claims(results) + "\n")
-    elif args.command == "bench":
-        from sae_lens_gated.benchmark import BenchConfig, format_report, run_benchmark
-
-        result = run_benchmark(
-            _settings(
-                parser,
-                lambda: BenchConfig(
-                    d_in=args.d_in,
-                    d_sae=args.d_sae,
-                    batch=args.batch,
-                    device=args.device,
-                    dtype=args.dtype,
-                    repeats=args.repeats,
-                    seed=args.seed,
-                ),
-            ),
-        )
-        sys.stdout.write(format_report(result) + "\n")
-    elif args.command == "convert":
-        return _convert(args)
-    return 0
+    try:
+        if args_list[:1] == ["train"]:
+            return _train(args_list[1:])
+        args = _build_parser().parse_args(args_list)
+        if args.command == "convert":
+            return _convert(args)
+        return _run_settings_command(args.command, args.settings)
+    except KeyboardInterrupt:
+        sys.stderr.write("sae-lens-gated: interrupted\n")
+        return 130

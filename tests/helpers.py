@@ -124,32 +124,27 @@ class SparseSyntheticData:
 def make_trainer(
     sae: Any, data: Any, steps: int, batch_size: int = 128, **kwargs: Any
 ) -> Any:
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    """SAELens's ``SAETrainer`` as the harness configures it (``trainer_config``), with no
+    learning-rate warm-up and dead-feature windows longer than the tests' runs.
+
+    ``lr`` (default 3e-3) and any other ``SAETrainerConfig`` field can be overridden.
+    """
     from sae_lens.training.sae_trainer import SAETrainer
 
-    settings: dict[str, Any] = {
-        "total_training_samples": steps * batch_size,
-        "train_batch_size_samples": batch_size,
-        "lr": 3e-3,
-        "lr_end": 3e-4,
-        "lr_scheduler_name": "constant",
+    from sae_lens_gated.repro.experiments import TrainingSettings, trainer_config
+
+    settings = TrainingSettings(
+        steps=steps, batch_size=batch_size, lr=kwargs.pop("lr", 3e-3)
+    )
+    overrides: dict[str, Any] = {
         "lr_warm_up_steps": 0,
-        "lr_decay_steps": 0,
-        "n_restart_cycles": 1,
-        "adam_beta1": 0.0,
-        "adam_beta2": 0.999,
-        "device": "cpu",
-        "autocast": False,
         "dead_feature_window": 1000,
         "feature_sampling_window": 1000,
-        "n_checkpoints": 0,
-        "checkpoint_path": None,
-        "save_final_checkpoint": False,
-        "logger": LoggingConfig(log_to_wandb=False),
-        "n_batches_for_norm_estimate": 10,
+        **kwargs,
     }
-    settings.update(kwargs)
-    return SAETrainer(cfg=SAETrainerConfig(**settings), sae=sae, data_provider=data)
+    return SAETrainer(
+        cfg=trainer_config(settings, **overrides), sae=sae, data_provider=data
+    )
 
 
 def tiny_model(model_class: Any = None) -> Any:

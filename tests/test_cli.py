@@ -1,18 +1,141 @@
+import dataclasses
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import docstring_parser
 import pytest
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import SAE
 
-from sae_lens_gated import __version__
+from sae_lens_gated import __version__, cli
 from sae_lens_gated.cli import main
+from sae_lens_gated.distributed.collectives import DEFAULT_TIMEOUT_S
+from sae_lens_gated.repro.bench import BenchConfig
+from sae_lens_gated.repro.demo import DemoConfig
+from sae_lens_gated.repro.sweep import SweepConfig
 from tests.helpers import (
     random_dictionary_learning_ae,
     write_dictionary_learning_folder,
 )
+
+SETTINGS = {"demo": DemoConfig, "sweep": SweepConfig, "bench": BenchConfig}
+
+
+def _field_docs(settings: type[Any]) -> dict[str, str]:
+    """The ``Args:`` descriptions of a settings dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for cls in reversed(settings.__mro__[:-1]):
+        for param in docstring_parser.parse(inspect.getdoc(cls) or "").params:
+            docs[param.arg_name] = param.description or ""
+    return docs
+
+
+@pytest.mark.parametrize("command", list(SETTINGS))
+def test_help_shows_every_setting_with_its_meaning_and_default(
+    command: str, capsys: pytest.CaptureFixture[str]
+):
+    settings = SETTINGS[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    section = capsys.readouterr().out.split("\nsettings:\n")[1]
+    entries = {
+        entry.split()[0]: " ".join(entry.split())
+        for entry in re.split(r"\n  (?=--)", section.strip("\n"))
+    }
+    docs = _field_docs(settings)
+    options = {
+        field.name: field
+        for field in dataclasses.fields(settings)
+        if field.metadata.get("cmd", True)
+    }
+    assert set(entries) == {"--" + name.replace("_", "-") for name in options}
+    # The nested synthetic-model config is the one field that is not an option.
+    excluded = {field.name for field in dataclasses.fields(settings)} - set(options)
+    assert excluded == (set() if command == "bench" else {"synthetic_model"})
+    defaults = settings()
+    for name in options:
+        entry = entries["--" + name.replace("_", "-")]
+        meaning = " ".join(docs[name].replace("``", "").split()[:4])
+        assert meaning in entry, (name, entry)
+        assert entry.endswith(f"(default: {getattr(defaults, name)})"), (name, entry)
+
+
+def _capture_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace the commands' work by recording the settings they were given."""
+    seen: dict[str, Any] = {}
+
+    def record(command: str, result: Any) -> Any:
+        def run(settings: Any) -> Any:
+            seen[command] = settings
+            return result
+
+        return run
+
+    monkeypatch.setattr(cli, "run_demo", record("demo", []))
+    monkeypatch.setattr(cli, "run_sweep", record("sweep", {}))
+    monkeypatch.setattr(cli, "format_claims", str)
+    monkeypatch.setattr(cli, "run_benchmark", record("bench", {}))
+    monkeypatch.setattr(cli, "format_report", str)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo"], DemoConfig()),
+        (["sweep"], SweepConfig()),
+        (["bench"], BenchConfig()),
+        (
+            ["demo", "--out", "o", "--steps", "7", "--batch-size", "9"]
+            + ["--gated-l1", "0.1", "0.2", "--baseline-l1", "0.3", "--seed", "4"]
+            + ["--device", "cpu", "--model", "m", "--hook", "h", "--dataset", "d"]
+            + ["--context-size", "5", "--expansion", "2.5"],
+            DemoConfig(
+                out=Path("o"),
+                steps=7,
+                batch_size=9,
+                gated_l1=(0.1, 0.2),
+                baseline_l1=(0.3,),
+                seed=4,
+                model="m",
+                hook="h",
+                dataset="d",
+                context_size=5,
+                expansion=2.5,
+            ),
+        ),
+        (
+            ["sweep", "--out", "s", "--quick", "--steps", "3", "--seeds", "1", "2"]
+            + ["--variants", "gated (paper)", "gated, no aux loss", "--l1", "0.5"]
+            + ["--device", "cpu"],
+            SweepConfig(
+                out=Path("s"),
+                quick=True,
+                steps=3,
+                seeds=(1, 2),
+                variants=("gated (paper)", "gated, no aux loss"),
+                l1=(0.5,),
+            ),
+        ),
+        (
+            ["bench", "--d-in", "8", "--d-sae", "16", "--batch", "4", "--device"]
+            + ["cpu", "--dtype", "bfloat16", "--repeats", "2", "--seed", "3"],
+            BenchConfig(d_in=8, d_sae=16, batch=4, dtype="bfloat16", repeats=2, seed=3),
+        ),
+    ],
+)
+def test_options_set_the_settings_fields(
+    argv: list[str], expected: Any, monkeypatch: pytest.MonkeyPatch
+):
+    seen = _capture_settings(monkeypatch)
+    assert main(argv) == 0
+    assert seen == {argv[0]: expected}
 
 
 def test_module_entry_point_prints_help():
@@ -98,23 +221,223 @@ def test_unknown_command_fails():
     assert exit_info.value.code == 2
 
 
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``sae-lens-gated ARGV``."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    assert isinstance(code, int)
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The commands whose work started (training, benchmarking, loading), which is
+    replaced by nothing; a usage error must leave this empty."""
+    started: list[str] = []
+
+    def start(name: str, result: Any) -> Any:
+        def run(*_: Any, **__: Any) -> Any:
+            started.append(name)
+            return result
+
+        return run
+
+    monkeypatch.setattr(cli, "run_demo", start("demo", []))
+    monkeypatch.setattr(cli, "run_sweep", start("sweep", {}))
+    monkeypatch.setattr(cli, "format_claims", str)
+    monkeypatch.setattr(cli, "run_benchmark", start("bench", {}))
+    monkeypatch.setattr(cli, "format_report", str)
+    monkeypatch.setattr(cli, "load_gated_sae", start("convert", None))
+    monkeypatch.setattr(cli, "run_training", start("train", None))
+    return started
+
+
+def _assert_usage_error(
+    code: int, out: str, err: str, command: str, *fragments: str
+) -> None:
+    assert code == 2
+    assert out == ""
+    (line,) = err.splitlines()  # one line, no usage block, no traceback
+    assert line.startswith(f"sae-lens-gated {command}: error: "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "fragments"),
     [
-        (["demo", "--hook", "blocks.0.hook_resid_post"], "both --model and --hook"),
-        (["sweep", "--variants", "gated (imaginary)"], "Unknown variant(s)"),
-        (["bench", "--repeats", "0"], "must all be >= 1"),
+        (["demo", "--hook", "blocks.0.hook_resid_post"], ["both --model and --hook"]),
+        (["demo", "--steps", "0"], ["steps", "at least 1", "0"]),
+        (["demo", "--steps", "-5"], ["steps", "-5"]),
+        (["demo", "--batch-size", "0"], ["batch_size", "at least 1"]),
+        (["demo", "--gated-l1", "-1"], ["gated_l1", "-1.0"]),
+        (["demo", "--gated-l1", "0.5", "nan"], ["gated_l1", "nan"]),
+        (["demo", "--baseline-l1", "inf"], ["baseline_l1", "inf"]),
+        (["demo", "--lr", "0"], ["lr", "above 0"]),
+        (["demo", "--eval-samples", "0"], ["eval_samples"]),
+        (["demo", "--steps", "ten"], ["--steps", "invalid int value: 'ten'"]),
+        (["demo", "--device", "foo"], ["Unknown device 'foo'"]),
+        (["demo", "--device", "cuda"], ["'cuda' is not available"]),
+        (["demo", "--device", "cuda:7"], ["'cuda:7' is not available"]),
+        (["sweep", "--variants", "gated (imaginary)"], ["Unknown variant(s)"]),
+        (["sweep", "--steps", "0"], ["steps", "at least 1"]),
+        (["sweep", "--batch-size", "0"], ["batch_size"]),
+        (["sweep", "--l1", "-0.5"], ["l1", "-0.5"]),
+        (["sweep", "--l1", "nan"], ["l1", "nan"]),
+        (["sweep", "--seeds"], ["seeds needs at least one value"]),
+        (["sweep", "--device", "cuda:7"], ["'cuda:7' is not available"]),
+        (["bench", "--repeats", "0"], ["repeats", "at least 1"]),
+        (["bench", "--d-sae", "0"], ["d_sae", "at least 1"]),
+        (["bench", "--device", "foo"], ["Unknown device 'foo'"]),
+        (["bench", "--device", "cuda"], ["'cuda' is not available"]),
+        (["bench", "--dtype", "float16"], ["--dtype", "invalid choice"]),
+        (["convert", "a", "b", "--to", "saelens", "--device", "foo"], ["'foo'"]),
+        (["convert", "a", "b", "--to", "topk"], ["--to", "invalid choice"]),
     ],
 )
-def test_invalid_settings_exit_with_a_usage_error_before_any_work(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+def test_invalid_settings_are_one_usage_error_line_before_any_work(
+    argv: list[str],
+    fragments: list[str],
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
 ):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err
+    if "cuda" in " ".join(argv):
+        assert not torch.cuda.is_available()  # the machine these cases are written for
+    _assert_usage_error(*_run(argv, capsys), argv[0], *fragments)
+    assert work == []
+
+
+@pytest.mark.parametrize("command", ["demo", "sweep"])
+def test_an_existing_non_empty_out_folder_is_refused_before_training(
+    command: str,
+    tmp_path: Path,
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "cfg.json").write_text('{"d_in": 3}')
+    (saved / "sae_weights.safetensors").write_bytes(b"weights")
+
+    code, out, err = _run([command, "--out", str(saved)], capsys)
+
+    _assert_usage_error(code, out, err, command, str(saved), "--overwrite")
+    assert work == []
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "cfg.json",
+        "sae_weights.safetensors",
+    ]
+    assert (saved / "cfg.json").read_text() == '{"d_in": 3}'
+    assert (saved / "sae_weights.safetensors").read_bytes() == b"weights"
+
+    assert _run([command, "--out", str(saved), "--overwrite"], capsys)[0] == 0
+    assert work == [command]
+
+
+def test_the_readme_demo_run_twice_refuses_the_second_time(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.chdir(tmp_path)
+    assert _run(["demo"], capsys)[0] == 0  # creates ./gated-demo (training replaced)
+    (tmp_path / "gated-demo" / "cfg.json").write_text("{}")  # as the first run saves
+
+    code, out, err = _run(["demo"], capsys)
+
+    _assert_usage_error(code, out, err, "demo", "gated-demo", "--overwrite")
+    assert work == ["demo"]
+
+
+@pytest.mark.parametrize("command", ["demo", "sweep"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_an_out_path_that_is_a_file_is_refused_before_training(
+    command: str,
+    overwrite: list[str],
+    tmp_path: Path,
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    code, out, err = _run([command, "--out", str(taken), *overwrite], capsys)
+    _assert_usage_error(code, out, err, command, str(taken))
+    assert work == []
+    assert taken.read_text() == "mine"
+
+
+def test_an_error_during_the_work_is_one_line_and_exit_code_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    def out_of_memory(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(cli, "run_sweep", out_of_memory)
+    code, out, err = _run(["sweep", "--out", str(tmp_path / "s")], capsys)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "sae-lens-gated sweep: error: RuntimeError: CUDA out of memory. Tried to "
+        "allocate 2 GiB"
+    ]
+
+
+def test_a_usage_error_is_one_line_from_the_installed_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_lens_gated", "demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "sae-lens-gated demo: error: steps must be at least 1, got 0."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--recipe", "bogus"], ["--recipe", "invalid choice: 'bogus'"]),
+        (["--aux_coefficient", "-1"], ["aux_coefficient", "-1"]),
+        (["--l1_coefficient", "nan"], ["l1_coefficient", "nan"]),
+        (["--d_sae", "many"], ["--d_sae", "invalid int value: 'many'"]),
+        (["--no_such_field", "1"], ["unrecognized arguments: --no_such_field 1"]),
+    ],
+)
+def test_train_rejects_an_invalid_field_before_loading_any_model(
+    argv: list[str],
+    fragments: list[str],
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    code, out, err = _run(["train", "--architecture", "gated", *argv], capsys)
+    _assert_usage_error(code, out, err, "train", *fragments)
+    assert work == []
+
+
+def test_train_runs_the_runner_with_the_parsed_config_and_reports_its_failure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    configs: list[Any] = []
+
+    def failing_run(cfg: Any, mode: str, timeout_s: float) -> None:
+        configs.append(cfg)
+        assert (mode, timeout_s) == ("data", DEFAULT_TIMEOUT_S)
+        raise OSError("model gpt2 not found (offline)")
+
+    monkeypatch.setattr(cli, "run_training", failing_run)
+    argv = ["train", "--architecture", "gated", "--recipe", "april_update"]
+    code, out, err = _run([*argv, "--d_in", "16", "--d_sae", "64"], capsys)
+    assert (code, out) == (1, "")
+    assert err == "sae-lens-gated train: error: model gpt2 not found (offline)\n"
+    (cfg,) = configs
+    assert cfg.sae.architecture() == "gated"
+    assert (cfg.sae.recipe, cfg.sae.d_in, cfg.sae.d_sae) == ("april_update", 16, 64)
 
 
 def test_convert_dictionary_learning_folder_to_jumprelu(
@@ -168,39 +491,49 @@ def test_convert_between_saelens_and_dictionary_learning(
     torch.testing.assert_close(back["r_mag"], ae.r_mag.double())
 
 
-def test_convert_errors_are_one_line_and_a_non_zero_exit(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_convert_refuses_a_taken_destination_before_loading(
+    tmp_path: Path, work: list[str], capsys: pytest.CaptureFixture[str]
 ):
-    write_dictionary_learning_folder(tmp_path / "dl", random_dictionary_learning_ae())
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "cfg.json").write_text("{}")
-
-    assert (
-        main(
-            [
-                "convert",
-                str(tmp_path / "dl"),
-                str(tmp_path / "taken"),
-                "--to",
-                "saelens",
-            ]
+    (tmp_path / "file").write_text("mine")
+    for dst in ("taken", "file"):
+        code, out, err = _run(
+            ["convert", "src", str(tmp_path / dst), "--to", "saelens"], capsys
         )
-        == 1
-    )
-    assert (
-        main(
-            ["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "saelens"]
-        )
-        == 1
-    )
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    errors = captured.err.splitlines()
-    assert errors[0].startswith("sae-lens-gated convert: error: Refusing to write to ")
-    assert errors[1].startswith("sae-lens-gated convert: error: ")
-    assert "is not a local folder" in errors[1]
+        _assert_usage_error(code, out, err, "convert", "Refusing to write to")
+    assert work == []
     assert (tmp_path / "taken" / "cfg.json").read_text() == "{}"
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_convert_maps_any_refusal_of_the_destination_to_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    # Whatever OSError the library's destination check raises (a link, no permission...).
+    def unwritable(path: Path) -> None:
+        raise PermissionError(f"Refusing to write to {path}: the folder is read-only.")
+
+    monkeypatch.setattr(cli, "check_new_folder", unwritable)
+    code, out, err = _run(
+        ["convert", "src", str(tmp_path / "d"), "--to", "jumprelu"], capsys
+    )
+    _assert_usage_error(code, out, err, "convert", "read-only")
+    assert work == []
+
+
+def test_convert_loading_errors_are_one_line_and_exit_code_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    code, out, err = _run(
+        ["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "saelens"],
+        capsys,
+    )
+    assert (code, out) == (1, "")
+    (line,) = err.splitlines()
+    assert line.startswith("sae-lens-gated convert: error: ")
+    assert "is not a local folder" in line
     assert not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert", str(tmp_path / "dl"), str(tmp_path / "y"), "--to", "topk"])
-    assert exit_info.value.code == 2

@@ -1,35 +1,59 @@
+import warnings
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_lens_gated import GatedTrainingSAEConfig, paper_runner_overrides
-
-
-def test_paper_runner_overrides_are_the_paper_values():
-    overrides = paper_runner_overrides()
-    assert overrides == {
-        "adam_beta1": 0.0,
-        "adam_beta2": 0.999,
-        "lr": 3e-4,
-        "lr_warm_up_steps": 1000,
-        "lr_scheduler_name": "constant",
-        "lr_decay_steps": 0,
-        "train_batch_size_tokens": 4096,
-    }
-    overrides["lr"] = 1.0
-    assert paper_runner_overrides()["lr"] == 3e-4  # a fresh dict each call
+from sae_lens_gated import (
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
+    paper_runner_overrides,
+)
 
 
-def test_paper_runner_overrides_build_a_runner_config_and_trainer_config(
-    tmp_path: Path,
-):
+def _paper_trainer(tmp_path: Path, steps: int) -> SAETrainer[Any, Any]:
     cfg = LanguageModelSAERunnerConfig(
-        sae=GatedTrainingSAEConfig(d_in=64, d_sae=256),
+        sae=GatedTrainingSAEConfig(d_in=16, d_sae=32),
         checkpoint_path=str(tmp_path),
         n_batches_in_buffer=64,
+        training_tokens=4096 * steps,
         **paper_runner_overrides(),
     )
-    trainer_cfg = cfg.to_sae_trainer_config()
-    assert (trainer_cfg.adam_beta1, trainer_cfg.adam_beta2) == (0.0, 0.999)
-    assert trainer_cfg.lr == 3e-4 and trainer_cfg.lr_warm_up_steps == 1000
-    assert trainer_cfg.train_batch_size_samples == 4096
+    sae = GatedTrainingSAE(GatedTrainingSAEConfig(d_in=16, d_sae=32))
+    return SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
+
+
+def test_paper_overrides_give_adam_betas_0_and_0999_and_batches_of_4096(
+    tmp_path: Path,
+):
+    trainer = _paper_trainer(tmp_path, steps=1200)
+    (group,) = trainer.optimizer.param_groups
+    assert type(trainer.optimizer).__name__ == "Adam"
+    assert group["betas"] == (0.0, 0.999)
+    assert trainer.cfg.train_batch_size_samples == 4096
+    assert trainer.cfg.total_training_steps == 1200
+
+
+def test_paper_overrides_warm_the_learning_rate_up_over_1000_steps_then_hold_it(
+    tmp_path: Path,
+):
+    trainer = _paper_trainer(tmp_path, steps=1200)
+    lrs = []
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(1200):
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.lr_scheduler.step()
+    # Linear from 3e-4 / 1000 at the first step to 3e-4 at step 1000, constant after.
+    for step in (0, 1, 499, 998, 999):
+        assert lrs[step] == pytest.approx(3e-4 * (step + 1) / 1000, rel=1e-9), step
+    assert all(lr == pytest.approx(3e-4, rel=1e-9) for lr in lrs[999:])
+    assert all(a < b for a, b in zip(lrs[:999], lrs[1:1000]))
+
+
+def test_paper_runner_overrides_are_a_fresh_dict_each_call():
+    overrides = paper_runner_overrides()
+    overrides["lr"] = 1.0
+    assert paper_runner_overrides()["lr"] == 3e-4

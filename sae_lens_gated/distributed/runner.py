@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +58,6 @@ from typing_extensions import override
 
 from sae_lens_gated.distributed.collectives import (
     DEFAULT_TIMEOUT_S,
-    DistributedTrainingError,
     Ranks,
     init_distributed,
     launched_with_several_processes,
@@ -489,10 +488,12 @@ def _rename_into_place(staged: Path, final: Path) -> None:
 # ---- sae-lens-gated train ---------------------------------------------------------------
 
 
-def _distributed_arguments() -> argparse.ArgumentParser:
+def distributed_arguments() -> argparse.ArgumentParser:
+    """The options ``sae-lens-gated train`` adds to SAELens's runner CLI."""
     parser = argparse.ArgumentParser(
         prog="sae-lens-gated train",
         add_help=False,
+        exit_on_error=False,
         description="Under torchrun with several processes, train one SAE on all of them.",
     )
     parser.add_argument(
@@ -512,33 +513,31 @@ def _distributed_arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def run_training_cli(args: Sequence[str]) -> int:
-    """``sae-lens-gated train``: SAELens's runner CLI, on every process under torchrun.
+def run_training(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    mode: Mode = "data",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Train ``cfg`` with SAELens's runner, on every process of a torchrun launch.
 
-    In a single process (no torchrun, or ``--nproc-per-node 1``) this is SAELens's runner
-    CLI exactly. Under torchrun with several processes, ``--distributed {data,latent}``
-    picks the mode (default data) and the other arguments are SAELens's.
+    In a single process (no torchrun, or ``--nproc-per-node 1``) this is SAELens's
+    ``LanguageModelSAETrainingRunner(cfg).run()`` exactly. Under torchrun with several
+    processes each runs a :class:`DistributedRunner` in ``mode``.
 
-    Returns:
-        The process's exit code.
+    Args:
+        cfg: The whole run's configuration.
+        mode: ``"data"`` or ``"latent"``.
+        timeout_s: Stop when another process has not answered for this long.
+
+    Raises:
+        DistributedTrainingError: Another process failed or stopped answering.
     """
-    from sae_lens.llm_sae_training_runner import _parse_cfg_args, _run_cli
-
-    parser = _distributed_arguments()
-    options, rest = parser.parse_known_args(list(args))
-    if options.distributed_timeout <= 0:
-        parser.error("--distributed-timeout must be positive.")
     if not launched_with_several_processes():
-        _run_cli(rest)
-        return 0
-    cfg = _parse_cfg_args(rest)
+        LanguageModelSAETrainingRunner(cfg=cfg).run()
+        return
     try:
-        ranks = init_distributed(timeout_s=options.distributed_timeout)
-        DistributedRunner(cfg, mode=options.distributed, ranks=ranks).run()
-    except DistributedTrainingError as error:
-        sys.stderr.write(f"sae-lens-gated train: error: {error}\n")
-        return 1
+        ranks = init_distributed(timeout_s=timeout_s)
+        DistributedRunner(cfg, mode=mode, ranks=ranks).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0

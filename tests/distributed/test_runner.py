@@ -238,25 +238,37 @@ def test_train_command_under_torchrun_trains_one_sae_on_every_process(
     )
 
 
-def test_train_command_in_one_process_is_saelens_runner_cli(
+def test_train_command_in_one_process_is_saelens_runner(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    import sae_lens.llm_sae_training_runner as saelens_runner
+    import sae_lens_gated.distributed.runner as plugin_runner
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    calls: list[list[str]] = []
-    monkeypatch.setattr(
-        saelens_runner, "_run_cli", lambda args: calls.append(list(args))
-    )
+    runs: list[Any] = []
+
+    class Runner:
+        def __init__(self, cfg: Any) -> None:
+            runs.append(cfg)
+
+        def run(self) -> None:
+            runs.append("ran")
+
+    monkeypatch.setattr(plugin_runner, "LanguageModelSAETrainingRunner", Runner)
     assert main(["train", "--architecture", "gated", "--d_sae", "64"]) == 0
-    assert calls == [["--architecture", "gated", "--d_sae", "64"]]
+    cfg, ran = runs
+    assert ran == "ran"
+    assert type(cfg.sae).__name__ == "GatedTrainingSAEConfig" and cfg.sae.d_sae == 64
 
 
 def test_bad_distributed_options_are_usage_errors(capsys: pytest.CaptureFixture[str]):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--distributed", "tensor", "--architecture", "gated"])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'tensor'" in capsys.readouterr().err
+    code = main(["train", "--distributed", "tensor", "--architecture", "gated"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("sae-lens-gated train: error: ")
+    assert "invalid choice: 'tensor'" in line
+    code = main(["train", "--distributed-timeout", "0", "--architecture", "gated"])
+    assert code == 2
+    assert "--distributed-timeout must be positive" in capsys.readouterr().err
 
 
 def _dataset_share(rank: int) -> list[list[int]]:

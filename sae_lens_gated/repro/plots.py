@@ -1,40 +1,49 @@
-"""PNG plots of sweep and demo results (matplotlib, no display needed)."""
+"""PNG plots of sweep and demo results.
+
+Figures are built with matplotlib's object API (``Figure``), never through pyplot: plotting
+needs no display and leaves the process's matplotlib backend, and any open figures, alone.
+"""
 
 import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-matplotlib.use("Agg")  # files only; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
-
-from sae_lens_gated.experiments import (  # noqa: E402
+from sae_lens_gated.repro.experiments import (
+    APRIL,
     BASELINE,
     MAGNITUDE_BINS,
+    MIXTURE,
+    NO_AUX,
+    NO_R_MAG,
     PAPER,
-    VARIANTS,
+    TRAINABLE_AUX,
+    UNTIED,
     RunResult,
 )
 
 _MIN_PLOTTED_L0 = 0.5
 
-_STYLE: dict[str, dict[str, Any]] = {
-    v.name: {"color": color, "marker": marker}
-    for v, color, marker in zip(
-        VARIANTS,
-        ("#1f77b4", "#17becf", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#d62728"),
-        ("o", "s", "^", "v", "D", "x", "P"),
-    )
+# Colour and marker of each variant in every plot.
+VARIANT_STYLES: dict[str, dict[str, Any]] = {
+    PAPER: {"color": "#1f77b4", "marker": "o"},
+    APRIL: {"color": "#17becf", "marker": "s"},
+    NO_R_MAG: {"color": "#9467bd", "marker": "^"},
+    UNTIED: {"color": "#8c564b", "marker": "v"},
+    TRAINABLE_AUX: {"color": "#e377c2", "marker": "D"},
+    NO_AUX: {"color": "#7f7f7f", "marker": "x"},
+    MIXTURE: {"color": "#bcbd22", "marker": "*"},
+    BASELINE: {"color": "#d62728", "marker": "P"},
 }
 
 
 def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
     """L0 against explained variance, one line per variant (higher and further left wins)."""
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for name, pts in _by_variant(points).items():
         # Runs whose gates all but closed would stretch the axis to 0.01; list them instead.
         shown = sorted(
@@ -50,7 +59,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
             [p["l0"] for p in shown],
             [p["explained_variance"] for p in shown],
             label=label,
-            **_STYLE.get(name, {}),
+            **VARIANT_STYLES.get(name, {}),
         )
     _plain_log_axis(ax)
     ax.set_xlabel("L0 (active features per input)")
@@ -63,7 +72,8 @@ def plot_pareto(points: list[dict[str, Any]], path: Path) -> None:
 
 def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
     """Relative reconstruction bias against lambda: gated variants and the baseline."""
-    fig, (gated_ax, base_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    gated_ax, base_ax = fig.subplots(1, 2)
     for name, pts in _by_variant(points).items():
         ax = base_ax if name == BASELINE else gated_ax
         pts = sorted(
@@ -74,7 +84,7 @@ def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
                 [p["l1_coefficient"] for p in pts],
                 [p["relative_reconstruction_bias"] for p in pts],
                 label=name,
-                **_STYLE.get(name, {}),
+                **VARIANT_STYLES.get(name, {}),
             )
     for ax, title in ((gated_ax, "gated SAEs"), (base_ax, "baseline, 1.5x wide")):
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
@@ -90,7 +100,8 @@ def plot_gamma(points: list[dict[str, Any]], path: Path) -> None:
 
 def plot_magnitudes(runs: list[RunResult], path: Path) -> None:
     """Histograms of non-zero activations: gated vs baseline, the runs closest in L0."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     _draw_magnitudes(
         ax, runs, "Magnitudes of active features (gated: few tiny activations)"
     )
@@ -99,9 +110,10 @@ def plot_magnitudes(runs: list[RunResult], path: Path) -> None:
 
 def plot_demo(runs: list[RunResult], path: Path) -> None:
     """The demo's figure: its runs on the frontier, and their activation magnitudes."""
-    fig, (pareto_ax, hist_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    pareto_ax, hist_ax = fig.subplots(1, 2)
     for run in runs:
-        style = _STYLE.get(run.variant, {})
+        style = VARIANT_STYLES.get(run.variant, {})
         pareto_ax.scatter(
             run.l0,
             run.explained_variance,
@@ -159,7 +171,7 @@ def _histogram(ax: Axes, run: RunResult) -> None:
         [c / total for c in run.magnitude_histogram],
         where="mid",
         label=f"{run.variant}, L0={run.l0:.1f}",
-        color=_STYLE.get(run.variant, {}).get("color"),
+        color=VARIANT_STYLES.get(run.variant, {}).get("color"),
     )
 
 
@@ -178,8 +190,7 @@ def _plain_log_axis(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

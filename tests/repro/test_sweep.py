@@ -1,18 +1,21 @@
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sae_lens_gated.experiments import (
+from sae_lens_gated.repro import sweep
+from sae_lens_gated.repro.experiments import (
     BASELINE,
+    MIXTURE,
     NO_AUX,
     PAPER,
     TRAINABLE_AUX,
     UNTIED,
 )
-from sae_lens_gated.sweep import (
+from sae_lens_gated.repro.sweep import (
     SweepConfig,
     check_claims,
     format_claims,
@@ -60,6 +63,8 @@ def test_claims_hold_or_fail_on_the_numbers():
         _point(UNTIED, 0.5, 8.0, 0.91, 1.0),
         _point(UNTIED, 1.0, 2.0, 0.70, 1.0),
         _point(NO_AUX, 0.5, 0.2, 0.1, 0.9),
+        _point(MIXTURE, 0.5, 32.0, 0.75, 1.0),
+        _point(MIXTURE, 2.0, 2.0, 0.55, 1.0),
     ]
     claims = check_claims(points)
     assert claims["gated_gamma_near_1"]["holds"]
@@ -72,16 +77,24 @@ def test_claims_hold_or_fail_on_the_numbers():
     # untied is better at L0=8 (0.91 vs 0.90) and worse at L0=4: mean margin decides.
     assert claims["untied_encoders_do_not_help"]["holds"]
     assert claims["no_aux_loss_closes_the_gates"]["holds"]
+    # The mixture at L0 8 and 4, interpolated in log L0 between L0 2 and 32: 0.55 + 0.2 * t.
+    assert claims["discouraged_mixture_hurts"]["holds"]
+    assert claims["discouraged_mixture_hurts"]["mean_margin"] == pytest.approx(
+        ((0.90 - (0.55 + 0.2 * 0.5)) + (0.85 - (0.55 + 0.2 * 0.25))) / 2
+    )
 
     points[0]["relative_reconstruction_bias"] = 1.05
     points[4]["relative_reconstruction_bias"] = (
         0.95  # baseline gamma no longer decreasing
     )
     points[6]["explained_variance"] = 0.95  # ablation above the paper recipe at L0=8
+    for mixture in points[11:]:  # the mixture now above the paper recipe everywhere
+        mixture["explained_variance"] = 0.95
     claims = check_claims(points)
     assert not claims["gated_gamma_near_1"]["holds"]
     assert not claims["baseline_gamma_shrinks"]["holds"]
     assert not claims["frozen_aux_decoder_helps"]["holds"]
+    assert not claims["discouraged_mixture_hurts"]["holds"]
     text = format_claims({"points": points, "claims": claims, "config": {"out": "x"}})
     assert "gated_gamma_near_1: DOES NOT HOLD" in text
 
@@ -92,7 +105,7 @@ def test_quick_sweep_writes_results_claims_and_plots(tmp_path: Path):
         quick=True,
         steps=60,
         eval_samples=4_000,
-        variants=[PAPER, BASELINE, NO_AUX],
+        variants=(PAPER, BASELINE, NO_AUX),
     )
     results = run_sweep(cfg, progress=False)
     stored = json.loads((cfg.out / "results.json").read_text())
@@ -116,7 +129,7 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
         quick=True,
         steps=10,
         batch_size=64,
-        variants=[PAPER],
+        variants=(PAPER,),
         model="tiny-random",
         hook="blocks.0.hook_resid_post",
         context_size=16,
@@ -136,8 +149,39 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
     assert (cfg.out / "pareto.png").exists()
 
 
-def test_sweep_config_rejects_bad_input():
-    with pytest.raises(ValueError, match="Unknown variant"):
-        SweepConfig(variants=["gated (imaginary)"])
-    with pytest.raises(ValueError, match="both --model and --hook"):
-        SweepConfig(model="gpt2")
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"variants": ("gated (imaginary)",)}, "Unknown variant"),
+        ({"variants": ()}, "variants needs at least one name"),
+        ({"model": "gpt2"}, "both --model and --hook"),
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"eval_samples": -1}, "eval_samples must be at least 1"),
+        ({"seeds": ()}, "seeds needs at least one value"),
+        ({"l1": ()}, "l1 needs at least one value"),
+        ({"l1": (0.5, -1.0)}, "l1 must be finite and at least 0, got -1.0"),
+        ({"l1": (float("nan"),)}, "l1 must be finite and at least 0, got nan"),
+        ({"lr": 0.0}, "lr must be a finite number above 0"),
+        ({"device": "cuda:x"}, "Unknown device 'cuda:x'"),
+    ],
+)
+def test_sweep_config_rejects_bad_input(settings: dict[str, Any], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SweepConfig(**settings)
+
+
+def test_sweep_refuses_a_non_empty_out_folder_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    (tmp_path / "results.json").write_text("earlier results")
+
+    def no_training(*_: Any, **__: Any) -> Any:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sweep, "make_source", no_training)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_sweep(SweepConfig(out=tmp_path))
+    assert (tmp_path / "results.json").read_text() == "earlier results"
+    with pytest.raises(AssertionError, match="training started"):
+        run_sweep(SweepConfig(out=tmp_path, overwrite=True))

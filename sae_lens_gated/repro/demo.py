@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sae_lens_gated.experiments import (
+from sae_lens_gated.repro.experiments import (
     BASELINE,
     DEFAULT_SYNTHETIC_MODEL,
     PAPER,
@@ -24,11 +24,15 @@ from sae_lens_gated.experiments import (
     SourceConfig,
     SyntheticSource,
     TrainingSettings,
+    check_coefficients,
+    check_counts,
+    check_positive,
     evaluate,
     make_source,
+    prepare_output_folder,
     train_sae,
 )
-from sae_lens_gated.plots import plot_demo
+from sae_lens_gated.repro.plots import plot_demo
 
 __all__ = ["DEFAULT_SYNTHETIC_MODEL", "DemoConfig", "format_table", "run_demo"]
 
@@ -47,6 +51,8 @@ class DemoConfig(SourceConfig):
         lr: Adam learning rate (betas (0, 0.999), the paper's).
         eval_samples: Held-out synthetic activations for the metrics.
         seed: Seed of every SAE's initialisation and training stream.
+        overwrite: Write into ``out`` even if it is a non-empty folder (e.g. a saved SAE),
+            replacing its files; without it such a folder is refused before any training.
     """
 
     out: Path = Path("gated-demo")
@@ -57,12 +63,28 @@ class DemoConfig(SourceConfig):
     lr: float = 3e-3
     eval_samples: int = 50_000
     seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_counts(
+            steps=self.steps, batch_size=self.batch_size, eval_samples=self.eval_samples
+        )
+        check_positive(lr=self.lr)
+        check_coefficients("gated_l1", self.gated_l1)
+        check_coefficients("baseline_l1", self.baseline_l1)
 
 
 def run_demo(
     cfg: DemoConfig, override_model: Any = None, override_dataset: Any = None
 ) -> list[RunResult]:
-    """Train and evaluate the demo's SAEs; save the gated one; return their metrics."""
+    """Train and evaluate the demo's SAEs; save the gated one; return their metrics.
+
+    Raises:
+        OSError: ``cfg.out`` is a file, or a non-empty folder and ``cfg.overwrite`` is not
+            set (checked before any training).
+    """
+    prepare_output_folder(cfg.out, cfg.overwrite)
     settings = TrainingSettings(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device
     )
@@ -83,7 +105,6 @@ def run_demo(
             distance = abs(math.log(max(run.l0, 1e-3)) - math.log(target_l0))
             if saved is None or distance < saved[0]:
                 saved = (distance, sae)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     if saved is not None:
         saved[1].save_inference_model(cfg.out)
     plot_demo(runs, cfg.out / "demo.png")

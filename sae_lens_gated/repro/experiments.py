@@ -7,7 +7,7 @@ language model's activations), with the same optimizer settings for all variants
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
+from sae_lens_gated.conversion import check_new_folder
 from sae_lens_gated.metrics import relative_reconstruction_bias
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.saes.gated_untied_sae import (
@@ -84,6 +85,7 @@ NO_R_MAG = "gated, no r_mag"
 UNTIED = "gated, untied encoders"
 TRAINABLE_AUX = "gated, trainable aux decoder"
 NO_AUX = "gated, no aux loss"
+MIXTURE = "gated, discouraged mixture"
 BASELINE = "baseline (standard, 1.5x wide)"
 
 VARIANTS: tuple[Variant, ...] = (
@@ -98,6 +100,12 @@ VARIANTS: tuple[Variant, ...] = (
         {"aux_coefficient": 0.0},
         quick_l1=(0.5, 1.0),
         full_l1=(0.25, 0.5, 1.0),
+    ),
+    # The combination the authors advise against: april_update's L1 weighted by decoder
+    # norms (which the sparsity penalty can then shrink) with the paper's frozen decoder in
+    # the aux loss, and decoder norms free. The plugin warns about it when it is built.
+    Variant(
+        MIXTURE, "gated", {"recipe": "april_update", "freeze_decoder_in_aux": True}
     ),
     # SAELens's standard SAE (ReLU, L1 weighted by decoder norms), 1.5x wider: the paper's
     # compute-matched baseline. Its lambda is on a different scale from the gated ones.
@@ -323,6 +331,101 @@ class LanguageModelSource:
 ActivationSource = SyntheticSource | LanguageModelSource
 
 
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` unless ``device`` names a torch device this machine has.
+
+    Catches what would otherwise fail only once work has started: a misspelled device, CUDA
+    on a machine without it, or a GPU index past the last GPU.
+
+    Args:
+        device: A torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` ...).
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"Unknown device {device!r}; use cpu, cuda, cuda:N or mps."
+        ) from None
+    if target.type == "cpu":
+        return
+    if target.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"Device {device!r} is not available on this machine.")
+        return
+    backend: Any = getattr(torch, target.type, None)  # torch.cuda, torch.xpu ...
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(
+            f"Device {device!r} is not available: PyTorch sees no {target.type} device "
+            "on this machine."
+        )
+    count = int(backend.device_count())
+    if target.index is not None and target.index >= count:
+        raise ValueError(
+            f"Device {device!r} is not available: this machine has {count} "
+            f"{target.type} device(s), {target.type}:0 to {target.type}:{count - 1}."
+        )
+
+
+def check_counts(**counts: int | None) -> None:
+    """Raise ``ValueError`` naming the first count below 1 (``None`` means a default)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+def check_positive(**values: float) -> None:
+    """Raise ``ValueError`` naming the first value that is not finite and above 0."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number above 0, got {value}.")
+
+
+def check_coefficients(name: str, values: Sequence[float] | None) -> None:
+    """Raise ``ValueError`` unless ``values`` (``None``: a default) are sparsity
+    coefficients: at least one, each finite and at least 0."""
+    if values is None:
+        return
+    if len(values) == 0:
+        raise ValueError(f"{name} needs at least one value.")
+    for value in values:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"{name} must be finite and at least 0, got {value} (lambda, the "
+                "sparsity coefficient)."
+            )
+
+
+def prepare_output_folder(path: Path, overwrite: bool = False) -> None:
+    """Create the folder ``path`` for new results, before any work is done.
+
+    A folder that exists and is not empty is refused (results and saved SAEs are never
+    overwritten by accident) unless ``overwrite`` is set; then files of the same names in it
+    are replaced. Creating the folder first also surfaces an unwritable location before
+    training rather than after it.
+
+    Args:
+        path: The output folder.
+        overwrite: Write into an existing non-empty folder.
+
+    Raises:
+        OSError: ``path`` is a file, an existing non-empty folder (without ``overwrite``), or
+            cannot be created.
+    """
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"Refusing to write to {path}: it is a file, not a folder."
+        )
+    if not overwrite:
+        try:
+            check_new_folder(path)
+        except FileExistsError as error:
+            raise FileExistsError(
+                f"{error} Choose a new folder, or pass --overwrite (overwrite=True) to "
+                "replace the files in it."
+            ) from None
+    path.mkdir(parents=True, exist_ok=True)
+
+
 @dataclass
 class SourceConfig:
     """Where ``demo`` and ``sweep`` take their activations from.
@@ -342,8 +445,9 @@ class SourceConfig:
 
     gated_width: int = 256
     device: str = "cpu"
+    # "cmd": False keeps this nested config off the command line (simple_parsing's marker).
     synthetic_model: SyntheticModelConfig = field(
-        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL
+        default_factory=lambda: DEFAULT_SYNTHETIC_MODEL, metadata={"cmd": False}
     )
     model: str | None = None
     hook: str | None = None
@@ -356,6 +460,9 @@ class SourceConfig:
             raise ValueError(
                 "Give both --model and --hook to train on a language model."
             )
+        check_counts(gated_width=self.gated_width, context_size=self.context_size)
+        check_positive(expansion=self.expansion)
+        check_device(self.device)
 
     def record(self) -> dict[str, Any]:
         """These settings as JSON values: paths as text, the synthetic model only if used."""

@@ -1,13 +1,16 @@
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from sae_lens import SAE
 
 from sae_lens_gated import GatedSAE, relative_reconstruction_bias
-from sae_lens_gated.demo import DemoConfig, format_table, run_demo
-from sae_lens_gated.experiments import BASELINE, PAPER, SyntheticSource
+from sae_lens_gated.repro import demo
+from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
+from sae_lens_gated.repro.experiments import BASELINE, PAPER, SyntheticSource
 from tests.helpers import tiny_model, tiny_token_dataset
 
 
@@ -66,3 +69,45 @@ def test_demo_runs_on_language_model_activations(tmp_path: Path):
     assert all(r.mse > 0 for r in runs)
     loaded = SAE.load_from_disk(cfg.out)
     assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"steps": -3}, "steps must be at least 1, got -3"),
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"eval_samples": 0}, "eval_samples must be at least 1"),
+        ({"gated_l1": ()}, "gated_l1 needs at least one value"),
+        ({"gated_l1": (-0.5,)}, "gated_l1 must be finite and at least 0, got -0.5"),
+        ({"baseline_l1": (float("nan"),)}, "baseline_l1 must be finite and at least 0"),
+        ({"baseline_l1": (float("inf"),)}, "got inf"),
+        ({"lr": -1e-3}, "lr must be a finite number above 0"),
+        ({"gated_width": 0}, "gated_width must be at least 1"),
+        ({"device": "foo"}, "Unknown device 'foo'"),
+        ({"hook": "blocks.0.hook_resid_post"}, "both --model and --hook"),
+    ],
+)
+def test_demo_config_rejects_bad_input(settings: dict[str, Any], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DemoConfig(**settings)
+
+
+def test_demo_refuses_a_saved_sae_folder_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "cfg.json").write_text('{"d_in": 5}')
+
+    def no_training(*_: Any, **__: Any) -> Any:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(demo, "make_source", no_training)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_demo(DemoConfig(out=saved))
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run_demo(DemoConfig(out=saved / "cfg.json", overwrite=True))
+    assert (saved / "cfg.json").read_text() == '{"d_in": 5}'
+    with pytest.raises(AssertionError, match="training started"):
+        run_demo(DemoConfig(out=saved, overwrite=True))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from sae_lens.saes.gated_sae import GatedSAE as BuiltinGatedSAE
@@ -27,23 +27,21 @@ from sae_lens.saes.gated_sae import (
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from sae_lens_gated.experiments import TrainingSettings, trainer_config
+from sae_lens_gated.repro.experiments import (
+    TrainingSettings,
+    check_counts,
+    check_device,
+    trainer_config,
+)
 from sae_lens_gated.saes.gated_sae import (
     GatedSAE,
     GatedSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
 )
-
-# Matmuls of (batch x d_in x d_sae) per training step, forward + backward.
-MATMULS_PER_STEP = {
-    "plugin (paper)": 7,  # encoder; decoder; frozen aux decoder | 4 in backward
-    "plugin (april_update)": 8,  # the aux decoder is trainable: one more W_dec gradient
-    "SAELens built-in gated": 13,  # 3 encoder matmuls, 2 decoders | 8 in backward
-    "SAELens standard": 6,  # encoder, decoder | 4 in backward (incl. the input gradient)
-}
 
 
 @dataclass
@@ -64,15 +62,17 @@ class BenchConfig:
     d_sae: int = 8192
     batch: int = 4096
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     repeats: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}.")
-        if min(self.d_in, self.d_sae, self.batch, self.repeats) < 1:
-            raise ValueError("d_in, d_sae, batch and repeats must all be >= 1.")
+        check_counts(
+            d_in=self.d_in, d_sae=self.d_sae, batch=self.batch, repeats=self.repeats
+        )
+        check_device(self.device)
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -92,8 +92,16 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     gemm_a = x.to(out.dtype)
     gemm_b = torch.randn(cfg.d_in, cfg.d_sae, device=device, dtype=out.dtype)
 
+    flops_per_matmul = 2 * cfg.batch * cfg.d_in * cfg.d_sae
+    # One counted step per variant, before the timed rounds.
+    matmuls = {
+        name: _matmul_flops(lambda t=trainer: t.step(x)) / flops_per_matmul
+        for name, trainer in trainers.items()
+    }
+
     rounds = tqdm(range(n_rounds), desc="bench rounds", disable=not progress)
     for round_index in rounds:
+        gc.collect()  # once per round: a full collection takes long in a big process
         for name, trainer in trainers.items():
             seconds, peak = _measure(lambda t=trainer: t.step(x), device)
             if round_index > 0:  # the first round is warm-up
@@ -112,10 +120,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     encode = {name: statistics.median(v) for name, v in encode_times.items()}
     peak = {name: statistics.median(v) for name, v in peaks.items()}
     gemm = statistics.median(gemm_times)
-    flops_per_matmul = 2 * cfg.batch * cfg.d_in * cfg.d_sae
     paper, builtin = "plugin (paper)", "SAELens built-in gated"
     standard = "SAELens standard"
-    achieved = MATMULS_PER_STEP[paper] * flops_per_matmul / step[paper]
+    achieved = matmuls[paper] * flops_per_matmul / step[paper]
     return {
         "config": asdict(cfg),
         "machine": _machine(device),
@@ -124,6 +131,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "encode_seconds": encode,
         "peak_memory_bytes": peak,
         "memory_measure": _memory_measure_name(device),
+        "matmuls_per_step": matmuls,
         "gemm_seconds": gemm,
         "gemm_flops_per_second": flops_per_matmul / gemm,
         "plugin_flops_per_second": achieved,
@@ -134,9 +142,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "april_update_speedup_vs_builtin": step[builtin]
             / step["plugin (april_update)"],
             "encode_speedup_vs_builtin": encode["SAELens built-in"] / encode["plugin"],
+            # null, not NaN (which strict JSON parsers refuse), when not measurable.
             "peak_mem_ratio_vs_builtin": peak[paper] / peak[builtin]
             if peak[builtin] > 0
-            else float("nan"),
+            else None,
             "fraction_of_gemm_roofline": achieved / (flops_per_matmul / gemm),
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
@@ -173,7 +182,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['gemm_seconds']:.3f} s = {result['gemm_flops_per_second'] / 1e9:.0f} GFLOP/s; "
         f"plugin step achieves {result['plugin_flops_per_second'] / 1e9:.0f} GFLOP/s "
         f"({summary['fraction_of_gemm_roofline']:.0%} of that, counting "
-        f"{MATMULS_PER_STEP['plugin (paper)']} matmuls per step)",
+        f"{result['matmuls_per_step']['plugin (paper)']:.2f} matmuls' FLOPs per step)",
         f"Peak memory: {result['memory_measure']}.",
         f"Machine: {json.dumps(result['machine'])}",
         json.dumps(summary),
@@ -223,15 +232,40 @@ def _build_encoders(cfg: BenchConfig) -> dict[str, Any]:
     return {"plugin": plugin, "SAELens built-in": builtin}
 
 
+def _matmul_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products ``fn`` runs, counted by PyTorch's dispatcher."""
+    # The gated function accumulates weight gradients in place (addmm_), which torch's
+    # counter does not know by default.
+    counter = FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}
+    )
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _addmm_flops(
+    _bias_shape: torch.Size, a_shape: torch.Size, b_shape: torch.Size, **_: Any
+) -> int:
+    """FLOPs of ``bias + a @ b``: a multiply and an add per term of the product."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """Wall time of ``fn`` and the peak memory it added (bytes)."""
-    gc.collect()
-    _synchronize(device)
-    base = _reset_peak_memory(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    """Wall time of ``fn`` and the peak memory it added (bytes), without garbage
+    collection pauses inside it."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _synchronize(device)
+        base = _reset_peak_memory(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        if collecting:
+            gc.enable()
     return seconds, max(0.0, _peak_memory(device) - base)
 
 

@@ -4,7 +4,8 @@ Checks the paper's claims on data with known ground truth (or on a language mode
 activations): gated SAEs do not shrink (gamma near 1) while the baseline does, more so as
 lambda grows; gated SAEs beat a 1.5x wider baseline at matched L0; freezing the decoder in
 the auxiliary loss matters; ``r_mag`` tying helps slightly; untied encoders do not help;
-without the auxiliary loss the gates close. Results go to ``results.json`` with the claims'
+without the auxiliary loss the gates close; the combination the authors advise against
+(decoder-norm-weighted L1 with a frozen auxiliary decoder) does worse. Results go to ``results.json`` with the claims'
 verdicts and the numbers behind them, and to PNG plots.
 """
 
@@ -19,11 +20,12 @@ from typing import Any
 import torch
 
 from sae_lens_gated import __version__
-from sae_lens_gated.experiments import (
+from sae_lens_gated.repro.experiments import (
     APRIL,
     BASELINE,
     EVAL_SEED,
     MAGNITUDE_BINS,
+    MIXTURE,
     NO_AUX,
     NO_R_MAG,
     PAPER,
@@ -34,11 +36,15 @@ from sae_lens_gated.experiments import (
     SourceConfig,
     TrainingSettings,
     Variant,
+    check_coefficients,
+    check_counts,
+    check_positive,
     is_healthy,
     make_source,
+    prepare_output_folder,
     run_grid,
 )
-from sae_lens_gated.plots import plot_gamma, plot_magnitudes, plot_pareto
+from sae_lens_gated.repro.plots import plot_gamma, plot_magnitudes, plot_pareto
 
 GAMMA_BAND = (0.97, 1.03)
 BASELINE_GAMMA_MAX = 0.95
@@ -61,22 +67,36 @@ class SweepConfig(SourceConfig):
         variants: Names of the variants to run (default: all).
         l1: Sparsity coefficients for every selected variant, instead of their grids (the
             gated and baseline lambdas are on different scales).
+        overwrite: Write into ``out`` even if it is a non-empty folder, replacing its files;
+            without it such a folder is refused before any training.
     """
 
     out: Path = Path("gated-sweep")
     quick: bool = False
     steps: int | None = None
-    seeds: list[int] | None = None
+    seeds: tuple[int, ...] | None = None
     batch_size: int = 1024
     lr: float = 3e-3
     eval_samples: int | None = None
-    variants: list[str] | None = None
-    l1: list[float] | None = None
+    variants: tuple[str, ...] | None = None
+    l1: tuple[float, ...] | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_counts(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            eval_samples=self.eval_samples,
+        )
+        check_positive(lr=self.lr)
+        check_coefficients("l1", self.l1)
+        if self.seeds is not None and len(self.seeds) == 0:
+            raise ValueError("seeds needs at least one value.")
+        if self.variants is not None and len(self.variants) == 0:
+            raise ValueError("variants needs at least one name.")
         known = {v.name for v in VARIANTS}
-        unknown = set(self.variants or []) - known
+        unknown = set(self.variants or ()) - known
         if unknown:
             raise ValueError(
                 f"Unknown variant(s) {sorted(unknown)}; known: {sorted(known)}."
@@ -88,7 +108,7 @@ class SweepConfig(SourceConfig):
 
     @property
     def resolved_seeds(self) -> list[int]:
-        return self.seeds or ([0] if self.quick else [0, 1, 2])
+        return list(self.seeds or ((0,) if self.quick else (0, 1, 2)))
 
     @property
     def resolved_eval_samples(self) -> int:
@@ -101,7 +121,13 @@ def run_sweep(
     override_dataset: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the sweep, write ``results.json`` and the plots, and return the results."""
+    """Run the sweep, write ``results.json`` and the plots, and return the results.
+
+    Raises:
+        OSError: ``cfg.out`` is a file, or a non-empty folder and ``cfg.overwrite`` is not
+            set (checked before any training).
+    """
+    prepare_output_folder(cfg.out, cfg.overwrite)
     settings = TrainingSettings(
         steps=cfg.resolved_steps,
         batch_size=cfg.batch_size,
@@ -131,7 +157,6 @@ def run_sweep(
         "claims": check_claims(points),
         "magnitude_bins": list(MAGNITUDE_BINS),
     }
-    cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     plot_pareto(points, cfg.out / "pareto.png")
     plot_gamma(points, cfg.out / "gamma_vs_lambda.png")
@@ -225,6 +250,13 @@ def check_claims(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             PAPER,
             APRIL,
             "paper gated above the april_update recipe",
+        ),
+        (
+            "discouraged_mixture_hurts",
+            PAPER,
+            MIXTURE,
+            "paper gated above the discouraged mixture (decoder-norm-weighted L1, "
+            "frozen aux decoder, free decoder norms)",
         ),
     )
     for key, better, worse, text in comparisons:

@@ -1,0 +1,87 @@
+import json
+import math
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
+
+# (batch x d_in x d_sae) matmuls in one training step, counted by hand (docs/performance.md):
+# the plugin's single encoder matmul serves the gate, the magnitudes and the aux loss.
+EXPECTED_MATMULS = {
+    "plugin (paper)": 7,  # encoder, decoder, frozen aux decoder | W_enc, W_dec grads, 2 input grads
+    "plugin (april_update)": 8,  # the aux decoder trains: one more W_dec gradient
+    "SAELens built-in gated": 13,  # 3 encoder matmuls, 2 decoders | 8 in backward
+    "SAELens standard": 6,  # encoder, decoder | 4 in backward
+}
+
+CFG = BenchConfig(d_in=32, d_sae=256, batch=512, repeats=3)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict[str, Any]:
+    return run_benchmark(CFG, progress=False)
+
+
+def test_bench_counts_the_matmuls_each_design_needs(result: dict[str, Any]):
+    matmuls = result["matmuls_per_step"]
+    # Whole matmuls plus at most a few small products (b_dec's gradient, a norm).
+    assert {name: round(count) for name, count in matmuls.items()} == EXPECTED_MATMULS
+    for name, count in matmuls.items():
+        assert 0 <= count - EXPECTED_MATMULS[name] < 0.01, name
+
+
+def test_bench_timings_are_seconds_and_its_gemm_rate_matches_a_timed_matmul(
+    result: dict[str, Any],
+):
+    # The best of matmuls of the benchmark's shape timed here (the first few warm up).
+    a = torch.randn(CFG.batch, CFG.d_in)
+    b = torch.randn(CFG.d_in, CFG.d_sae)
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    best_seconds = min(times[5:])
+    best_rate = 2 * CFG.batch * CFG.d_in * CFG.d_sae / best_seconds
+
+    steps = result["step_seconds"]
+    assert set(steps) == set(EXPECTED_MATMULS)
+    for name, seconds in steps.items():
+        # In seconds, and at least the cost of the (6 or more) dense matmuls of a step.
+        assert math.isfinite(seconds) and 3 * best_seconds < seconds < 60, name
+    # The reported matmul rate is in FLOP/s and no faster than the best here (it is a
+    # median of a few). Only loosely below: on a loaded machine a descheduled worker
+    # thread can stretch a 0.1 ms matmul to 20 ms.
+    assert 0 < result["gemm_seconds"] < 1
+    assert best_rate / 1000 < result["gemm_flops_per_second"] < best_rate * 2
+    peaks = result["peak_memory_bytes"]
+    assert all(p >= 0 or math.isnan(p) for p in peaks.values())
+
+
+def test_bench_report_ends_with_its_summary_as_json(result: dict[str, Any]):
+    report = format_report(result)
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    summary = json.loads(report.splitlines()[-1], parse_constant=strict)
+    assert summary == result["summary"]
+    assert (summary["d_in"], summary["d_sae"], summary["batch"]) == (32, 256, 512)
+    assert (summary["device"], summary["dtype"]) == ("cpu", "float32")
+    for name in EXPECTED_MATMULS:
+        assert name in report
+    assert "7.00 matmuls' FLOPs per step" in report
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dtype"):
+        BenchConfig(dtype="float16")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
+        BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="batch must be at least 1, got -2"):
+        BenchConfig(batch=-2)
+    with pytest.raises(ValueError, match="Unknown device 'gpu0'"):
+        BenchConfig(device="gpu0")
