@@ -12,48 +12,56 @@ For a centered input ``x = sae_in - b_dec`` (rows of the batch):
 
 Written with autograd's elementwise ops this takes about twenty passes over the
 ``(batch, d_sae)`` activations, a fresh tensor for most of them, and keeps half a dozen
-alive for the backward pass. Here the encoder matmul is done once, in row chunks of about
-16 MiB on the CPU so that the elementwise work on each chunk runs while it is in cache; on
-other devices the whole batch is one chunk (the caching allocator makes fresh tensors
-cheap there). ``b_dec``'s gradient through the centering is a matrix-vector product of the
-batch-summed gradient, not a batch matmul.
+alive for the backward pass. Here the encoder matmul is done once, in row chunks on the CPU
+(:func:`~sae_lens_gated.saes.gated_sparse.row_chunks`) so that the elementwise work on each
+chunk runs right after the matmul wrote it; on other devices the whole batch is one chunk
+(the caching allocator makes fresh tensors cheap there). ``b_dec``'s gradient through the
+centering is a matrix-vector product of the batch-summed gradient, not a batch matmul.
 
-**Dense mode** (``sparse=False``). The forward allocates only ``f``, ``g`` and ``pi_mag`` (the
-three outputs) at ``(batch, d_sae)`` and writes every other step in place or into them.
-The backward needs only those outputs (``r_mag``'s gradient uses ``(x @ W_enc) * exp(r_mag)
-= pi_mag - b_mag``) and two chunk-sized scratch buffers, and accumulates the parameter
-gradients with matmuls: on the CPU it allocates no ``(batch, d_sae)`` tensor; on other
-devices its two scratch buffers are ``(batch, d_sae)``. Seven ``batch x d_in x d_sae``
-matmuls per step (six with the auxiliary decoder frozen).
+**Dense mode** (``sparse=False``, 16 MiB chunks on the CPU). The forward allocates only
+``f``, ``g`` and ``pi_mag`` (the three outputs) at ``(batch, d_sae)`` and writes every other
+step in place or into them. The backward needs only those outputs (``r_mag``'s gradient uses
+``(x @ W_enc) * exp(r_mag) = pi_mag - b_mag``) and two chunk-sized scratch buffers, and
+accumulates the parameter gradients with matmuls: on the CPU it allocates no
+``(batch, d_sae)`` tensor; on other devices its two scratch buffers are ``(batch, d_sae)``.
+A training step does seven ``batch x d_in x d_sae`` matmuls (eight with a trainable
+auxiliary decoder).
 
 **Sparse mode** (``sparse=True``). Every gradient of the loss vanishes off the open-gate set
 ``S = {pi_gate > 0}`` (the L1 and the auxiliary loss see ``ReLU(pi_gate)``, ``f`` is 0 off
 it), so after the dense encoder matmul everything runs on ``S``:
 
-- forward: each chunk's ``pi_gate`` goes into one chunk-sized scratch buffer, and the open
-  positions and gate values are read out of it while it is in cache
+- forward: each chunk's ``x @ W_enc`` goes into one reused scratch buffer (64 MiB chunks on
+  the CPU, where larger chunks keep the chunked matmul close to one whole-batch matmul); one
+  comparison with ``-b_gate`` into a reused boolean buffer and one ``nonzero`` give the open
+  positions, whose values are gathered
   (:class:`~sae_lens_gated.saes.gated_sparse.SupportBuilder`); ``f``, ``g``, ``pi_mag`` and
-  the penalty are computed on the ``nnz`` open positions with the dense mode's elementwise
-  code; both decoders are embedding bags (:mod:`~sae_lens_gated.saes.gated_sparse`);
-- backward: the support sorted by feature once, the two decoder gradients sampled on it
-  (``sampled_addmm``), the elementwise gradient math of the dense mode on ``nnz`` values,
-  ``W_enc``'s and ``W_dec``'s gradients as per-feature embedding bags, the per-feature
-  gradients with ``index_add_``.
+  the penalty are then computed on the ``nnz`` open positions with the dense mode's
+  elementwise code, and both decoders are embedding bags;
+- backward: the support sorted by feature once (a stable sort of ``nnz`` integers), the
+  decoder gradients sampled on it (``sampled_addmm``), the dense mode's elementwise gradient
+  code on ``nnz`` values, ``W_enc``'s and ``W_dec``'s gradients as one embedding bag per
+  feature, the per-feature gradients with ``index_add_``
+  (:class:`~sae_lens_gated.saes.gated_sparse.FeatureMajor`).
 
-Beyond the encoder matmul and one pass over each chunk to find the open gates, a sparse step
-costs ``O(nnz * d_in)``. Its only ``(batch, d_sae)``-sized allocations are the chunk scratch
-buffers of the forward (the pre-activations and a boolean mask): chunk-sized on the CPU,
-``(batch, d_sae)`` on other devices, where the batch is one chunk. The backward allocates
-nothing of size ``batch x d_sae``. Outputs are values on ``S`` in row-major order plus the
-``(2, nnz)`` positions (see :class:`GatedSAEFunction`). ``nonzero`` has a data-dependent
-size, so the sparse mode synchronises with a GPU once per chunk and cannot be captured in a
-``torch.compile`` graph: :func:`gated_sae_function` runs it with
-``torch.compiler.disable`` (a clean graph break; the rest of a compiled step stays compiled).
-The dense mode traces without graph breaks.
+Beyond the encoder matmul, one comparison pass and one ``nonzero`` per chunk, a sparse step
+costs ``O(nnz * d_in)``. Its only allocations of ``batch x d_sae`` size are the forward's two
+scratch buffers (pre-activations and the boolean mask): chunk-sized on the CPU,
+``(batch, d_sae)`` on other devices, where the batch is one chunk. Nothing of that size is
+saved for or allocated by the backward; ``W_enc``'s gradient comes out as the transpose of
+a ``(d_sae, d_in)`` tensor, which autograd lays out like ``W_enc`` (one copy). The outputs are
+values on ``S`` in row-major order plus the ``(2, nnz)`` positions (see
+:class:`GatedSAEFunction`).
+
+``nonzero`` has a data-dependent size, so the sparse mode synchronises with a GPU once per
+chunk and cannot be captured in a ``torch.compile`` graph: :func:`gated_sae_function` runs
+it under ``torch.compiler.disable``, one clean graph break with the rest of a compiled step
+still compiled (calling ``GatedSAEFunction.apply`` in sparse mode inside a compiled function
+also works, through several graph breaks). The dense mode traces without graph breaks.
 
 Both modes can also return the number of open gates as a 0-d int64 tensor, counted chunk by
-chunk while the chunk is in cache, so that a caller can choose the next step's mode from the
-measured density without another pass.
+chunk right after the chunk's matmul (the sparse mode's ``nnz``), so that a caller can choose
+the next step's mode from the measured density without another pass.
 """
 
 from collections.abc import Callable
@@ -63,6 +71,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import torch
 
 from sae_lens_gated.saes.gated_sparse import (
+    SPARSE_CPU_CHUNK_BYTES,
     FeatureMajor,
     Support,
     SupportBuilder,
@@ -162,7 +171,8 @@ class GatedSAEFunction(torch.autograd.Function):
             weights = None if penalty_weights is None else penalty_weights.to(work)
 
             n, d_sae = x.shape[0], W_enc.shape[1]
-            chunks = row_chunks(n, d_sae, x)
+            chunk_bytes = SPARSE_CPU_CHUNK_BYTES if options.sparse else None
+            chunks = row_chunks(n, d_sae, x, chunk_bytes)
             chunk_rows = chunks[0].stop if chunks else 0
             penalty = torch.zeros((), dtype=acc, device=x.device)
             n_open = torch.zeros((), dtype=torch.long, device=x.device)
@@ -187,7 +197,7 @@ class GatedSAEFunction(torch.autograd.Function):
                 g = gate_acts[rows] if keep_all else gate_acts[: rows.stop - rows.start]
                 if builder is not None:
                     torch.mm(x[rows], enc, out=g)
-                    n_open += builder.add(g, rows.start)
+                    builder.add(g, rows.start)
                     continue
                 assert feature_acts is not None and magnitude is not None
                 torch.addmm(gate_bias, x[rows], enc, out=g)
@@ -205,6 +215,7 @@ class GatedSAEFunction(torch.autograd.Function):
             support = None
             if builder is not None:
                 support, gate_acts = builder.build(like=x)
+                n_open = torch.full((), support.nnz, device=x.device)
                 per_feature = support.per_feature
                 gate_acts += per_feature(gate_bias)
                 magnitude = torch.empty_like(gate_acts)
@@ -249,8 +260,9 @@ class GatedSAEFunction(torch.autograd.Function):
 
         # Outputs the loss does not use get None, not a tensor of zeros.
         ctx.set_materialize_grads(False)
-        # Only inputs, parameters, outputs (f, g, pi_mag: values at the open gates in sparse
-        # mode, with their positions and row pointers) and exp(r_mag) are kept.
+        # Kept for backward: the centered input x (batch, d_in), parameters, exp(r_mag),
+        # the penalty weights and the outputs f, g, pi_mag; in sparse mode those are nnz
+        # values, with the positions and row pointers. Nothing else of batch x d_sae size.
         saved = [
             x,
             W_enc,
@@ -507,8 +519,8 @@ class _Part(Protocol):
         """Per-feature sum of this part's values."""
         ...
 
-    def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``grad_recon @ W_dec.T`` on this part into ``out``."""
+    def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``grad_recon @ W_dec.T`` on this part, written into ``out`` or a new tensor."""
         ...
 
 
@@ -527,8 +539,8 @@ class _Rows:
     def feature_sum(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return values.sum(dim=0, dtype=dtype)
 
-    def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> None:
-        torch.mm(grad_recon[self.rows], self.W_dec.T, out=out)
+    def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(grad_recon[self.rows], self.W_dec.T, out=out)
 
 
 class _OpenGates:
@@ -546,8 +558,9 @@ class _OpenGates:
     def feature_sum(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.gates.feature_sum(values, dtype)
 
-    def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(self.gates.sampled_dot(grad_recon.to(self.W_dec.dtype), self.W_dec))
+    def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        dot = self.gates.sampled_dot(grad_recon.to(self.W_dec.dtype), self.W_dec)
+        return dot.to(out.dtype)
 
 
 @dataclass
@@ -571,8 +584,7 @@ class _GradStep:
         scratch_mag: torch.Tensor,
         scratch_gate: torch.Tensor,
     ) -> torch.Tensor:
-        """d(loss)/d(x @ W_enc) on ``part``, written into ``scratch_gate``, accumulating
-        the per-feature sums.
+        """d(loss)/d(x @ W_enc) on ``part``, accumulating the per-feature sums.
 
         Args:
             part: The dense row chunk or the open gates.
@@ -584,8 +596,8 @@ class _GradStep:
         acc = self.sums.gate.dtype
         # Gradient reaching pi_mag: through f only where the feature fired, and directly
         # where pi_mag itself was used (a hook replaced it).
-        self._upstream(part, self.grad_f, self.recon_grad, scratch_mag)
-        grad_mag = keep_where_positive(scratch_mag, f, out=scratch_mag)
+        upstream = self._upstream(part, self.grad_f, self.recon_grad, scratch_mag)
+        grad_mag = keep_where_positive(upstream, f, out=upstream)
         if self.grad_magnitude is not None:
             grad_mag += part.take(self.grad_magnitude)
         self.sums.mag += part.feature_sum(grad_mag, acc)
@@ -593,10 +605,10 @@ class _GradStep:
             torch.mul(grad_mag, magnitude, out=scratch_gate)
             self.sums.mag_m += part.feature_sum(scratch_gate, acc)
         # Gradient reaching pi_gate: from the losses on g, where the gate is open.
-        self._upstream(part, self.grad_g, self.aux_grad, scratch_gate)
+        upstream = self._upstream(part, self.grad_g, self.aux_grad, scratch_gate)
         if self.penalty_per_feature is not None:
-            scratch_gate += part.per_feature(self.penalty_per_feature)
-        grad_gate = keep_where_positive(scratch_gate, g, out=scratch_gate)
+            upstream += part.per_feature(self.penalty_per_feature)
+        grad_gate = keep_where_positive(upstream, g, out=upstream)
         self.sums.gate += part.feature_sum(grad_gate, acc)
         if self.scale is None:
             return grad_gate.add_(grad_mag)
@@ -608,17 +620,18 @@ class _GradStep:
         grad_out: torch.Tensor | None,
         grad_recon: torch.Tensor | None,
         out: torch.Tensor,
-    ) -> None:
-        """Write into ``out`` the gradient arriving at an activation on ``part``: from its
-        direct use (``grad_out``) plus, through the decoder, ``grad_recon @ W_dec.T``."""
+    ) -> torch.Tensor:
+        """The gradient arriving at an activation on ``part``, in ``out`` or a new tensor:
+        from its direct use (``grad_out``) plus, through the decoder, ``grad_recon @
+        W_dec.T``."""
         if grad_recon is not None:
-            part.project(grad_recon, out)
+            result = part.project(grad_recon, out)
             if grad_out is not None:
-                out += part.take(grad_out)
-        elif grad_out is not None:
-            out.copy_(part.take(grad_out))
-        else:
-            out.zero_()
+                result += part.take(grad_out)
+            return result
+        if grad_out is not None:
+            return out.copy_(part.take(grad_out))
+        return out.zero_()
 
 
 def _dense_backward(

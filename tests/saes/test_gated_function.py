@@ -8,6 +8,7 @@ from sae_lens.saes.gated_sae import (
 )
 from torch.overrides import TorchFunctionMode
 
+import sae_lens_gated.saes.gated_function as gated_function
 import sae_lens_gated.saes.gated_sparse as gated_sparse
 from sae_lens_gated import GatedSAE, GatedSAEConfig, GatedTrainingSAE
 from sae_lens_gated.saes.gated_function import (
@@ -30,6 +31,7 @@ from tests.helpers import (
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # 64-row chunks for d_sae=48 in float64: a batch of 200 becomes 64+64+64+8 rows.
     monkeypatch.setattr(gated_sparse, "CPU_CHUNK_BYTES", 64 * 48 * 8)
+    monkeypatch.setattr(gated_function, "SPARSE_CPU_CHUNK_BYTES", 64 * 48 * 8)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -489,3 +491,31 @@ def test_compiled_sparse_step_matches_eager():
     for got, want in zip(compiled, eager):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_sparse_feature_acts_give_saelens_trainer_statistics():
+    # What SAETrainer (sae-lens >= 6.50) computes from feature_acts, for a sparse COO.
+    x, params = _function_inputs(37, torch.float64, 0.1)
+    params = params._replace(b_mag=params.b_mag - 2)  # pi_mag <= 0 at some open gates
+    dense = params.call(x, None, GatedFunctionOptions(center=True, decode=True))
+    options = GatedFunctionOptions(center=True, decode=True, sparse=True)
+    sparse = params.call(x, None, options)
+    assert sparse.support is not None
+    coo = sparse.support.to_sparse_coo(sparse.feature_acts.detach())
+    # Open gates with f = 0 must not count as firing.
+    assert (sparse.feature_acts == 0).any() and (sparse.feature_acts > 0).any()
+    with torch.no_grad():
+        for feature_acts in (coo, dense.feature_acts):
+            firing = feature_acts.bool().float()
+            did_fire = firing.sum(-2).bool()
+            did_fire = did_fire.to_dense() if did_fire.is_sparse else did_fire
+            l0 = feature_acts.bool().float().sum(-1).to_dense().mean()
+            freq = torch.zeros(D_SAE, dtype=torch.float64)
+            freq += firing.sum(0)
+            if feature_acts is coo:
+                got = (did_fire, l0, freq)
+            else:
+                want = (did_fire, l0, freq)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert 0 < int(want[0].sum()) < D_SAE

@@ -33,6 +33,10 @@ def test_row_chunks_cover_the_batch(monkeypatch: pytest.MonkeyPatch):
     assert row_chunks(150, 10_000, torch.empty(0)) == chunks
     assert row_chunks(150, 10, torch.empty(0, device="meta")) == [slice(0, 150)]
     assert row_chunks(0, 10, torch.empty(0)) == []
+    assert row_chunks(150, 10, torch.empty(0), chunk_bytes=100 * 10 * 4) == [
+        slice(0, 100),
+        slice(100, 150),
+    ]
 
 
 @pytest.mark.parametrize("above", [None, 0.5, "per_feature"])
@@ -42,7 +46,8 @@ def test_builder_finds_the_support_chunk_by_chunk(above: float | str | None):
     limit = threshold if above == "per_feature" else above
     assert not isinstance(limit, str)
     builder = SupportBuilder(40, 30, chunk_rows=16, device=dense.device, above=limit)
-    counts = [builder.add(dense[start : start + 16], start) for start in (0, 16, 32)]
+    for start in (0, 16, 32):
+        builder.add(dense[start : start + 16], start)
     support, values = builder.build(like=dense)
 
     keep = dense != 0 if limit is None else dense > limit
@@ -50,7 +55,6 @@ def test_builder_finds_the_support_chunk_by_chunk(above: float | str | None):
     assert 0 < want.shape[1] < keep.numel()
     torch.testing.assert_close(support.indices, want, rtol=0, atol=0)
     torch.testing.assert_close(values, dense[keep], rtol=0, atol=0)
-    assert sum(int(c) for c in counts) == want.shape[1]
     torch.testing.assert_close(
         support.row_ptr, torch.cat([torch.zeros(1), keep.sum(1).cumsum(0)]).long()
     )
@@ -62,7 +66,7 @@ def test_builder_without_chunks_or_open_positions_gives_an_empty_support():
     assert support.indices.shape == (2, 0) and values.dtype == torch.float64
     torch.testing.assert_close(support.row_ptr, torch.zeros(6, dtype=torch.long))
     builder = SupportBuilder(5, 3, 5, like.device)
-    assert int(builder.add(torch.zeros(5, 3), 0)) == 0
+    builder.add(torch.zeros(5, 3), 0)
     support, values = builder.build(like)
     assert support.nnz == 0 and values.shape == (0,)
 
@@ -180,17 +184,14 @@ def test_sparse_decode_of_sparse_tensors_matches_dense(layout: str):
     torch.testing.assert_close(got[2], want[2])
 
 
-def test_sparse_decode_of_dense_features_matches_dense_autograd(
-    monkeypatch: pytest.MonkeyPatch,
-):
-    monkeypatch.setattr(gated_sparse, "CPU_CHUNK_BYTES", 64 * 30 * 8)  # 64-row chunks
+def test_sparse_decode_of_dense_features_matches_dense_autograd():
     gen = torch.Generator().manual_seed(7)
     pre = torch.randn(3, 70, 30, generator=gen, dtype=torch.float64) - 1.2
     W_dec, b_dec = _decoder(8)
 
     def grads(decode: bool) -> tuple[torch.Tensor, ...]:
         leaves = [t.clone().requires_grad_(True) for t in (pre, W_dec, b_dec)]
-        features = torch.relu(leaves[0])  # (3, 70, 30): 210 rows, 4 chunks
+        features = torch.relu(leaves[0])  # (3, 70, 30)
         if decode:
             out = sparse_decode(features, leaves[1], leaves[2])
         else:
