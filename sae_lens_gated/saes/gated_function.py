@@ -31,9 +31,9 @@ auxiliary decoder).
 ``S = {pi_gate > 0}`` (the L1 and the auxiliary loss see ``ReLU(pi_gate)``, ``f`` is 0 off
 it), so after the dense encoder matmul everything runs on ``S``:
 
-- forward: each chunk's ``x @ W_enc`` goes into one reused scratch buffer (64 MiB chunks on
+- forward: each chunk's ``pi_gate`` goes into one reused scratch buffer (64 MiB chunks on
   the CPU, where larger chunks keep the chunked matmul close to one whole-batch matmul); one
-  comparison with ``-b_gate`` into a reused boolean buffer and one ``nonzero`` give the open
+  comparison with 0 into a reused boolean buffer and one ``nonzero`` give the open
   positions, whose values are gathered
   (:class:`~sae_lens_gated.saes.gated_sparse.SupportBuilder`); ``f``, ``g``, ``pi_mag`` and
   the penalty are then computed on the ``nnz`` open positions with the dense mode's
@@ -185,22 +185,18 @@ class GatedSAEFunction(torch.autograd.Function):
             builder = None
             feature_acts = magnitude = None
             if options.sparse:
-                # The gate bias is left out of the matmul (a pass less over each chunk):
-                # a gate is open where x @ W_enc > -b_gate.
-                builder = SupportBuilder(
-                    n, d_sae, chunk_rows, x.device, above=-gate_bias
-                )
+                builder = SupportBuilder(n, d_sae, chunk_rows, x.device, above=0.0)
             else:
                 feature_acts = torch.empty(n, d_sae, dtype=work, device=x.device)
                 magnitude = torch.empty_like(gate_acts)
             for rows in chunks:
                 g = gate_acts[rows] if keep_all else gate_acts[: rows.stop - rows.start]
+                # pi_gate exactly as in the dense mode, so that both open the same gates.
+                torch.addmm(gate_bias, x[rows], enc, out=g)
                 if builder is not None:
-                    torch.mm(x[rows], enc, out=g)
                     builder.add(g, rows.start)
                     continue
                 assert feature_acts is not None and magnitude is not None
-                torch.addmm(gate_bias, x[rows], enc, out=g)
                 m = magnitude[rows] if keep_all else magnitude[: g.shape[0]]
                 _activate(g, m, feature_acts[rows], scale_w, mag_bias)
                 if options.features_only:
@@ -217,7 +213,6 @@ class GatedSAEFunction(torch.autograd.Function):
                 support, gate_acts = builder.build(like=x)
                 n_open = torch.full((), support.nnz, device=x.device)
                 per_feature = support.per_feature
-                gate_acts += per_feature(gate_bias)
                 magnitude = torch.empty_like(gate_acts)
                 feature_acts = torch.empty_like(gate_acts)
                 _activate(

@@ -159,8 +159,11 @@ class FeatureMajor:
     """
 
     def __init__(self, support: Support):
-        # A stable sort keeps rows ascending within each feature.
-        self.features, self.order = torch.sort(support.features, stable=True)
+        # A stable sort keeps rows ascending within each feature. Narrow keys: PyTorch's
+        # radix sort of int16 keys took 3 ms where int64 keys took 12-40 ms (671k keys).
+        key_dtype = torch.int16 if support.n_features <= 2**15 else torch.int32
+        keys, self.order = torch.sort(support.features.to(key_dtype), stable=True)
+        self.features = keys.long()
         self.rows = support.rows.index_select(0, self.order)
         self.n_rows, self.n_features = support.n_rows, support.n_features
         counts = torch.bincount(support.features, minlength=support.n_features)
@@ -221,9 +224,8 @@ class SupportBuilder:
         n_features: Its columns.
         chunk_rows: The most rows a chunk will have.
         device: Where the chunks are.
-        above: Keep the entries greater than this (a number, or one per feature, e.g. the
-            negated gate bias to find open gates in ``x @ W_enc``); None keeps the nonzero
-            entries.
+        above: Keep the entries greater than this (a number, or one per feature; 0 finds the
+            open gates in ``pi_gate``); None keeps the nonzero entries.
     """
 
     def __init__(

@@ -505,17 +505,36 @@ def test_sparse_feature_acts_give_saelens_trainer_statistics():
     coo = sparse.support.to_sparse_coo(sparse.feature_acts.detach())
     # Open gates with f = 0 must not count as firing.
     assert (sparse.feature_acts == 0).any() and (sparse.feature_acts > 0).any()
-    with torch.no_grad():
-        for feature_acts in (coo, dense.feature_acts):
-            firing = feature_acts.bool().float()
-            did_fire = firing.sum(-2).bool()
-            did_fire = did_fire.to_dense() if did_fire.is_sparse else did_fire
-            l0 = feature_acts.bool().float().sum(-1).to_dense().mean()
-            freq = torch.zeros(D_SAE, dtype=torch.float64)
-            freq += firing.sum(0)
-            if feature_acts is coo:
-                got = (did_fire, l0, freq)
-            else:
-                want = (did_fire, l0, freq)
+    got, want = _trainer_statistics(coo), _trainer_statistics(dense.feature_acts)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert 0 < int(want[0].sum()) < D_SAE
+
+
+@torch.no_grad()
+def _trainer_statistics(
+    feature_acts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """did_fire, L0 and firing counts, computed as SAETrainer computes them."""
+    firing = feature_acts.bool().float()
+    did_fire = firing.sum(-2).bool()
+    did_fire = did_fire.to_dense() if did_fire.is_sparse else did_fire
+    l0 = feature_acts.bool().float().sum(-1).to_dense().mean()
+    freq = torch.zeros(feature_acts.shape[1], dtype=torch.float64)
+    freq += firing.sum(0)
+    return did_fire, l0, freq
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_sparse_mode_under_bf16_autocast_stays_close_to_float32():
+    x, params = _function_inputs(38, torch.float32, 0.1)
+    options = GatedFunctionOptions(
+        center=True, decode=True, aux_decoder_trainable=True, sparse=True
+    )
+    _, exact_grads = _loss_and_grads(x, params, options, weighted=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_grads = _loss_and_grads(x, params, options, weighted=True)
+    assert mixed.feature_acts.dtype == mixed.reconstruction.dtype == torch.bfloat16  # type: ignore[union-attr]
+    for name, want in exact_grads.items():
+        got = mixed_grads[name]
+        assert got.dtype == torch.float32, name
+        assert float((got - want).norm() / want.norm()) < 5e-2, name

@@ -209,3 +209,19 @@ def test_sparse_decode_of_dense_features_matches_dense_autograd():
         torch.testing.assert_close(
             sparse_decode(torch.relu(pre), W_dec), want[0] - b_dec
         )
+
+
+def test_feature_major_order_with_wide_dictionaries():
+    # Past 2**15 features the sort keys are int32 instead of int16.
+    indices = torch.tensor([[0, 0, 1, 2, 2], [5, 39_999, 39_999, 5, 20_000]])
+    support = Support(indices, 3, 40_000)
+    by_feature = support.by_feature()
+    torch.testing.assert_close(
+        by_feature.features, torch.tensor([5, 5, 20_000, 39_999, 39_999])
+    )
+    torch.testing.assert_close(by_feature.rows, torch.tensor([0, 2, 2, 0, 1]))
+    torch.testing.assert_close(by_feature.order, torch.tensor([0, 3, 4, 1, 2]))
+    torch.testing.assert_close(
+        by_feature.feature_ptr[[0, 5, 6, 20_000, 20_001, 40_000]],
+        torch.tensor([0, 0, 2, 2, 3, 5]),
+    )
