@@ -102,8 +102,9 @@ class GatedFunctionOptions:
         features_only: Return only ``f``, keeping ``g`` and ``pi_mag`` in chunk-sized scratch
             buffers (inference without gradients: one ``(batch, d_sae)`` allocation).
         sparse: Compute everything after the encoder matmul on the open gates only, and
-            return values on them (see the module docstring); pays below a few percent of
-            gates open.
+            return values on them (see the module docstring). Faster than the dense mode
+            up to 20-30% of gates open; its memory grows with the open gates, so use it
+            below about 10%.
         count_open: In dense mode, also return the number of open gates (the sparse mode
             always returns it).
     """
@@ -391,9 +392,11 @@ class GatedOutputs(NamedTuple):
         penalty: The (weighted) sum of ``g``, 0-d.
         reconstruction: ``x_hat`` (with ``decode``).
         aux_reconstruction: ``x_aux`` (with ``decode``).
-        n_open: Number of open gates, 0-d int64 (sparse mode, or ``count_open``).
+        n_open: Number of open gates, 0-d int64 (sparse mode, or ``count_open``); in sparse
+            mode ``support.nnz`` is the same number as a Python int.
         support: The open gates' positions (sparse mode); ``support.to_sparse_coo(values)``
-            gives a ``(batch, d_sae)`` sparse COO tensor.
+            gives a coalesced ``(batch, d_sae)`` sparse COO tensor with gradients to
+            ``values``.
     """
 
     feature_acts: torch.Tensor

@@ -21,12 +21,12 @@ Every op here is a PyTorch op that runs on the CPU and on CUDA (``nonzero``, ``s
 except the support extraction, which reads each chunk once.
 
 Op choices, measured on a 2-core CPU (torch 2.13, 2 threads, ``d_in`` 512, ``d_sae`` 16384,
-batch 4096, float32, 1% of entries nonzero; medians of interleaved runs on a shared machine):
-``embedding_bag`` decodes in about 30 ms against 70-100 ms for CSR ``@`` dense and 150 ms
-for COO; ``sampled_addmm`` on the feature-major pattern takes about 50 ms against 120-150 ms
-on the row-major one (each decoder row is read once); the weight gradient as a feature-major
-embedding bag about 70 ms, where CSC ``@`` dense takes 350 ms, dense ``@`` CSR 400 ms and
-``index_add_`` of gathered rows seconds.
+batch 4096, float32, 1% of entries nonzero; interleaved runs on a shared machine):
+``embedding_bag`` decodes 2-3x faster than CSR ``@`` dense and 5x faster than COO;
+``sampled_addmm`` on the feature-major pattern is 2.5x faster than on the row-major one; the
+weight gradients as feature-major embedding bags are 5x faster than CSC ``@`` dense or dense
+``@`` CSR, and ``index_add_`` of gathered rows is 50x slower. A whole-tensor ``to_sparse_csr``
+costs more than the matmul that produced the tensor.
 """
 
 import warnings
