@@ -32,7 +32,7 @@ auxiliary decoder).
 it), so after the dense encoder matmul everything runs on ``S``:
 
 - forward: each chunk's ``pi_gate`` goes into one reused scratch buffer (64 MiB chunks on
-  the CPU, where larger chunks keep the chunked matmul close to one whole-batch matmul); one
+  the CPU, see :data:`~sae_lens_gated.saes.gated_sparse.SPARSE_CPU_CHUNK_BYTES`); one
   comparison with 0 into a reused boolean buffer and one ``nonzero`` give the open
   positions, whose values are gathered
   (:class:`~sae_lens_gated.saes.gated_sparse.SupportBuilder`); ``f``, ``g``, ``pi_mag`` and

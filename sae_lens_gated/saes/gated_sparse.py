@@ -38,8 +38,9 @@ import torch.nn.functional as F
 # outputs chunk by chunk: 16 MiB chunks stay in cache for the elementwise passes.
 CPU_CHUNK_BYTES = 16 * 2**20
 # The sparse forward writes each chunk's pre-activations into one reused scratch buffer, so it
-# affords larger chunks: on the 2-core test machine a 64 MiB chunk keeps the chunked encoder
-# matmul within about 10% of one whole-batch matmul, where 16 MiB chunks cost 1.4x.
+# affords larger chunks. On the 2-core test machine 16, 64 and 256 MiB chunks gave the same
+# sparse step when it was quiet, but with other jobs running 16 MiB chunks made it 1.5x
+# slower than 64 MiB ones (four times as many ops, each waiting for its threads).
 SPARSE_CPU_CHUNK_BYTES = 64 * 2**20
 
 
