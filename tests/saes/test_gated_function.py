@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -6,9 +6,17 @@ from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
 from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
 )
+from torch.overrides import TorchFunctionMode
 
 import sae_lens_gated.saes.gated_function as gated_function
+import sae_lens_gated.saes.gated_sparse as gated_sparse
 from sae_lens_gated import GatedSAE, GatedSAEConfig, GatedTrainingSAE
+from sae_lens_gated.saes.gated_function import (
+    GatedFunctionOptions,
+    GatedOutputs,
+    GatedSAEFunction,
+    gated_sae_function,
+)
 from tests.helpers import (
     GATED_PARAM_NAMES,
     build_gated_training_cfg,
@@ -22,7 +30,8 @@ from tests.helpers import (
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # 64-row chunks for d_sae=48 in float64: a batch of 200 becomes 64+64+64+8 rows.
-    monkeypatch.setattr(gated_function, "_CPU_CHUNK_BYTES", 64 * 48 * 8)
+    monkeypatch.setattr(gated_sparse, "CPU_CHUNK_BYTES", 64 * 48 * 8)
+    monkeypatch.setattr(gated_function, "SPARSE_CPU_CHUNK_BYTES", 64 * 48 * 8)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -37,7 +46,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_chunked_function_matches_the_plain_reference(kwargs: dict[str, Any]):
     assert (
-        len(gated_function._chunks(200, 48, torch.empty(1, dtype=torch.float64))) == 4
+        len(gated_sparse.row_chunks(200, 48, torch.empty(1, dtype=torch.float64))) == 4
     )
     cfg = build_gated_training_cfg(dtype="float64", **kwargs)
     sae = GatedTrainingSAE(cfg)
@@ -212,3 +221,320 @@ def test_compiled_training_step_matches_eager():
     for a, b in zip(eager.parameters(), compiled_sae.parameters()):
         assert a.grad is not None and b.grad is not None
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---- sparse mode: the same numbers as the dense mode, computed on the open gates ----
+
+N_ROWS, D_IN, D_SAE = 200, 16, 48
+
+
+class _Params(NamedTuple):
+    W_enc: torch.Tensor
+    b_gate: torch.Tensor
+    r_mag: torch.Tensor | None
+    b_mag: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """Fresh leaf copies that require gradients, by name (``r_mag`` if present)."""
+        return {
+            name: value.detach().clone().requires_grad_(True)
+            for name, value in self._asdict().items()
+            if value is not None
+        }
+
+    def call(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor | None,
+        options: GatedFunctionOptions,
+    ) -> GatedOutputs:
+        return gated_sae_function(x, *self, weights, options)
+
+
+def _function_inputs(
+    seed: int, dtype: torch.dtype, density: float, r_mag: bool = True
+) -> tuple[torch.Tensor, _Params]:
+    """A batch and parameters whose gate bias opens about ``density`` of the gates."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        values = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return values.to(dtype)
+
+    x = randn(N_ROWS, D_IN, scale=1.0)
+    W_enc, b_dec = randn(D_IN, D_SAE, scale=0.3), randn(D_IN, scale=0.2)
+    pre = (x - b_dec) @ W_enc
+    if density == 0:
+        b_gate = pre.max(dim=0).values.neg() - 1
+    else:
+        # Per feature, the gate opens on the rows above the (1 - density) quantile; the
+        # threshold lies halfway between two rows, so that rounding cannot flip a gate.
+        k = min(N_ROWS - 1, max(1, round((1 - density) * N_ROWS)))
+        ordered = pre.sort(dim=0).values
+        b_gate = -(ordered[k - 1] + ordered[k]) / 2
+    params = _Params(
+        W_enc=W_enc,
+        b_gate=b_gate,
+        r_mag=randn(D_SAE, scale=0.3) if r_mag else None,
+        b_mag=randn(D_SAE, scale=0.2),
+        W_dec=randn(D_SAE, D_IN, scale=0.3),
+        b_dec=b_dec,
+    )
+    return x, params
+
+
+def _loss_and_grads(
+    x: torch.Tensor,
+    params: _Params,
+    options: GatedFunctionOptions,
+    weighted: bool,
+) -> tuple[GatedOutputs, dict[str, torch.Tensor]]:
+    """The training loss as gated_sae.py builds it, plus terms on f, g and pi_mag at the
+    open gates, and the gradients of every input."""
+    x = x.clone().requires_grad_(True)
+    leaves = params.leaves()
+    weights = leaves["W_dec"].norm(dim=1) if weighted else None
+    out = params._replace(**leaves).call(x, weights, options)
+    assert out.reconstruction is not None and out.aux_reconstruction is not None
+    open_gates = out.gate_acts > 0
+    magnitude_at_open = out.magnitude if options.sparse else out.magnitude * open_gates
+    loss = (
+        (out.reconstruction - x).pow(2).sum(-1).mean()
+        + 0.4 * out.penalty / N_ROWS
+        + (out.aux_reconstruction - x).pow(2).sum(-1).mean()
+        + 0.01 * (out.feature_acts.pow(3).sum() + out.gate_acts.sin().sum())
+        + 0.02 * magnitude_at_open.pow(2).sum()
+    )
+    grads = torch.autograd.grad(loss, [x, *leaves.values()])
+    return out, dict(zip(["sae_in", *leaves], grads))
+
+
+def _dense_layout(out: GatedOutputs, values: torch.Tensor) -> torch.Tensor:
+    assert out.support is not None
+    return out.support.to_sparse_coo(values).to_dense()
+
+
+RECIPES = {
+    "paper": ({"center": True, "aux_decoder_trainable": False}, False, True),
+    "april_update": ({"center": True, "aux_decoder_trainable": True}, True, True),
+    "no_r_mag": ({"center": True, "aux_decoder_trainable": False}, False, False),
+    "uncentered": ({"center": False, "aux_decoder_trainable": True}, True, True),
+}
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 0.97])
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)]
+)
+def test_sparse_mode_matches_the_dense_mode(
+    recipe: str, density: float, dtype: torch.dtype, tol: float
+):
+    kwargs, weighted, r_mag = RECIPES[recipe]
+    x, params = _function_inputs(31, dtype, density, r_mag=r_mag)
+    dense_options = GatedFunctionOptions(decode=True, count_open=True, **kwargs)
+    sparse_options = GatedFunctionOptions(decode=True, sparse=True, **kwargs)
+    dense, dense_grads = _loss_and_grads(x, params, dense_options, weighted)
+    sparse, sparse_grads = _loss_and_grads(x, params, sparse_options, weighted)
+
+    # The sparse outputs are values at exactly the open gates, row-major.
+    assert sparse.support is not None and dense.support is None
+    open_positions = torch.nonzero(dense.gate_acts > 0).T
+    torch.testing.assert_close(sparse.support.indices, open_positions, rtol=0, atol=0)
+    n_open = open_positions.shape[1]
+    assert sparse.feature_acts.shape == (n_open,)
+    assert int(sparse.n_open) == int(dense.n_open) == n_open  # type: ignore[arg-type]
+    if density == 0:
+        assert n_open == 0
+    elif density < 0.1:
+        assert (
+            (dense.gate_acts > 0).any(dim=1).logical_not().any()
+        )  # a row with no open gate
+    elif density > 0.9:
+        assert n_open > 0.9 * N_ROWS * D_SAE
+
+    def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+        # Relative to each tensor's scale: summation order differs between the modes.
+        got, want = got.detach(), want.detach()
+        scale = float(want.abs().max().clamp_min(1))
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=name)
+
+    close(_dense_layout(sparse, sparse.feature_acts), dense.feature_acts, "f")
+    close(_dense_layout(sparse, sparse.gate_acts), dense.gate_acts, "g")
+    open_magnitude = dense.magnitude * (dense.gate_acts > 0)
+    close(_dense_layout(sparse, sparse.magnitude), open_magnitude, "pi_mag")
+    for name in ("penalty", "reconstruction", "aux_reconstruction"):
+        close(getattr(sparse, name), getattr(dense, name), name)
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name, want in dense_grads.items():
+        if density > 0 or name in ("b_dec", "sae_in"):
+            assert want.abs().max() > 0, name  # every gradient is exercised
+        close(sparse_grads[name], want, name)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_sparse_backward_runs_on_the_open_gates(monkeypatch: pytest.MonkeyPatch):
+    calls: list[int] = []
+    sampled_dot = gated_sparse.FeatureMajor.sampled_dot
+
+    def spy(self: gated_sparse.FeatureMajor, *args: torch.Tensor) -> torch.Tensor:
+        result = sampled_dot(self, *args)
+        calls.append(result.shape[0])
+        return result
+
+    monkeypatch.setattr(gated_sparse.FeatureMajor, "sampled_dot", spy)
+    x, params = _function_inputs(32, torch.float64, 0.05)
+    options = GatedFunctionOptions(center=True, decode=True, sparse=True)
+    out, _ = _loss_and_grads(x, params, options, weighted=False)
+    # One sampled product per reconstruction, each of nnz values.
+    assert calls == [out.feature_acts.shape[0]] * 2
+    assert 0 < calls[0] < 0.1 * N_ROWS * D_SAE
+
+
+def _largest_tensor_made(run: Any) -> int:
+    """The most elements of any tensor a torch function returns while ``run`` runs
+    (forward and backward)."""
+    largest = 0
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(
+            self,
+            func: Any,
+            types: Any,
+            args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            nonlocal largest
+            result = func(*args, **(kwargs or {}))
+            for value in result if isinstance(result, tuple) else (result,):
+                if isinstance(value, torch.Tensor) and not value.is_sparse:
+                    largest = max(largest, value.numel())
+            return result
+
+    with Record():
+        run()
+    return largest
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sparse_mode_makes_no_batch_by_d_sae_tensor(sparse: bool):
+    x, params = _function_inputs(33, torch.float64, 0.05)
+    options = GatedFunctionOptions(
+        center=True, decode=True, aux_decoder_trainable=True, sparse=sparse
+    )
+    largest = _largest_tensor_made(
+        lambda: _loss_and_grads(x, params, options, weighted=True)
+    )
+    if sparse:  # the chunk scratch buffers (64 rows) or the (batch, d_in) tensors
+        assert largest == max(64 * D_SAE, N_ROWS * D_IN)
+    else:
+        assert largest == N_ROWS * D_SAE
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_dense_mode_counts_the_open_gates():
+    x, params = _function_inputs(34, torch.float64, 0.3)
+    plain = params.call(x, None, GatedFunctionOptions(center=True, decode=True))
+    counted_options = GatedFunctionOptions(center=True, decode=True, count_open=True)
+    counted = params.call(x, None, counted_options)
+    assert plain.n_open is None and counted.n_open is not None
+    assert counted.n_open.dtype == torch.long and counted.n_open.shape == ()
+    assert int(counted.n_open) == int((counted.gate_acts > 0).sum())
+    assert 0.25 < int(counted.n_open) / (N_ROWS * D_SAE) < 0.35
+    torch.testing.assert_close(plain.reconstruction, counted.reconstruction)
+    raw = GatedSAEFunction.apply(x, *params, None, counted_options)
+    assert len(raw) == 7  # f, g, pi_mag, penalty, x_hat, x_aux, n_open
+
+
+def test_incompatible_options_are_rejected():
+    with pytest.raises(ValueError, match="features_only"):
+        GatedFunctionOptions(center=True, decode=False, features_only=True, sparse=True)
+    with pytest.raises(ValueError, match="features_only"):
+        x, params = _function_inputs(36, torch.float64, 0.3)
+        options = GatedFunctionOptions(center=True, decode=False, features_only=True)
+        params.call(x, None, options)
+
+
+def test_compiled_sparse_step_matches_eager():
+    import torch._dynamo
+
+    x, params = _function_inputs(35, torch.float32, 0.05)
+    leaves = params.leaves()
+    params = params._replace(**leaves)
+
+    def step(sparse: bool) -> torch.Tensor:
+        options = GatedFunctionOptions(
+            center=True, decode=True, sparse=sparse, count_open=True
+        )
+        out = params.call(x, params.W_dec.norm(dim=1), options)
+        assert out.reconstruction is not None and out.aux_reconstruction is not None
+        return (
+            (out.reconstruction - x).pow(2).sum(-1).mean()
+            + out.penalty / x.shape[0]
+            + (out.aux_reconstruction - x).pow(2).sum(-1).mean()
+        )
+
+    # The dense mode traces whole; the sparse mode breaks the graph only to run the
+    # function itself eagerly (counted once per inlined frame).
+    assert torch._dynamo.explain(step)(False).graph_break_count == 0
+    reasons = torch._dynamo.explain(step)(True).break_reasons
+    assert len(reasons) == 1 and "torch.compiler.disable" in reasons[0].reason
+    eager_loss = step(True)
+    eager = torch.autograd.grad(eager_loss, list(leaves.values()))
+    compiled_loss = torch.compile(step, backend="aot_eager")(True)
+    compiled = torch.autograd.grad(compiled_loss, list(leaves.values()))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
+    for got, want in zip(compiled, eager):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_sparse_feature_acts_give_saelens_trainer_statistics():
+    # What SAETrainer (sae-lens >= 6.50) computes from feature_acts, for a sparse COO.
+    x, params = _function_inputs(37, torch.float64, 0.1)
+    params = params._replace(b_mag=params.b_mag - 2)  # pi_mag <= 0 at some open gates
+    dense = params.call(x, None, GatedFunctionOptions(center=True, decode=True))
+    options = GatedFunctionOptions(center=True, decode=True, sparse=True)
+    sparse = params.call(x, None, options)
+    assert sparse.support is not None
+    coo = sparse.support.to_sparse_coo(sparse.feature_acts.detach())
+    # Open gates with f = 0 must not count as firing.
+    assert (sparse.feature_acts == 0).any() and (sparse.feature_acts > 0).any()
+    got, want = _trainer_statistics(coo), _trainer_statistics(dense.feature_acts)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert 0 < int(want[0].sum()) < D_SAE
+
+
+@torch.no_grad()
+def _trainer_statistics(
+    feature_acts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """did_fire, L0 and firing counts, computed as SAETrainer computes them."""
+    firing = feature_acts.bool().float()
+    did_fire = firing.sum(-2).bool()
+    did_fire = did_fire.to_dense() if did_fire.is_sparse else did_fire
+    l0 = feature_acts.bool().float().sum(-1).to_dense().mean()
+    freq = torch.zeros(feature_acts.shape[1], dtype=torch.float64)
+    freq += firing.sum(0)
+    return did_fire, l0, freq
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_sparse_mode_under_bf16_autocast_stays_close_to_float32():
+    x, params = _function_inputs(38, torch.float32, 0.1)
+    options = GatedFunctionOptions(
+        center=True, decode=True, aux_decoder_trainable=True, sparse=True
+    )
+    _, exact_grads = _loss_and_grads(x, params, options, weighted=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_grads = _loss_and_grads(x, params, options, weighted=True)
+    assert mixed.feature_acts.dtype == mixed.reconstruction.dtype == torch.bfloat16  # type: ignore[union-attr]
+    for name, want in exact_grads.items():
+        got = mixed_grads[name]
+        assert got.dtype == torch.float32, name
+        assert float((got - want).norm() / want.norm()) < 5e-2, name
