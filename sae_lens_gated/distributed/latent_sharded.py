@@ -143,13 +143,16 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
         )
 
     @override
-    def encode_for_loss(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
+    def encode_for_loss(
+        self, x: torch.Tensor, decode: bool = False, sparse: bool = False
+    ) -> GatedEncoding:
         """Encode with this process's features; always decode across all processes.
 
         Collective. ``penalty``, ``reconstruction`` and ``aux_reconstruction`` are the
-        whole SAE's; the activations are this process's features'.
+        whole SAE's; the activations are this process's features'. Always dense: the
+        decoders run outside the fused function, on the summed partial reconstructions.
         """
-        del decode  # the losses always need the whole SAE's reconstructions
+        del decode, sparse  # the losses always need the whole SAE's reconstructions
         encoding = super().encode_for_loss(x, decode=False)
         features = encoding.feature_acts.reshape(-1, self.cfg.d_sae)
         gates = encoding.gate_acts.reshape(-1, self.cfg.d_sae)

@@ -14,7 +14,12 @@ import torch
 from sae_lens.saes.sae import SAE
 from transformer_lens.hook_points import HookPoint
 
-from sae_lens_gated.saes.gated_function import GatedFunctionOptions, GatedSAEFunction
+from sae_lens_gated.saes.gated_function import (
+    GatedFunctionOptions,
+    GatedSAEFunction,
+    gated_sae_function,
+)
+from sae_lens_gated.saes.gated_sparse import sparse_decode
 
 if TYPE_CHECKING:
     from sae_lens_gated.saes.gated_sae import GatedSAE, GatedTrainingSAE
@@ -32,8 +37,12 @@ def check_d_in(sae: SAE[Any], sae_in: torch.Tensor) -> None:
 class GatedEncoding(NamedTuple):
     """Intermediate values of one gated encoder pass.
 
+    After a sparse step (:func:`encode_gated` with ``sparse``) the ``(batch, d_sae)`` values
+    are sparse COO tensors holding the open gates only (``pi_gate > 0``; ``feature_acts`` can
+    be 0 there, where ``pi_mag <= 0``). SAELens's trainer accepts sparse feature activations.
+
     Attributes:
-        sae_in: The input after dtype cast, ``hook_sae_input`` and run-time normalisation,
+        sae_in: The input after dtype cast, ``hook_sae_input`` and run-time normalization,
             before the ``b_dec`` centering: the space reconstructions are compared in.
         gate_acts: ``ReLU(pi_gate)``, which the sparsity and auxiliary losses use.
         magnitude_pre: ``pi_mag``, the magnitude pre-activation (after ``hook_sae_acts_pre``).
@@ -43,6 +52,8 @@ class GatedEncoding(NamedTuple):
         reconstruction: ``feature_acts @ W_dec + b_dec`` before ``hook_sae_recons`` (only
             when decoding was requested).
         aux_reconstruction: ``gate_acts @ W_dec + b_dec`` (only when decoding was requested).
+        n_open: The number of open gates in the batch, 0-d (only when decoding was
+            requested).
     """
 
     sae_in: torch.Tensor
@@ -52,15 +63,16 @@ class GatedEncoding(NamedTuple):
     penalty: torch.Tensor
     reconstruction: torch.Tensor | None = None
     aux_reconstruction: torch.Tensor | None = None
+    n_open: torch.Tensor | None = None
 
 
 def encode_gated(
     sae: "GatedSAE | GatedTrainingSAE",
     x: torch.Tensor,
-    use_r_mag: bool = True,
     penalty_weights: torch.Tensor | None = None,
     decode: bool = False,
     aux_decoder_trainable: bool = False,
+    sparse: bool = False,
 ) -> GatedEncoding:
     """Run the gated encoder: one encoder matmul shared by the gate and magnitude paths.
 
@@ -72,47 +84,76 @@ def encode_gated(
         sae: The SAE whose parameters to use.
         x: Input activations of shape ``(..., d_in)`` (or ``(..., n_heads, d_head)`` for
             ``hook_z`` SAEs).
-        use_r_mag: If False, ``pi_mag = pre + b_mag`` and ``r_mag`` is left out of the graph
-            (the paper's "no r_mag" ablation).
         penalty_weights: Per-feature weights of the sparsity penalty (``None``: all 1).
         decode: Also compute both reconstructions inside the same function (training);
             ignored while hooks are attached to the activation or reconstruction hook
             points, whose outputs must feed the decoder.
         aux_decoder_trainable: With ``decode``, let the auxiliary reconstruction train the
             decoder (False: stop-gradient).
+        sparse: With ``decode`` and a ``(batch, d_in)`` input, compute everything after the
+            encoder matmul on the open gates only, and return sparse activations.
     """
     decode = decode and not has_hooks(
         sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.hook_sae_recons
     )
     sae_in = normalized_input(sae, x)
-    outputs = _run_gated_function(
-        sae,
-        sae_in,
-        use_r_mag,
-        penalty_weights,
-        GatedFunctionOptions(
-            center=sae.cfg.apply_b_dec_to_input,
-            decode=decode,
-            aux_decoder_trainable=aux_decoder_trainable,
-        ),
+    options = GatedFunctionOptions(
+        center=sae.cfg.apply_b_dec_to_input,
+        decode=decode,
+        aux_decoder_trainable=aux_decoder_trainable,
+        sparse=sparse and decode and sae_in.ndim == 2,
+        count_open=decode,
     )
-    feature_acts, gate_acts, magnitude, penalty = outputs[:4]
+    out = gated_sae_function(
+        sae_in.reshape(-1, sae_in.shape[-1]),
+        sae.W_enc,
+        sae.b_gate,
+        sae.r_mag,
+        sae.b_mag,
+        sae.W_dec,
+        sae.b_dec,
+        penalty_weights,
+        options,
+    )
+    if out.support is not None:
+        coo = out.support.to_sparse_coo
+        return GatedEncoding(
+            sae_in,
+            coo(out.gate_acts),
+            coo(out.magnitude),
+            coo(out.feature_acts),
+            out.penalty,
+            out.reconstruction,
+            out.aux_reconstruction,
+            out.n_open,
+        )
     batch_shape = (*sae_in.shape[:-1], sae.cfg.d_sae)
-    magnitude = magnitude.reshape(batch_shape)
-    gate_acts = gate_acts.reshape(batch_shape)
+    magnitude = out.magnitude.reshape(batch_shape)
+    gate_acts = out.gate_acts.reshape(batch_shape)
     hooked = sae.hook_sae_acts_pre(magnitude)
+    feature_acts = out.feature_acts
     if hooked is not magnitude:
         # A hook replaced the pre-activation: the features follow the replacement.
         feature_acts = (gate_acts > 0).to(hooked.dtype) * sae.activation_fn(hooked)
     feature_acts = sae.hook_sae_acts_post(feature_acts.reshape(batch_shape))
-    reconstructions = [r.reshape(sae_in.shape) for r in outputs[4:]]
     return GatedEncoding(
-        sae_in, gate_acts, hooked, feature_acts, penalty, *reconstructions
+        sae_in,
+        gate_acts,
+        hooked,
+        feature_acts,
+        out.penalty,
+        _reshape(out.reconstruction, sae_in.shape),
+        _reshape(out.aux_reconstruction, sae_in.shape),
+        out.n_open,
     )
 
 
+def _reshape(tensor: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    return None if tensor is None else tensor.reshape(shape)
+
+
 def encode_gated_features(
-    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor, use_r_mag: bool = True
+    sae: "GatedSAE | GatedTrainingSAE", x: torch.Tensor
 ) -> torch.Tensor:
     """Only the feature activations of :func:`encode_gated`, as cheaply as possible.
 
@@ -123,19 +164,68 @@ def encode_gated_features(
     Args:
         sae: The SAE whose parameters to use.
         x: Input activations.
-        use_r_mag: See :func:`encode_gated`.
     """
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in sae.parameters())
     )
     if needs_grad or has_hooks(sae.hook_sae_acts_pre):
-        return encode_gated(sae, x, use_r_mag=use_r_mag).feature_acts
+        return encode_gated(sae, x).feature_acts
     sae_in = normalized_input(sae, x)
-    options = GatedFunctionOptions(
-        center=sae.cfg.apply_b_dec_to_input, decode=False, features_only=True
+    feature_acts = GatedSAEFunction.apply(
+        sae_in.reshape(-1, sae_in.shape[-1]),
+        sae.W_enc,
+        sae.b_gate,
+        sae.r_mag,
+        sae.b_mag,
+        sae.W_dec,
+        sae.b_dec,
+        None,
+        GatedFunctionOptions(
+            center=sae.cfg.apply_b_dec_to_input, decode=False, features_only=True
+        ),
     )
-    (feature_acts,) = _run_gated_function(sae, sae_in, use_r_mag, None, options)
+    assert isinstance(feature_acts, torch.Tensor)
     return sae.hook_sae_acts_post(feature_acts.reshape(*sae_in.shape[:-1], -1))
+
+
+def decode_gated(
+    sae: "GatedSAE | GatedTrainingSAE", feature_acts: torch.Tensor
+) -> torch.Tensor:
+    """SAELens's ``decode`` (``f @ W_dec + b_dec``, ``hook_sae_recons``, de-normalization,
+    ``hook_z`` reshaping), computed on the nonzero features when that is cheaper.
+
+    Sparse (COO or CSR) features are always decoded on their support. Dense features are
+    when no gradient is needed and at most :data:`SPARSE_DECODE_MAX_DENSITY` of them are
+    nonzero; with gradients the dense product is kept, because the gradient it gives at
+    zero features (``grad @ W_dec.T``) is what attribution methods read.
+
+    Args:
+        sae: The SAE whose decoder to use.
+        feature_acts: Feature activations of shape ``(..., d_sae)``.
+    """
+    if feature_acts.layout != torch.strided or _sparse_enough(sae, feature_acts):
+        sae_out = sparse_decode(feature_acts, sae.W_dec, sae.b_dec)
+    else:
+        sae_out = feature_acts @ sae.W_dec + sae.b_dec
+    sae_out = sae.hook_sae_recons(sae_out)
+    sae_out = sae.run_time_activation_norm_fn_out(sae_out)
+    return sae.reshape_fn_out(sae_out, sae.d_head)
+
+
+# Dense features with at most this fraction nonzero are decoded on their support when no
+# gradient is needed: measured 6x faster at 1% (batch 4096, d_sae 16384, d_in 512, CPU),
+# even at 10%.
+SPARSE_DECODE_MAX_DENSITY = 0.05
+
+
+def _sparse_enough(sae: SAE[Any], feature_acts: torch.Tensor) -> bool:
+    needs_grad = torch.is_grad_enabled() and (
+        feature_acts.requires_grad or sae.W_dec.requires_grad or sae.b_dec.requires_grad
+    )
+    if needs_grad or feature_acts.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    nonzero = int(torch.count_nonzero(feature_acts))
+    return nonzero <= SPARSE_DECODE_MAX_DENSITY * feature_acts.numel()
 
 
 def normalized_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
@@ -147,26 +237,6 @@ def normalized_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
     return sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae_in))
 
 
-def _run_gated_function(
-    sae: "GatedSAE | GatedTrainingSAE",
-    sae_in: torch.Tensor,
-    use_r_mag: bool,
-    penalty_weights: torch.Tensor | None,
-    options: GatedFunctionOptions,
-) -> tuple[torch.Tensor, ...]:
-    outputs = GatedSAEFunction.apply(
-        sae_in.reshape(-1, sae_in.shape[-1]),
-        sae.W_enc,
-        sae.b_gate,
-        sae.r_mag if use_r_mag else None,
-        sae.b_mag,
-        sae.W_dec,
-        sae.b_dec,
-        penalty_weights,
-        options,
-    )
-    return outputs if isinstance(outputs, tuple) else (outputs,)
-
-
 def has_hooks(*points: HookPoint) -> bool:
+    """Whether any of ``points`` has a forward hook attached."""
     return any(point._forward_hooks or point._forward_pre_hooks for point in points)

@@ -78,6 +78,11 @@ from sae_lens_gated.saes.gated_sparse import (
     row_chunks,
 )
 
+# The open-gate fraction below which a sparse step pays. Measured on a 2-core CPU (d_in 512,
+# d_sae 16384, batch 4096, fp32): the sparse function is faster than the dense one up to
+# 20-30% open, and its memory grows with the open gates (about 100 bytes each).
+SPARSE_STEP_MAX_DENSITY = 0.1
+
 
 def keep_where_positive(
     values: torch.Tensor, condition: torch.Tensor, out: torch.Tensor | None = None

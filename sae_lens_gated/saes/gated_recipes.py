@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 Recipe = Literal["paper", "april_update"]
 WeightTying = Literal["r_mag", "none"]
+SparseStep = Literal["auto", "always", "never"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ RECIPES: dict[str, GatedRecipe] = {
 DEFAULT_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
 
 WEIGHT_TYING_OPTIONS = ("r_mag", "none")
+SPARSE_STEP_OPTIONS = ("auto", "always", "never")
 # SAELens's own default for decoder_init_norm, which a unit-norm decoder overrides silently.
 SAELENS_DECODER_INIT_NORM = next(
     f.default for f in fields(TrainingSAEConfig) if f.name == "decoder_init_norm"
@@ -88,6 +90,7 @@ def check_training_config(cfg: Any, recipes: Mapping[str, GatedRecipe]) -> None:
     check_int("d_sae", cfg.d_sae, minimum=1)
     check_choice("recipe", cfg.recipe, recipes)
     check_choice("weight_tying", cfg.weight_tying, WEIGHT_TYING_OPTIONS)
+    check_choice("sparse_step", cfg.sparse_step, SPARSE_STEP_OPTIONS)
     check_float("l1_coefficient", cfg.l1_coefficient, minimum=0.0)
     check_float("aux_coefficient", cfg.aux_coefficient, minimum=0.0)
     check_int("l1_warm_up_steps", cfg.l1_warm_up_steps, minimum=0)

@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from sae_lens_gated.saes.gated_encoder import (
     GatedEncoding,
+    decode_gated,
     encode_gated,
     encode_gated_features,
 )
@@ -53,6 +54,7 @@ from sae_lens_gated.saes.gated_recipes import (
     DEFAULT_RESAMPLE_STEPS,
     RECIPES,
     Recipe,
+    SparseStep,
     WeightTying,
     check_resampling_schedule,
     check_training_config,
@@ -111,6 +113,13 @@ class GatedSAE(_BuiltinGatedSAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``x`` into gated feature activations ``1[pi_gate > 0] * ReLU(pi_mag)``."""
         return encode_gated_features(self, x)
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """``f @ W_dec + b_dec`` (then SAELens's hooks and de-normalization); sparse
+        features, and dense ones that are mostly 0 when no gradient is needed, are decoded
+        on their nonzero entries only."""
+        return decode_gated(self, feature_acts)
 
     @override
     @classmethod
@@ -178,6 +187,10 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
         resample_lr_warmup_steps: After an event the learning rate restarts at 0.1x its
             scheduled value and returns to it on a cosine over this many steps (paper App.
             D.1: 1000; 0 turns the re-warm off).
+        sparse_step: ``"auto"`` computes a training step on the open gates only (everything
+            after the one dense encoder matmul) when the previous step opened at most a tenth
+            of the gates, else densely; ``"always"`` and ``"never"`` force one or the other.
+            Same losses and gradients either way.
     """
 
     recipe: Recipe = "paper"
@@ -194,6 +207,7 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     resample_pool_size: int = 819_200
     resample_encoder_scale: float = 0.2
     resample_lr_warmup_steps: int = 1000
+    sparse_step: SparseStep = "auto"
 
     @override
     def __post_init__(self) -> None:
@@ -272,8 +286,16 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         if self.cfg.weight_tying == "none":
             self.r_mag.requires_grad_(False)
 
-    def encode_for_loss(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
-        """Run the encoder (and with ``decode`` both decoders) for the training losses."""
+    def encode_for_loss(
+        self, x: torch.Tensor, decode: bool = False, sparse: bool = False
+    ) -> GatedEncoding:
+        """Run the encoder (and with ``decode`` both decoders) for the training losses.
+
+        Args:
+            x: The batch.
+            decode: Also compute both reconstructions.
+            sparse: Compute on the open gates only (with ``decode``): a sparse step.
+        """
         weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
         return encode_gated(
             self,
@@ -281,6 +303,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             penalty_weights=weights,
             decode=decode,
             aux_decoder_trainable=not self.cfg.freeze_decoder_in_aux,
+            sparse=sparse,
         )
 
     @override
@@ -294,6 +317,10 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return encode_gated_features(self, x)
 
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return decode_gated(self, feature_acts)
+
     def reconstruction(self, encoding: GatedEncoding) -> torch.Tensor:
         """``f @ W_dec + b_dec`` through ``hook_sae_recons``, before de-normalization."""
         if encoding.reconstruction is not None:
@@ -306,18 +333,16 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             step_input.n_training_steps if step_input.is_logging_step else None
         )
         self.conventions.start_step(step_input.sae_in, logging_step)
-        encoding = self.encode_for_loss(step_input.sae_in, decode=True)
+        encoding = self.encode_for_loss(
+            step_input.sae_in, decode=True, sparse=self.conventions.sparse_step()
+        )
         reconstruction = self.reconstruction(encoding)
         mse_loss = self.mse_loss_fn(reconstruction, encoding.sae_in).sum(-1).mean()
         gate_losses = self.gate_losses(encoding, step_input.coefficients)
         total_loss = mse_loss + sum(gate_losses.values())
         sae_out = self.run_time_activation_norm_fn_out(reconstruction)
         metrics = self.conventions.end_forward(
-            step_input.sae_in,
-            sae_out,
-            encoding.feature_acts,
-            encoding.gate_acts,
-            total_loss,
+            step_input.sae_in, sae_out, encoding, total_loss
         )
         return TrainStepOutput(
             sae_in=step_input.sae_in,
@@ -338,7 +363,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
             encoding: Output of :meth:`encode_for_loss` for the batch.
             coefficients: Current coefficient values from SAELens's schedulers (``"l1"``).
         """
-        n_examples = encoding.gate_acts.numel() // self.cfg.d_sae
+        n_examples = encoding.sae_in.numel() // self.cfg.d_in
         l1_loss = coefficients["l1"] * encoding.penalty / n_examples
 
         via_gate_reconstruction = encoding.aux_reconstruction

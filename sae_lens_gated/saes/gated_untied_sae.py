@@ -27,6 +27,7 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
 )
+from sae_lens_gated.saes.gated_sparse import sparse_decode
 
 ARCHITECTURE = "gated_untied"
 
@@ -159,11 +160,26 @@ class GatedUntiedTrainingSAE(GatedTrainingSAE):
         _init_untied(self)
 
     @override
-    def encode_for_loss(self, x: torch.Tensor, decode: bool = False) -> GatedEncoding:
+    def encode_for_loss(
+        self, x: torch.Tensor, decode: bool = False, sparse: bool = False
+    ) -> GatedEncoding:
         # The two encoder matmuls cannot share a product, so the fused gated function does
-        # not apply; plain autograd, and the training loss decodes outside.
+        # not apply: plain autograd. Dense steps decode in the training loss; a sparse step
+        # decodes here, on the nonzero activations only (the encoders stay dense).
         weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
-        return encode_untied(self, x, penalty_weights=weights)
+        encoding = encode_untied(self, x, penalty_weights=weights)
+        if not decode:
+            return encoding
+        encoding = encoding._replace(n_open=torch.count_nonzero(encoding.gate_acts))
+        if not sparse:
+            return encoding
+        W_aux, b_aux = self.W_dec, self.b_dec
+        if self.cfg.freeze_decoder_in_aux:
+            W_aux, b_aux = W_aux.detach(), b_aux.detach()
+        return encoding._replace(
+            reconstruction=sparse_decode(encoding.feature_acts, self.W_dec, self.b_dec),
+            aux_reconstruction=sparse_decode(encoding.gate_acts, W_aux, b_aux),
+        )
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ from torch.optim.optimizer import (
 from torch.utils.hooks import RemovableHandle
 
 from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
+from sae_lens_gated.saes.gated_encoder import GatedEncoding
+from sae_lens_gated.saes.gated_function import SPARSE_STEP_MAX_DENSITY
 from sae_lens_gated.training.batch_guard import BatchGuard
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTarget
@@ -53,6 +55,9 @@ class ConventionsConfig(Protocol):
     unit_norm_decoder: bool | None
     clip_grad_norm: bool
     resample_dead: bool | None
+
+    @property
+    def sparse_step(self) -> str: ...
 
     def resampling_schedule(self) -> Any: ...
 
@@ -115,6 +120,8 @@ class TrainingConventions:
         self.parallel: ParallelPlan | None = None
         self._attached_to: tuple[weakref.ref[torch.nn.Parameter], ...] = ()
         self._logging_step: int | None = None
+        self._open_gates: tuple[torch.Tensor, int] | None = None
+        self._sparse_next = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -179,8 +186,7 @@ class TrainingConventions:
         self,
         sae_in: torch.Tensor,
         sae_out: torch.Tensor,
-        feature_acts: torch.Tensor,
-        gate_acts: torch.Tensor,
+        encoding: GatedEncoding,
         loss: torch.Tensor,
     ) -> dict[str, Any]:
         """Check the loss, feed the resampler, and return the step's extra metrics.
@@ -188,22 +194,40 @@ class TrainingConventions:
         Args:
             sae_in: The training batch.
             sae_out: Its reconstruction.
-            feature_acts: The gated feature activations.
-            gate_acts: ``ReLU(pi_gate)``.
+            encoding: The step's encoding (dense, or sparse after a sparse step).
             loss: The total loss.
         """
         self.batch_guard.check_loss(loss)
         if self.resampler is not None:
-            self.resampler.observe(sae_in, feature_acts)
+            self.resampler.observe(sae_in, encoding.feature_acts)
+        n_rows = encoding.sae_in.numel() // encoding.sae_in.shape[-1]
+        if encoding.n_open is not None:
+            self._open_gates = (encoding.n_open.detach(), n_rows)
         if self._logging_step is None:
             return {}
         with torch.no_grad():
+            if encoding.n_open is not None:
+                gate_l0 = encoding.n_open.double() / n_rows
+            else:
+                gate_l0 = (encoding.gate_acts > 0).float().sum(-1).mean()
             return {
                 "relative_reconstruction_bias": relative_reconstruction_bias_tensor(
                     sae_in, sae_out
                 ),
-                "gate_l0": (gate_acts > 0).float().sum(-1).mean(),
+                "gate_l0": gate_l0,
             }
+
+    def sparse_step(self) -> bool:
+        """Whether the coming training step runs on the open gates only.
+
+        With ``sparse_step="auto"``: when the previous step opened at most
+        :data:`~sae_lens_gated.saes.gated_function.SPARSE_STEP_MAX_DENSITY` of the gates
+        (the first step is dense).
+        """
+        setting = self.sae.cfg.sparse_step
+        if setting != "auto":
+            return setting == "always"
+        return self._sparse_next
 
     # ---- around the optimizer step --------------------------------------------------------
 
@@ -214,6 +238,12 @@ class TrainingConventions:
         self.batch_guard.raise_if_bad()
         named = [(n, p) for n, p in self.sae.named_parameters() if p.grad is not None]
         self.batch_guard.check_gradients(named)
+        if self._open_gates is not None:
+            # Read here, where the gradient check has already waited for the backward pass.
+            count, n_rows = self._open_gates
+            capacity = n_rows * self.sae.cfg.d_sae
+            self._sparse_next = int(count) <= SPARSE_STEP_MAX_DENSITY * capacity
+            self._open_gates = None
         if self.clip_undo is not None:
             self.clip_undo.restore([p for _, p in named])
         if self.sae.cfg.unit_norm_decoder:

@@ -189,8 +189,7 @@ class DeadFeatureResampler:
             return
         steps_left = event - self.completed_steps  # including this one
         if steps_left <= self.schedule.window:
-            fired = (feature_acts > 0).reshape(-1, feature_acts.shape[-1]).any(dim=0)
-            fired = self.collectives.combine_fired(fired)
+            fired = self.collectives.combine_fired(fired_features(feature_acts))
             if self.fired_in_window is None or steps_left == self.schedule.window:
                 self.fired_in_window = fired
             else:
@@ -376,6 +375,17 @@ class DeadFeatureResampler:
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
         pool = state.get("pool")
         self.pool = None if pool is None else pool.to(device)
+
+
+def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:
+    """Which features fired (``f > 0``) anywhere in a dense or sparse COO batch."""
+    n_features = feature_acts.shape[-1]
+    if feature_acts.layout == torch.sparse_coo:
+        coalesced = feature_acts.detach().coalesce()
+        fired = torch.zeros(n_features, dtype=torch.bool, device=feature_acts.device)
+        fired[coalesced.indices()[-1][coalesced.values() > 0]] = True
+        return fired
+    return (feature_acts > 0).reshape(-1, n_features).any(dim=0)
 
 
 @torch.no_grad()

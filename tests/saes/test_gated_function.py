@@ -209,10 +209,11 @@ def test_training_forward_traces_without_graph_breaks():
             assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_compiled_training_step_matches_eager():
-    eager = GatedTrainingSAE(build_gated_training_cfg())
+@pytest.mark.parametrize("sparse_step", ["never", "always"])
+def test_compiled_training_step_matches_eager(sparse_step: str):
+    eager = GatedTrainingSAE(build_gated_training_cfg(sparse_step=sparse_step))
     randomize_gated_params(eager, seed=25, unit_decoder=True)
-    compiled_sae = GatedTrainingSAE(build_gated_training_cfg())
+    compiled_sae = GatedTrainingSAE(build_gated_training_cfg(sparse_step=sparse_step))
     copy_params(eager, compiled_sae)
     x = torch.randn(32, 16)
     compiled = torch.compile(compiled_sae.training_forward_pass, backend="aot_eager")

@@ -38,11 +38,19 @@ from tests.helpers import (
 
 
 def _grads(sae: SAE[Any], loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    params = [getattr(sae, name) for name in GATED_PARAM_NAMES]
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    names = [n for n in GATED_PARAM_NAMES if getattr(sae, n).requires_grad]
+    params = [getattr(sae, name) for name in names]
+    grads = dict(
+        zip(
+            names,
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True),
+        )
+    )
     return {
-        name: torch.zeros_like(p) if g is None else g
-        for name, p, g in zip(GATED_PARAM_NAMES, params, grads)
+        name: torch.zeros_like(getattr(sae, name))
+        if grads.get(name) is None
+        else grads[name]
+        for name in GATED_PARAM_NAMES
     }
 
 
@@ -654,3 +662,102 @@ def test_unit_norm_training_sae_loading_non_unit_weights_folds_norms(tmp_path: P
     x = torch.randn(20, 16)
     with torch.no_grad():
         torch.testing.assert_close(paper(x), april(x), rtol=1e-5, atol=1e-5)
+
+
+def _open_a_fraction_of_gates(sae: Any, x: torch.Tensor, fraction: float) -> None:
+    """Set ``b_gate`` so that about ``fraction`` of the gates are open on ``x``."""
+    with torch.no_grad():
+        centered = sae.process_sae_in(x)
+        pre = centered @ sae.W_enc
+        sae.b_gate.copy_(-torch.quantile(pre, 1 - fraction, dim=0))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"recipe": "april_update"},
+        {"weight_tying": "none"},
+        {"apply_b_dec_to_input": False},
+        {"aux_coefficient": 0.5, "freeze_decoder_in_aux": False},
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [("float64", 1e-10), ("float32", 1e-5)]
+)
+def test_a_sparse_step_gives_the_dense_step_losses_and_gradients(
+    kwargs: dict[str, Any], dtype: str, tolerance: float
+):
+    torch_dtype = getattr(torch, dtype)
+    dense = GatedTrainingSAE(
+        build_gated_training_cfg(dtype=dtype, sparse_step="never", **kwargs)
+    )
+    randomize_gated_params(dense, seed=8, unit_decoder=True)
+    x = torch.randn(96, 16, dtype=torch_dtype)
+    _open_a_fraction_of_gates(dense, x, 0.05)
+    sparse = GatedTrainingSAE(
+        build_gated_training_cfg(dtype=dtype, sparse_step="always", **kwargs)
+    )
+    copy_params(dense, sparse)
+
+    out_dense = dense.training_forward_pass(step_input(x, l1=0.4))
+    out_sparse = sparse.training_forward_pass(step_input(x, l1=0.4))
+    # The sparse step really ran on the open gates: its activations are sparse tensors.
+    assert out_sparse.feature_acts.is_sparse and not out_dense.feature_acts.is_sparse
+    assert 0 < out_sparse.feature_acts._nnz() < 0.1 * x.shape[0] * 48
+    torch.testing.assert_close(
+        out_sparse.feature_acts.to_dense(),
+        out_dense.feature_acts,
+        rtol=0,
+        atol=tolerance,
+    )
+    torch.testing.assert_close(
+        out_sparse.sae_out, out_dense.sae_out, rtol=0, atol=tolerance
+    )
+    for name, value in out_dense.losses.items():
+        assert _rel_err(out_sparse.losses[name], value) <= tolerance, name
+    grads_dense = _grads(dense, out_dense.loss)
+    grads_sparse = _grads(sparse, out_sparse.loss)
+    for name in GATED_PARAM_NAMES:
+        if getattr(dense, name).requires_grad:
+            assert grads_dense[name].abs().max() > 0, name
+        assert _rel_err(grads_sparse[name], grads_dense[name]) <= tolerance, name
+
+
+def test_auto_switches_to_sparse_steps_once_few_gates_open_and_trains_alike():
+    modes: list[bool] = []
+    runs: dict[str, GatedTrainingSAE] = {}
+    for setting in ("auto", "never"):
+        torch.manual_seed(0)
+        sae = GatedTrainingSAE(
+            build_gated_training_cfg(
+                dtype="float64",
+                sparse_step=setting,
+                l1_coefficient=3.0,
+                resample_every=25,
+                resample_window=25,
+                resample_pool_size=512,
+            )
+        )
+        if setting == "auto":
+            forward = sae.training_forward_pass
+
+            def spy(step_input: Any, forward: Any = forward) -> Any:
+                out = forward(step_input)
+                modes.append(out.feature_acts.is_sparse)
+                return out
+
+            sae.training_forward_pass = spy  # type: ignore[method-assign]
+        data = SparseSyntheticData(d_in=16, seed=4)
+        make_trainer(sae, (b.double() for b in data), steps=80).fit()
+        runs[setting] = sae
+    # Dense while many gates are open (the first step always), sparse afterwards.
+    assert modes[0] is False and any(modes) and not all(modes)
+    first_sparse = modes.index(True)
+    assert all(modes[first_sparse:])
+    resampler = runs["auto"].conventions.resampler
+    assert resampler is not None and resampler.n_events == 3
+    for name, value in runs["never"].state_dict().items():
+        torch.testing.assert_close(
+            runs["auto"].state_dict()[name], value, rtol=0, atol=1e-9
+        )

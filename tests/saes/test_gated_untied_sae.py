@@ -48,8 +48,11 @@ def test_untied_has_a_free_magnitude_encoder_and_no_r_mag():
 
 
 @pytest.mark.parametrize("recipe", ["paper", "april_update"])
-def test_untied_losses_and_gradients_match_the_plain_reference(recipe: str):
-    cfg = _cfg(recipe=recipe, dtype="float64")
+@pytest.mark.parametrize("sparse_step", ["never", "always"])
+def test_untied_losses_and_gradients_match_the_plain_reference(
+    recipe: str, sparse_step: str
+):
+    cfg = _cfg(recipe=recipe, dtype="float64", sparse_step=sparse_step)
     sae = GatedUntiedTrainingSAE(cfg)
     _randomize(sae, seed=31)
     x = torch.randn(40, 16, dtype=torch.float64)

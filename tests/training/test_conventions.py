@@ -257,3 +257,28 @@ def test_a_parallel_plan_hooks_gradients_first_and_runs_first_around_each_step()
     again = _gradients_at_the_step(sae, x)
     for name, grad in alone.items():
         torch.testing.assert_close(again[name], grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("setting", "open_fraction", "expected"),
+    [
+        ("auto", 0.05, True),  # few gates open: the next step is sparse
+        ("auto", 0.5, False),
+        ("always", 0.5, True),
+        ("never", 0.05, False),
+    ],
+)
+def test_the_next_step_is_sparse_when_the_last_one_opened_few_gates(
+    setting: str, open_fraction: float, expected: bool
+):
+    sae = GatedTrainingSAE(build_gated_training_cfg(sparse_step=setting))
+    randomize_gated_params(sae, seed=0, unit_decoder=True)
+    x = torch.randn(200, 16)
+    with torch.no_grad():
+        pre = sae.process_sae_in(x) @ sae.W_enc
+        sae.b_gate.copy_(-torch.quantile(pre, 1 - open_fraction, dim=0))
+    assert sae.conventions.sparse_step() is (setting == "always")  # first step
+    optimizer = torch.optim.SGD(sae.parameters(), lr=0.0)
+    sae.training_forward_pass(step_input(x)).loss.backward()
+    optimizer.step()  # the measured density is read before the step
+    assert sae.conventions.sparse_step() is expected

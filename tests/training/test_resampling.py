@@ -507,3 +507,22 @@ def test_each_process_rewrites_only_its_own_features_with_the_global_mean_norm()
         for kept in (0, 3):
             assert torch.equal(getattr(sae, name).detach()[kept], before[name][kept])
     assert torch.equal(sae.W_enc.detach()[:, [0, 3]], before["W_enc"][:, [0, 3]])
+
+
+def test_fired_features_of_sparse_and_dense_batches_agree():
+    from sae_lens_gated.training.resampling import fired_features
+
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.rand(30, 12, generator=gen) * (torch.rand(30, 12, generator=gen) < 0.1)
+    acts[:, 3] = 0
+    sparse = acts.to_sparse_coo()
+    # An open gate whose feature is 0 is stored in a sparse step; it did not fire.
+    with_zero = torch.sparse_coo_tensor(
+        torch.cat([sparse.indices(), torch.tensor([[0], [3]])], dim=1),
+        torch.cat([sparse.values(), torch.zeros(1)]),
+        acts.shape,
+    )
+    expected = (acts > 0).any(dim=0)
+    assert not expected[3] and expected.sum() > 6
+    assert torch.equal(fired_features(acts), expected)
+    assert torch.equal(fired_features(with_zero), expected)
