@@ -1,4 +1,4 @@
-"""Training recipes of the gated SAE, and the checks of its training config.
+"""Training recipes of the gated SAE, and how its configs are checked and built.
 
 A recipe gives the defaults of the config fields that decide how the gated SAE is trained
 (the paper's recipe or the authors' April 2024 update). Every field is checked for its type and range when the config is built, from Python, a
@@ -11,9 +11,10 @@ goes wrong.
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from sae_lens.saes.sae import TrainingSAEConfig
+from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
+from sae_lens.util import filter_valid_dataclass_fields
 
 from sae_lens_gated.validation import (
     GatedConfigError,
@@ -216,3 +217,27 @@ def warn_about_discouraged_combinations(cfg: Any) -> None:
             "Discouraged combination: resample_dead=True with unit_norm_decoder=False. "
             "Resampled decoder rows get unit norm while the other rows keep theirs."
         )
+
+
+T_CONFIG = TypeVar("T_CONFIG", bound=SAEConfig)
+
+
+def upgrade_config(cfg: SAEConfig, target: type[T_CONFIG]) -> T_CONFIG:
+    """Rebuild a config (e.g. a built-in gated config) as ``target``, keeping shared fields."""
+    if isinstance(cfg, target):
+        return cfg
+    return config_from_dict(target, cfg.to_dict())
+
+
+def config_from_dict(target: type[T_CONFIG], config_dict: dict[str, Any]) -> T_CONFIG:
+    """Build ``target`` from a config dict, whatever SAELens's registry says ``"gated"`` is."""
+    architecture = config_dict.get("architecture", target.architecture())
+    if architecture != target.architecture():
+        raise ValueError(
+            f"Config says architecture={architecture!r}, but {target.__name__} is for "
+            f"{target.architecture()!r}."
+        )
+    valid = filter_valid_dataclass_fields(config_dict, target)
+    if "metadata" in config_dict:
+        valid["metadata"] = SAEMetadata(**config_dict["metadata"])
+    return target(**valid)

@@ -24,7 +24,7 @@ The per-step work around the optimizer (unit norm, resampling, ...) is not here:
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from numpy.typing import NDArray
@@ -36,12 +36,10 @@ from sae_lens.saes.gated_sae import (
 )
 from sae_lens.saes.sae import (
     SAEConfig,
-    SAEMetadata,
     TrainingSAEConfig,
     TrainStepInput,
     TrainStepOutput,
 )
-from sae_lens.util import filter_valid_dataclass_fields
 from typing_extensions import override
 
 from sae_lens_gated.saes.gated_encoder import (
@@ -58,6 +56,8 @@ from sae_lens_gated.saes.gated_recipes import (
     WeightTying,
     check_resampling_schedule,
     check_training_config,
+    config_from_dict,
+    upgrade_config,
     warn_about_discouraged_combinations,
     warn_if_from_builtin_config,
     warn_if_init_norm_ignored,
@@ -66,28 +66,6 @@ from sae_lens_gated.training.conventions import TrainingConventions
 from sae_lens_gated.training.resampling import ResamplingSchedule
 
 logger = logging.getLogger(__name__)
-
-T_CONFIG = TypeVar("T_CONFIG", bound=SAEConfig)
-
-
-def _upgrade_config(cfg: SAEConfig, target: type[T_CONFIG]) -> T_CONFIG:
-    """Rebuild a config (e.g. a built-in gated config) as ``target``, keeping shared fields."""
-    if isinstance(cfg, target):
-        return cfg
-    return _config_from_dict(target, cfg.to_dict())
-
-
-def _config_from_dict(target: type[T_CONFIG], config_dict: dict[str, Any]) -> T_CONFIG:
-    architecture = config_dict.get("architecture", target.architecture())
-    if architecture != target.architecture():
-        raise ValueError(
-            f"Config says architecture={architecture!r}, but {target.__name__} is for "
-            f"{target.architecture()!r}."
-        )
-    valid = filter_valid_dataclass_fields(config_dict, target)
-    if "metadata" in config_dict:
-        valid["metadata"] = SAEMetadata(**config_dict["metadata"])
-    return target(**valid)
 
 
 @dataclass
@@ -98,7 +76,7 @@ class GatedSAEConfig(_BuiltinGatedSAEConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> "GatedSAEConfig":
         # Resolve to this class whether or not the plugin is registered with SAELens.
-        return _config_from_dict(cls, config_dict)
+        return config_from_dict(cls, config_dict)
 
 
 class GatedSAE(_BuiltinGatedSAE):
@@ -107,7 +85,7 @@ class GatedSAE(_BuiltinGatedSAE):
     config_class: ClassVar[type[GatedSAEConfig]] = GatedSAEConfig
 
     def __init__(self, cfg: _BuiltinGatedSAEConfig, use_error_term: bool = False):
-        super().__init__(_upgrade_config(cfg, self.config_class), use_error_term)
+        super().__init__(upgrade_config(cfg, self.config_class), use_error_term)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +94,7 @@ class GatedSAE(_BuiltinGatedSAE):
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """``f @ W_dec + b_dec`` (then SAELens's hooks and de-normalization); sparse
-        features, and dense ones that are mostly 0 when no gradient is needed, are decoded
-        on their nonzero entries only."""
+        """SAELens's decode, on the nonzero features when cheaper (see ``decode_gated``)."""
         return decode_gated(self, feature_acts)
 
     @override
@@ -244,7 +220,7 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> "GatedTrainingSAEConfig":
         # Resolve to this class whether or not the plugin is registered with SAELens.
-        return _config_from_dict(cls, config_dict)
+        return config_from_dict(cls, config_dict)
 
     @override
     def get_inference_config_class(self) -> type[SAEConfig]:
@@ -277,7 +253,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def __init__(
         self, cfg: _BuiltinGatedTrainingSAEConfig, use_error_term: bool = False
     ):
-        super().__init__(_upgrade_config(cfg, self.config_class), use_error_term)
+        super().__init__(upgrade_config(cfg, self.config_class), use_error_term)
         self.conventions = TrainingConventions(self)
 
     @override
@@ -289,13 +265,7 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
     def encode_for_loss(
         self, x: torch.Tensor, decode: bool = False, sparse: bool = False
     ) -> GatedEncoding:
-        """Run the encoder (and with ``decode`` both decoders) for the training losses.
-
-        Args:
-            x: The batch.
-            decode: Also compute both reconstructions.
-            sparse: Compute on the open gates only (with ``decode``): a sparse step.
-        """
+        """The encoder (with ``decode`` both decoders; ``sparse``: on the open gates only)."""
         weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
         return encode_gated(
             self,
