@@ -7,8 +7,10 @@ median of the repetitions is reported, so slow drifts of a noisy machine hit all
 alike and the ratios measured in one run are comparable.
 """
 
+import dataclasses
 import gc
 import json
+import math
 import platform
 import statistics
 import time
@@ -56,6 +58,13 @@ class BenchConfig:
         dtype: ``"float32"``, or ``"bfloat16"`` for bf16 autocast with float32 master weights.
         repeats: Timed repetitions per variant (after one warm-up step each).
         seed: Seed for weights and the batch.
+        gate_density: Set every SAE's gate (or encoder) bias so that this fraction of its
+            gates is open on the benchmark batch, and also time the plugin's dense and
+            sparse steps and the limit (one encoder matmul and one elementwise pass). Unset:
+            the fresh SAEs' own, about half open.
+        density_sweep: Run the benchmark at each of these gate densities and plot step
+            time against density to ``plot``.
+        plot: PNG file for ``density_sweep``'s plot.
     """
 
     d_in: int = 512
@@ -65,6 +74,9 @@ class BenchConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     repeats: int = 5
     seed: int = 0
+    gate_density: float | None = None
+    density_sweep: tuple[float, ...] = ()
+    plot: Path = Path("bench_density.png")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -73,35 +85,84 @@ class BenchConfig:
             d_in=self.d_in, d_sae=self.d_sae, batch=self.batch, repeats=self.repeats
         )
         check_device(self.device)
+        densities = [*self.density_sweep]
+        if self.gate_density is not None:
+            densities.append(self.gate_density)
+        for density in densities:
+            if not (math.isfinite(density) and 0 < density <= 1):
+                raise ValueError(
+                    f"gate densities must be fractions in (0, 1], got {density}."
+                )
+        if self.density_sweep and self.gate_density is not None:
+            raise ValueError("Give gate_density or density_sweep, not both.")
+        if self.density_sweep and self.plot.is_dir():
+            raise ValueError(f"plot must be a PNG file, but {self.plot} is a folder.")
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Measure every variant and return the numbers behind the report."""
+    """Measure every variant and return the numbers behind the report.
+
+    With ``density_sweep``, the result holds one benchmark per density
+    (``"density_sweep"``), their summaries as the summary, and the plot is written.
+    """
+    if cfg.density_sweep:
+        runs = [
+            run_benchmark(
+                dataclasses.replace(cfg, gate_density=density, density_sweep=()),
+                progress,
+            )
+            for density in tqdm(
+                cfg.density_sweep, desc="densities", disable=not progress
+            )
+        ]
+        from sae_lens_gated.repro.plots import plot_density_sweep
+
+        plot_density_sweep(runs, cfg.plot)
+        return {
+            "density_sweep": runs,
+            "plot": str(cfg.plot),
+            "summary": {"density_sweep": [run["summary"] for run in runs]},
+        }
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     x = torch.randn(cfg.batch, cfg.d_in, device=device)
     trainers = _build_trainers(cfg)
     encoders = _build_encoders(cfg)
+    measured_density = None
+    if cfg.gate_density is not None:
+        for trainer in trainers.values():
+            _open_gates(trainer.sae, x, cfg.gate_density)
+        measured_density = _open_fraction(trainers[PAPER].sae, x)
 
     n_rounds = cfg.repeats + 1
     step_times: dict[str, list[float]] = {name: [] for name in trainers}
     encode_times: dict[str, list[float]] = {name: [] for name in encoders}
     peaks: dict[str, list[float]] = {name: [] for name in trainers}
     gemm_times: list[float] = []
+    limit_times: list[float] = []
     out = torch.empty(cfg.batch, cfg.d_sae, device=device, dtype=_work_dtype(cfg))
     gemm_a = x.to(out.dtype)
     gemm_b = torch.randn(cfg.d_in, cfg.d_sae, device=device, dtype=out.dtype)
+    gemm_bias = torch.randn(cfg.d_sae, device=device, dtype=out.dtype)
+
+    def limit() -> None:
+        # What any gated step must do: the dense encoder matmul and one elementwise pass.
+        torch.addmm(gemm_bias, gemm_a, gemm_b, out=out)
+        torch.relu_(out)
 
     flops_per_matmul = 2 * cfg.batch * cfg.d_in * cfg.d_sae
-    # One counted step per variant, before the timed rounds.
-    matmuls = {
-        name: _matmul_flops(lambda t=trainer: t.step(x)) / flops_per_matmul
-        for name, trainer in trainers.items()
-    }
+    matmuls: dict[str, float] = {}
 
     rounds = tqdm(range(n_rounds), desc="bench rounds", disable=not progress)
     for round_index in rounds:
         gc.collect()  # once per round: a full collection takes long in a big process
+        if round_index == 1:
+            # One counted step per variant after the warm-up round, so that each variant
+            # counts the kind of step (dense or sparse) it then takes.
+            matmuls = {
+                name: _matmul_flops(lambda t=trainer: t.step(x)) / flops_per_matmul
+                for name, trainer in trainers.items()
+            }
         for name, trainer in trainers.items():
             seconds, peak = _measure(lambda t=trainer: t.step(x), device)
             if round_index > 0:  # the first round is warm-up
@@ -115,14 +176,26 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         seconds, _ = _measure(lambda: torch.mm(gemm_a, gemm_b, out=out), device)
         if round_index > 0:
             gemm_times.append(seconds)
+        if cfg.gate_density is not None:
+            seconds, _ = _measure(limit, device)
+            if round_index > 0:
+                limit_times.append(seconds)
 
     step = {name: statistics.median(v) for name, v in step_times.items()}
     encode = {name: statistics.median(v) for name, v in encode_times.items()}
     peak = {name: statistics.median(v) for name, v in peaks.items()}
     gemm = statistics.median(gemm_times)
-    paper, builtin = "plugin (paper)", "SAELens built-in gated"
+    paper, builtin = PAPER, "SAELens built-in gated"
     standard = "SAELens standard"
     achieved = matmuls[paper] * flops_per_matmul / step[paper]
+    density: dict[str, Any] = {}
+    if measured_density is not None:
+        limit_s = statistics.median(limit_times)
+        density = {
+            "gate_density": measured_density,
+            "limit_s": limit_s,
+            "step_ratio_vs_limit": step[paper] / limit_s,
+        }
     return {
         "config": asdict(cfg),
         "machine": _machine(device),
@@ -147,6 +220,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if peak[builtin] > 0
             else None,
             "fraction_of_gemm_roofline": achieved / (flops_per_matmul / gemm),
+            **density,
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
             "batch": cfg.batch,
@@ -158,18 +232,25 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 def format_report(result: dict[str, Any]) -> str:
     """A readable table of :func:`run_benchmark`'s result, then its summary as one JSON line."""
+    if "density_sweep" in result:
+        reports = [
+            format_report(run).rsplit("\n", 1)[0] for run in result["density_sweep"]
+        ]
+        return "\n\n".join(
+            [*reports, f"Plot: {result['plot']}", json.dumps(result["summary"])]
+        )
     cfg, summary = result["config"], result["summary"]
     standard = result["step_seconds"]["SAELens standard"]
     builtin = result["step_seconds"]["SAELens built-in gated"]
     lines = [
         f"Training step, batch={cfg['batch']}, d_in={cfg['d_in']}, d_sae={cfg['d_sae']}, "
         f"{cfg['device']}, {cfg['dtype']} (median of {cfg['repeats']}, interleaved)",
-        f"{'variant':<26}{'step s':>9}{'spread':>9}{'x std':>7}{'vs built-in':>12}"
+        f"{'variant':<30}{'step s':>9}{'spread':>9}{'x std':>7}{'vs built-in':>12}"
         f"{'tokens/s':>11}{'peak MiB':>10}",
     ]
     for name, seconds in result["step_seconds"].items():
         lines.append(
-            f"{name:<26}{seconds:>9.3f}{result['step_spread'][name]:>8.1%} "
+            f"{name:<30}{seconds:>9.3f}{result['step_spread'][name]:>8.1%} "
             f"{seconds / standard:>6.2f}{builtin / seconds:>11.2f}x"
             f"{result['tokens_per_second'][name]:>11.0f}"
             f"{result['peak_memory_bytes'][name] / 2**20:>10.0f}"
@@ -183,6 +264,16 @@ def format_report(result: dict[str, Any]) -> str:
         f"plugin step achieves {result['plugin_flops_per_second'] / 1e9:.0f} GFLOP/s "
         f"({summary['fraction_of_gemm_roofline']:.0%} of that, counting "
         f"{result['matmuls_per_step']['plugin (paper)']:.2f} matmuls' FLOPs per step)",
+        *(
+            [
+                f"Gate density {summary['gate_density']:.2%} (measured on the batch); "
+                f"limit (one encoder matmul + one elementwise pass) "
+                f"{summary['limit_s']:.3f} s; plugin (paper) step = "
+                f"{summary['step_ratio_vs_limit']:.2f}x the limit"
+            ]
+            if "gate_density" in summary
+            else []
+        ),
         f"Peak memory: {result['memory_measure']}.",
         f"Machine: {json.dumps(result['machine'])}",
         json.dumps(summary),
@@ -190,10 +281,25 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PAPER = "plugin (paper)"
+PAPER_DENSE = "plugin (paper, dense steps)"
+PAPER_SPARSE = "plugin (paper, sparse steps)"
+
+
 def _build_trainers(cfg: BenchConfig) -> dict[str, SAETrainer[Any, Any]]:
     shape: dict[str, Any] = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "device": cfg.device}
     saes: dict[str, TrainingSAE[Any]] = {
-        "plugin (paper)": GatedTrainingSAE(GatedTrainingSAEConfig(**shape)),
+        PAPER: GatedTrainingSAE(GatedTrainingSAEConfig(**shape))
+    }
+    if cfg.gate_density is not None:
+        # Each kind of step, whatever the density ("auto" above picks one of them).
+        saes[PAPER_DENSE] = GatedTrainingSAE(
+            GatedTrainingSAEConfig(sparse_step="never", **shape)
+        )
+        saes[PAPER_SPARSE] = GatedTrainingSAE(
+            GatedTrainingSAEConfig(sparse_step="always", **shape)
+        )
+    saes |= {
         "plugin (april_update)": GatedTrainingSAE(
             GatedTrainingSAEConfig(recipe="april_update", **shape)
         ),
@@ -230,6 +336,26 @@ def _build_encoders(cfg: BenchConfig) -> dict[str, Any]:
             sae.b_mag.normal_(0, 0.1)
         builtin.load_state_dict(plugin.state_dict())
     return {"plugin": plugin, "SAELens built-in": builtin}
+
+
+@torch.no_grad()
+def _open_gates(sae: TrainingSAE[Any], x: torch.Tensor, fraction: float) -> None:
+    """Set the gate bias (a standard SAE's encoder bias) so that each feature opens on the
+    ``fraction`` of the rows of ``x`` where its pre-activation is largest."""
+    pre = sae.process_sae_in(x) @ sae.W_enc
+    n_rows = pre.shape[0]
+    # Open where pre > the k-th smallest value: n_rows - k rows per feature.
+    k = min(n_rows, max(1, round((1 - fraction) * n_rows)))
+    bias = sae.b_gate if isinstance(sae, BuiltinGatedTrainingSAE) else sae.b_enc
+    assert isinstance(bias, torch.Tensor)
+    bias.copy_(-pre.kthvalue(k, dim=0).values)
+
+
+@torch.no_grad()
+def _open_fraction(sae: TrainingSAE[Any], x: torch.Tensor) -> float:
+    """The fraction of gates open on ``x``."""
+    assert isinstance(sae, BuiltinGatedTrainingSAE)
+    return float((sae.process_sae_in(x) @ sae.W_enc + sae.b_gate > 0).float().mean())
 
 
 def _matmul_flops(fn: Callable[[], Any]) -> int:

@@ -139,6 +139,47 @@ def plot_demo(runs: list[RunResult], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_density_sweep(runs: list[dict[str, Any]], path: Path) -> None:
+    """Training-step time against the open-gate fraction, for the benchmark's variants.
+
+    Args:
+        runs: :func:`~sae_lens_gated.repro.bench.run_benchmark` results, one per density.
+        path: The PNG file to write.
+    """
+    from sae_lens_gated.repro.bench import PAPER_DENSE, PAPER_SPARSE
+
+    lines = {
+        PAPER_DENSE: ("plugin (paper), dense steps", "#1f77b4", "o"),
+        PAPER_SPARSE: ("plugin (paper), sparse steps", "#2ca02c", "s"),
+        "SAELens standard": ("SAELens standard SAE", "#d62728", "P"),
+        "SAELens built-in gated": ("SAELens built-in gated SAE", "#7f7f7f", "x"),
+    }
+    runs = sorted(runs, key=lambda run: run["summary"]["gate_density"])
+    densities = [100 * run["summary"]["gate_density"] for run in runs]
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    for name, (label, color, marker) in lines.items():
+        seconds = [run["step_seconds"][name] for run in runs]
+        ax.plot(densities, seconds, label=label, color=color, marker=marker)
+    limits = [run["summary"]["limit_s"] for run in runs]
+    ax.plot(
+        densities, limits, "k--", label="limit: encoder matmul + one elementwise pass"
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_axis(ax)
+    cfg = runs[0]["config"]
+    ax.set_xlabel("open gates (% of batch x d_sae)")
+    ax.set_ylabel("training step (s, SAETrainer.step)")
+    ax.set_title(
+        f"d_in {cfg['d_in']}, d_sae {cfg['d_sae']}, batch {cfg['batch']}, "
+        f"{cfg['device']}, {cfg['dtype']}"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _draw_magnitudes(ax: Axes, runs: list[RunResult], title: str) -> None:
     # Histograms of the gated and baseline runs closest in L0.
     pair = _closest_pair(runs)

@@ -209,7 +209,7 @@ class GatedSAEFunction(torch.autograd.Function):
                     continue
                 penalty += _penalty(g, weights)
                 if options.count_open:
-                    n_open += torch.count_nonzero(g)
+                    n_open += _count_open(g)
             if options.features_only:
                 assert feature_acts is not None
                 return feature_acts
@@ -483,6 +483,15 @@ def _activate(
         torch.addcmul(mag_bias, g, scale, out=magnitude)
     keep_where_positive(magnitude, g, out=feature_acts).clamp_(min=0)
     g.clamp_(min=0)
+
+
+def _count_open(g: torch.Tensor) -> torch.Tensor:
+    """The number of positive entries of ``g = ReLU(pi_gate)``, as a 0-d int64 tensor."""
+    if g.device.type == "cpu" and g.numel() < 2**24:
+        # count_nonzero and sums of booleans convert the chunk first: 10-20x slower on the
+        # CPU. sign(g) is 0 or 1, and a float32 sum of fewer than 2^24 ones is exact.
+        return torch.sign(g).sum(dtype=torch.float32).long()
+    return torch.count_nonzero(g)
 
 
 def _penalty(g: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
