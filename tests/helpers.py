@@ -225,7 +225,7 @@ def dictionary_learning_module() -> Any:
     """
     spec = importlib.util.find_spec("dictionary_learning")
     assert spec is not None and spec.submodule_search_locations is not None, (
-        "dictionary-learning is not installed: pip install --no-deps dictionary-learning==0.1.0"
+        "dictionary-learning is not installed: pip install --no-deps --group references"
     )
     path = Path(next(iter(spec.submodule_search_locations))) / "dictionary.py"
     module_spec = importlib.util.spec_from_file_location(

@@ -63,7 +63,7 @@ class BenchConfig:
             sparse steps and the limit (one encoder matmul and one elementwise pass). Unset:
             the fresh SAEs' own, about half open.
         density_sweep: Run the benchmark at each of these gate densities and plot step
-            time against density to ``plot``.
+            time against density to ``plot`` (with the numbers in a JSON file beside it).
         plot: PNG file for ``density_sweep``'s plot.
     """
 
@@ -118,6 +118,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         from sae_lens_gated.repro.plots import plot_density_sweep
 
         plot_density_sweep(runs, cfg.plot)
+        # The numbers behind the plot, to re-plot or compare later.
+        cfg.plot.with_suffix(".json").write_text(
+            json.dumps(runs, indent=1)
+        )
         return {
             "density_sweep": runs,
             "plot": str(cfg.plot),
@@ -197,7 +201,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "step_ratio_vs_limit": step[paper] / limit_s,
         }
     return {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "plot": str(cfg.plot)},
         "machine": _machine(device),
         "step_seconds": step,
         "step_spread": {n: _spread(v) for n, v in step_times.items()},

@@ -86,7 +86,11 @@ def run_demo(
     """
     prepare_output_folder(cfg.out, cfg.overwrite)
     settings = TrainingSettings(
-        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        device=cfg.device,
+        sparse_step=cfg.sparse_step,
     )
     source, width = make_source(cfg, cfg.eval_samples, override_model, override_dataset)
     variants = {v.name: v for v in VARIANTS}

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sae_lens_gated.conversion import check_new_folder
 from sae_lens_gated.metrics import relative_reconstruction_bias
+from sae_lens_gated.saes.gated_recipes import SPARSE_STEP_OPTIONS, SparseStep
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.saes.gated_untied_sae import (
     GatedUntiedTrainingSAE,
@@ -130,6 +131,7 @@ class TrainingSettings:
             over the first 5% of steps.
         l1_warm_up_fraction: Fraction of the steps over which lambda rises from 0.
         device: Torch device.
+        sparse_step: The gated SAEs' ``sparse_step`` (``"never"``: dense steps only).
     """
 
     steps: int = 1500
@@ -137,6 +139,7 @@ class TrainingSettings:
     lr: float = 3e-3
     l1_warm_up_fraction: float = 0.1
     device: str = "cpu"
+    sparse_step: SparseStep = "auto"
 
     def optimizer_fields(self) -> dict[str, Any]:
         """The Adam and learning-rate fields of SAELens's trainer and runner configs."""
@@ -208,7 +211,12 @@ def build_training_sae(
         return StandardTrainingSAE(
             StandardTrainingSAEConfig(**common, **variant.overrides)
         )
-    gated: dict[str, Any] = {"resample_dead": False, **common, **variant.overrides}
+    gated: dict[str, Any] = {
+        "resample_dead": False,
+        "sparse_step": settings.sparse_step,
+        **common,
+        **variant.overrides,
+    }
     if variant.architecture == "gated_untied":
         return GatedUntiedTrainingSAE(GatedUntiedTrainingSAEConfig(**gated))
     return GatedTrainingSAE(GatedTrainingSAEConfig(**gated))
@@ -441,6 +449,8 @@ class SourceConfig:
         dataset: Tokenized Hugging Face dataset for ``model``.
         context_size: Tokens per prompt for ``model``.
         expansion: Gated dictionary size as a multiple of the hook width for ``model``.
+        sparse_step: Training steps of the gated SAEs on the open gates only: ``auto``
+            (when few gates are open), ``always`` or ``never`` (dense steps only).
     """
 
     gated_width: int = 256
@@ -454,6 +464,7 @@ class SourceConfig:
     dataset: str = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
     context_size: int = 128
     expansion: float = 8.0
+    sparse_step: SparseStep = "auto"
 
     def __post_init__(self) -> None:
         if (self.model is None) != (self.hook is None):
@@ -462,6 +473,11 @@ class SourceConfig:
             )
         check_counts(gated_width=self.gated_width, context_size=self.context_size)
         check_positive(expansion=self.expansion)
+        if self.sparse_step not in SPARSE_STEP_OPTIONS:
+            raise ValueError(
+                f"sparse_step must be one of {list(SPARSE_STEP_OPTIONS)}, got "
+                f"{self.sparse_step!r}."
+            )
         check_device(self.device)
 
     def record(self) -> dict[str, Any]:

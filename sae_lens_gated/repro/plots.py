@@ -165,9 +165,11 @@ def plot_density_sweep(runs: list[dict[str, Any]], path: Path) -> None:
     ax.plot(
         densities, limits, "k--", label="limit: encoder matmul + one elementwise pass"
     )
-    ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_axis(ax)
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     cfg = runs[0]["config"]
     ax.set_xlabel("open gates (% of batch x d_sae)")
     ax.set_ylabel("training step (s, SAETrainer.step)")

@@ -133,6 +133,7 @@ def run_sweep(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         device=cfg.device,
+        sparse_step=cfg.sparse_step,
     )
     source, gated_width = make_source(
         cfg, cfg.resolved_eval_samples, override_model, override_dataset

@@ -85,3 +85,54 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(batch=-2)
     with pytest.raises(ValueError, match="Unknown device 'gpu0'"):
         BenchConfig(device="gpu0")
+
+
+def test_bench_config_rejects_bad_gate_densities():
+    for density in (0.0, -0.1, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="gate densities must be fractions"):
+            BenchConfig(gate_density=density)
+    with pytest.raises(ValueError, match="gate densities must be fractions"):
+        BenchConfig(density_sweep=(0.01, 1.5))
+    with pytest.raises(ValueError, match="not both"):
+        BenchConfig(gate_density=0.01, density_sweep=(0.01,))
+
+
+SMALL: dict[str, Any] = {"d_in": 32, "d_sae": 512, "batch": 512, "repeats": 2}
+
+
+def test_bench_sets_the_gate_density_and_times_the_limit():
+    result = run_benchmark(BenchConfig(gate_density=0.02, **SMALL), progress=False)
+    summary = result["summary"]
+    # 2% of 512 rows is 10 open rows per feature, exactly.
+    assert summary["gate_density"] == pytest.approx(10 / 512)
+    steps = result["step_seconds"]
+    assert {
+        "plugin (paper, dense steps)",
+        "plugin (paper, sparse steps)",
+    } <= set(steps)
+    assert summary["step_ratio_vs_limit"] == pytest.approx(
+        steps["plugin (paper)"] / summary["limit_s"]
+    )
+    # The limit is one matmul and one pass: at least a matmul, well under a step.
+    assert result["gemm_seconds"] / 3 < summary["limit_s"] < steps["SAELens standard"]
+    # After its warm-up step, "auto" takes sparse steps here: about one matmul's FLOPs.
+    matmuls = result["matmuls_per_step"]
+    assert matmuls["plugin (paper)"] == pytest.approx(1.0, abs=0.01)
+    assert matmuls["plugin (paper, sparse steps)"] == pytest.approx(1.0, abs=0.01)
+    assert round(matmuls["plugin (paper, dense steps)"]) == 7
+    report = format_report(result)
+    assert json.loads(report.splitlines()[-1]) == summary
+    assert "Gate density 1.95%" in report
+
+
+def test_a_density_sweep_plots_step_time_against_density(tmp_path: Any):
+    plot = tmp_path / "density.png"
+    result = run_benchmark(
+        BenchConfig(density_sweep=(0.01, 0.2), plot=plot, **SMALL), progress=False
+    )
+    densities = [s["gate_density"] for s in result["summary"]["density_sweep"]]
+    assert densities == pytest.approx([5 / 512, 102 / 512])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = format_report(result)
+    assert json.loads(report.splitlines()[-1]) == result["summary"]
+    assert report.count("Gate density") == 2
