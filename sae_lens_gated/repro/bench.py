@@ -119,9 +119,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
         plot_density_sweep(runs, cfg.plot)
         # The numbers behind the plot, to re-plot or compare later.
-        cfg.plot.with_suffix(".json").write_text(
-            json.dumps(runs, indent=1)
-        )
+        cfg.plot.with_suffix(".json").write_text(json.dumps(runs, indent=1))
         return {
             "density_sweep": runs,
             "plot": str(cfg.plot),
