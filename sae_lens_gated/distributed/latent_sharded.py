@@ -5,8 +5,9 @@ columns, decoder rows, ``b_gate``, ``b_mag`` and ``r_mag`` of features
 ``[r * d_sae / N, (r + 1) * d_sae / N)`` (and the optimizer state of those), and every
 process holds ``b_dec``. Each training step:
 
-- every process encodes the whole global batch with its features (the fused gated function,
-  unchanged) and decodes it without ``b_dec``;
+- every process encodes the whole global batch with its features and decodes it without
+  ``b_dec``, in the fused gated function (``decode_bias=False``), with sparse steps on the
+  open gates as in one process;
 - one all-reduce sums the partial reconstructions ``x_hat`` and ``x_aux`` and the sparsity
   penalties (a ``2 x batch x d_in + 1`` buffer); ``b_dec`` is added once. The backward pass
   of that sum is the identity: every process computes the same loss of the sum;
@@ -43,7 +44,7 @@ from sae_lens_gated.distributed.collectives import (
     sum_across_ranks,
 )
 from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
-from sae_lens_gated.saes.gated_encoder import GatedEncoding
+from sae_lens_gated.saes.gated_encoder import GatedEncoding, encode_gated
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.resampling import DeadFeatureResampler
@@ -138,8 +139,8 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
             output,
             sae_in=local,
             sae_out=output.sae_out[rows],
-            feature_acts=output.feature_acts[rows],
-            hidden_pre=output.hidden_pre[rows],
+            feature_acts=_rows(output.feature_acts, rows),
+            hidden_pre=_rows(output.hidden_pre, rows),
         )
 
     @override
@@ -149,15 +150,32 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
         """Encode with this process's features; always decode across all processes.
 
         Collective. ``penalty``, ``reconstruction`` and ``aux_reconstruction`` are the
-        whole SAE's; the activations are this process's features'. Always dense: the
-        decoders run outside the fused function, on the summed partial reconstructions.
+        whole SAE's; the activations are this process's features'. The fused function
+        decodes this process's part without ``b_dec`` (on the open gates only when
+        ``sparse``); the parts are summed and ``b_dec`` added once.
         """
-        del decode, sparse  # the losses always need the whole SAE's reconstructions
-        encoding = super().encode_for_loss(x, decode=False)
-        features = encoding.feature_acts.reshape(-1, self.cfg.d_sae)
-        gates = encoding.gate_acts.reshape(-1, self.cfg.d_sae)
-        W_aux = self.W_dec.detach() if self.cfg.freeze_decoder_in_aux else self.W_dec
-        partial = torch.stack([features @ self.W_dec, gates @ W_aux])
+        del decode  # the losses always need the whole SAE's reconstructions
+        encoding = encode_gated(
+            self,
+            x,
+            penalty_weights=self.penalty_weights(),
+            decode=True,
+            aux_decoder_trainable=not self.cfg.freeze_decoder_in_aux,
+            sparse=sparse,
+            decoder_bias=False,
+        )
+        part_hat, part_aux = encoding.reconstruction, encoding.aux_reconstruction
+        if part_hat is None or part_aux is None:
+            # Hooks on the activations: the decoders run on the hooked values.
+            features = encoding.feature_acts.reshape(-1, self.cfg.d_sae)
+            gates = encoding.gate_acts.reshape(-1, self.cfg.d_sae)
+            W_aux = (
+                self.W_dec.detach() if self.cfg.freeze_decoder_in_aux else self.W_dec
+            )
+            part_hat, part_aux = features @ self.W_dec, gates @ W_aux
+        partial = torch.stack(
+            [part_hat.reshape(-1, self.cfg.d_in), part_aux.reshape(-1, self.cfg.d_in)]
+        )
         wide = torch.promote_types(partial.dtype, torch.float32)
         summed = sum_across_ranks(
             torch.cat(
@@ -480,6 +498,13 @@ def shard_latents(
         if state is not None:
             resampler.load_state_dict(state, device=shard.W_dec.device)
     return shard
+
+
+def _rows(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``tensor[rows]``, also for the sparse COO activations of a sparse step."""
+    if not tensor.is_sparse:
+        return tensor[rows]
+    return tensor.narrow_copy(0, rows.start, rows.stop - rows.start)
 
 
 def _summed_sparsity_metadata(sae: LatentShardedGatedTrainingSAE) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def encode_gated(
     decode: bool = False,
     aux_decoder_trainable: bool = False,
     sparse: bool = False,
+    decoder_bias: bool = True,
 ) -> GatedEncoding:
     """Run the gated encoder: one encoder matmul shared by the gate and magnitude paths.
 
@@ -92,6 +93,8 @@ def encode_gated(
             decoder (False: stop-gradient).
         sparse: With ``decode`` and a ``(batch, d_in)`` input, compute everything after the
             encoder matmul on the open gates only, and return sparse activations.
+        decoder_bias: With ``decode``, add ``b_dec`` to the reconstructions (False: a
+            latent shard's parts of them, see ``GatedFunctionOptions.decode_bias``).
     """
     decode = decode and not has_hooks(
         sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.hook_sae_recons
@@ -103,6 +106,7 @@ def encode_gated(
         aux_decoder_trainable=aux_decoder_trainable,
         sparse=sparse and decode and sae_in.ndim == 2,
         count_open=decode,
+        decode_bias=decoder_bias,
     )
     out = gated_sae_function(
         sae_in.reshape(-1, sae_in.shape[-1]),

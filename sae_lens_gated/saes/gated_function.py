@@ -112,6 +112,9 @@ class GatedFunctionOptions:
             below about 10%.
         count_open: In dense mode, also return the number of open gates (the sparse mode
             always returns it).
+        decode_bias: Add ``b_dec`` to both reconstructions. False gives ``f @ W_dec`` and
+            ``g @ W_dec``, a latent shard's parts of the whole SAE's reconstructions
+            (``b_dec`` still centers the input when ``center``).
     """
 
     center: bool
@@ -120,6 +123,7 @@ class GatedFunctionOptions:
     features_only: bool = False
     sparse: bool = False
     count_open: bool = False
+    decode_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.features_only and (self.sparse or self.count_open):
@@ -241,13 +245,15 @@ class GatedSAEFunction(torch.autograd.Function):
             )
             if options.decode:
                 if support is None:
-                    dec, bias = W_dec.to(work), b_dec.to(work)
+                    dec = W_dec.to(work)
+                    bias = b_dec.to(work) if options.decode_bias else dec.new_zeros(())
                     outputs += (
                         torch.addmm(bias, feature_acts, dec),
                         torch.addmm(bias, gate_acts, dec),
                     )
                 else:
-                    dec, bias = W_dec.to(acc), b_dec.to(acc)
+                    dec = W_dec.to(acc)
+                    bias = b_dec.to(acc) if options.decode_bias else dec.new_zeros(())
                     outputs += tuple(
                         support.decode(values, dec).add_(bias).to(work)
                         for values in (feature_acts, gate_acts)
@@ -364,9 +370,9 @@ class GatedSAEFunction(torch.autograd.Function):
             if options.center:
                 # Through the centering: summed over the batch first, then one matrix-vector product.
                 grad_b_dec -= sum_grad_pre.to(acc) @ W_enc.T.to(acc)
-            if grad_x_hat is not None:
+            if grad_x_hat is not None and options.decode_bias:
                 grad_b_dec += grad_x_hat.sum(dim=0, dtype=acc)
-            if aux_grad_for_dec is not None:
+            if aux_grad_for_dec is not None and options.decode_bias:
                 grad_b_dec += aux_grad_for_dec.sum(dim=0, dtype=acc)
             grad_weights = None
             if grad_penalty is not None and gate_sum is not None:

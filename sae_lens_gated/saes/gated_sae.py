@@ -266,15 +266,18 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
         self, x: torch.Tensor, decode: bool = False, sparse: bool = False
     ) -> GatedEncoding:
         """The encoder (with ``decode`` both decoders; ``sparse``: on the open gates only)."""
-        weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
         return encode_gated(
             self,
             x,
-            penalty_weights=weights,
+            penalty_weights=self.penalty_weights(),
             decode=decode,
             aux_decoder_trainable=not self.cfg.freeze_decoder_in_aux,
             sparse=sparse,
         )
+
+    def penalty_weights(self) -> torch.Tensor | None:
+        """Per-feature weights of the sparsity penalty: decoder row norms, or None (all 1)."""
+        return self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
 
     @override
     def encode_with_hidden_pre(

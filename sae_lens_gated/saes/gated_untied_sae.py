@@ -166,8 +166,7 @@ class GatedUntiedTrainingSAE(GatedTrainingSAE):
         # The two encoder matmuls cannot share a product, so the fused gated function does
         # not apply: plain autograd. Dense steps decode in the training loss; a sparse step
         # decodes here, on the nonzero activations only (the encoders stay dense).
-        weights = self.W_dec.norm(dim=1) if self.cfg.l1_scale_by_decoder_norm else None
-        encoding = encode_untied(self, x, penalty_weights=weights)
+        encoding = encode_untied(self, x, penalty_weights=self.penalty_weights())
         if not decode:
             return encoding
         encoding = encoding._replace(n_open=torch.count_nonzero(encoding.gate_acts))

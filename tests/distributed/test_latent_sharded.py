@@ -29,7 +29,7 @@ from tests.distributed.common import (
     trainer_for,
 )
 from tests.distributed.spawn import run_on_ranks
-from tests.helpers import build_gated_training_cfg
+from tests.helpers import build_gated_training_cfg, step_input
 
 HALF_FEATURES = SETTINGS["d_sae"] // 2
 
@@ -88,16 +88,26 @@ def _train(
     trainer.load_trainer_state(checkpoint)
     trainer.fit()
     result["resumed"] = sae.gather_state_dict()
+    # The kind of step the shards took: sparse activations of this process's rows.
+    data, _ = _data(rank, gather_batch)
+    step = sae.training_forward_pass(step_input(next(data)))
+    result["sparse_acts"] = step.feature_acts.is_sparse
+    result["acts_shape"] = tuple(step.feature_acts.shape)
     return result
 
 
 @pytest.mark.parametrize(
-    ("clip_grad_norm", "gather_batch"), [(True, False), (False, True)]
+    ("clip_grad_norm", "gather_batch", "sparse_step"),
+    [(True, False, "auto"), (False, True, "auto"), (True, True, "always")],
 )
 def test_two_shards_match_one_process_holding_every_feature(
-    tmp_path: Path, clip_grad_norm: bool, gather_batch: bool
+    tmp_path: Path, clip_grad_norm: bool, gather_batch: bool, sparse_step: str
 ):
-    reference, max_grad_norm = reference_run(clip_grad_norm=clip_grad_norm)
+    # "always": sparse steps on both shards against dense steps in one process.
+    reference_step = "never" if sparse_step == "always" else sparse_step
+    reference, max_grad_norm = reference_run(
+        clip_grad_norm=clip_grad_norm, sparse_step=reference_step
+    )
     # Above norm 1 SAELens clips; each shard alone would clip by its own smaller norm.
     assert max_grad_norm > 2.0
     assert reference.conventions.resampler is not None
@@ -108,7 +118,10 @@ def test_two_shards_match_one_process_holding_every_feature(
     assert (event.resampled >= HALF_FEATURES).any()
 
     out = run_on_ranks(
-        _train, {"clip_grad_norm": clip_grad_norm}, gather_batch, str(tmp_path)
+        _train,
+        {"clip_grad_norm": clip_grad_norm, "sparse_step": sparse_step},
+        gather_batch,
+        str(tmp_path),
     )
 
     expected = state_of(reference)
@@ -116,6 +129,10 @@ def test_two_shards_match_one_process_holding_every_feature(
     assert_states_close(out[0]["resumed"], expected)
     assert out[1]["whole"] is None
     for rank in (0, 1):
+        # With "auto" the last steps are sparse too (few gates stay open by then).
+        assert out[rank]["sparse_acts"]
+        rows = BATCH // 2 if gather_batch else BATCH
+        assert out[rank]["acts_shape"] == (rows, HALF_FEATURES)
         assert out[rank]["d_sae"] == HALF_FEATURES
         assert out[rank]["firing_stats"] == (HALF_FEATURES,)
         assert torch.equal(out[rank]["resampled"], event.resampled)
@@ -147,6 +164,22 @@ def test_two_shards_match_one_process_holding_every_feature(
         tmp_path / "checkpoints" / "rank1" / "30" / "sae_weights.safetensors"
     ).exists()
     assert (tmp_path / "checkpoints" / "rank1" / "30" / "trainer_state.pt").exists()
+
+
+def _train_with_hook(rank: int) -> dict[str, torch.Tensor] | None:
+    sae = _shard(rank)
+    # A hook on the activations makes the shards decode outside the fused function.
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 1.0)  # type: ignore[misc]  # noqa: ARG005
+    data, rows = _data(rank, gather_batch=False)
+    trainer_for(sae, data, rows).fit()
+    return sae.gather_state_dict()
+
+
+def test_hooked_shards_decode_outside_the_fused_function_and_still_match():
+    reference, _ = reference_run()
+    out = run_on_ranks(_train_with_hook)
+    assert out[0] is not None
+    assert_states_close(out[0], state_of(reference))
 
 
 def _load_wrong_width(rank: int, folder: str) -> str:

@@ -1,3 +1,4 @@
+import dataclasses
 from typing import Any, NamedTuple
 
 import pytest
@@ -229,18 +230,33 @@ def _loss_and_grads(
     weighted: bool,
 ) -> tuple[GatedOutputs, dict[str, torch.Tensor]]:
     """The training loss as gated_sae.py builds it, plus terms on f, g and pi_mag at the
-    open gates, and the gradients of every input."""
+    open gates, and the gradients of every input.
+
+    Without ``options.decode_bias``, ``b_dec`` is added to the returned parts here, as a
+    latent-sharded SAE adds it to the sum of its shards' parts.
+    """
     x = x.clone().requires_grad_(True)
     leaves = params.leaves()
     weights = leaves["W_dec"].norm(dim=1) if weighted else None
     out = params._replace(**leaves).call(x, weights, options)
     assert out.reconstruction is not None and out.aux_reconstruction is not None
+    reconstruction, aux_reconstruction = out.reconstruction, out.aux_reconstruction
+    if not options.decode_bias:
+        b_dec = leaves["b_dec"]
+        b_aux = b_dec if options.aux_decoder_trainable else b_dec.detach()
+        reconstruction, aux_reconstruction = (
+            reconstruction + b_dec,
+            aux_reconstruction + b_aux,
+        )
+        out = out._replace(
+            reconstruction=reconstruction, aux_reconstruction=aux_reconstruction
+        )
     open_gates = out.gate_acts > 0
     magnitude_at_open = out.magnitude if options.sparse else out.magnitude * open_gates
     loss = (
-        (out.reconstruction - x).pow(2).sum(-1).mean()
+        (reconstruction - x).pow(2).sum(-1).mean()
         + 0.4 * out.penalty / N_ROWS
-        + (out.aux_reconstruction - x).pow(2).sum(-1).mean()
+        + (aux_reconstruction - x).pow(2).sum(-1).mean()
         + 0.01 * (out.feature_acts.pow(3).sum() + out.gate_acts.sin().sum())
         + 0.02 * magnitude_at_open.pow(2).sum()
     )
@@ -310,6 +326,37 @@ def test_sparse_mode_matches_the_dense_mode(
         if density > 0 or name in ("b_dec", "sae_in"):
             assert want.abs().max() > 0, name  # every gradient is exercised
         close(sparse_grads[name], want, name)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_parts_without_decode_bias_plus_b_dec_equal_the_whole(
+    recipe: str, sparse: bool
+):
+    # decode_bias=False returns f @ W_dec and g @ W_dec, and b_dec's gradient without the
+    # decoder's part: adding b_dec outside gives back the ordinary outputs and gradients.
+    kwargs, weighted, r_mag = RECIPES[recipe]
+    x, params = _function_inputs(5, torch.float64, 0.05, r_mag=r_mag)
+    whole_options = GatedFunctionOptions(decode=True, sparse=sparse, **kwargs)
+    parts_options = dataclasses.replace(whole_options, decode_bias=False)
+    whole, grads = _loss_and_grads(x, params, whole_options, weighted)
+    parts, part_grads = _loss_and_grads(x, params, parts_options, weighted)
+    assert params.b_dec.abs().min() > 0
+    for name in ("reconstruction", "aux_reconstruction", "penalty"):
+        torch.testing.assert_close(
+            getattr(parts, name), getattr(whole, name), rtol=0, atol=1e-12, msg=name
+        )
+    assert grads.keys() == part_grads.keys()
+    for name, want in grads.items():
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(part_grads[name], want, rtol=0, atol=1e-10, msg=name)
+    # The parts themselves lack b_dec.
+    raw = params.call(x, None, parts_options).reconstruction
+    assert raw is not None and whole.reconstruction is not None
+    torch.testing.assert_close(
+        raw, whole.reconstruction.detach() - params.b_dec, rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.usefixtures("small_chunks")
