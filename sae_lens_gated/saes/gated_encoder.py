@@ -169,10 +169,7 @@ def encode_gated_features(
         sae: The SAE whose parameters to use.
         x: Input activations.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in sae.parameters())
-    )
-    if needs_grad or has_hooks(sae.hook_sae_acts_pre):
+    if _needs_grad(x, *sae.parameters()) or has_hooks(sae.hook_sae_acts_pre):
         return encode_gated(sae, x).feature_acts
     sae_in = normalized_input(sae, x)
     feature_acts = GatedSAEFunction.apply(
@@ -223,13 +220,18 @@ SPARSE_DECODE_MAX_DENSITY = 0.05
 
 
 def _sparse_enough(sae: SAE[Any], feature_acts: torch.Tensor) -> bool:
-    needs_grad = torch.is_grad_enabled() and (
-        feature_acts.requires_grad or sae.W_dec.requires_grad or sae.b_dec.requires_grad
-    )
-    if needs_grad or feature_acts.numel() == 0 or torch.compiler.is_compiling():
+    if (
+        _needs_grad(feature_acts, sae.W_dec, sae.b_dec)
+        or feature_acts.numel() == 0
+        or torch.compiler.is_compiling()
+    ):
         return False
     nonzero = int(torch.count_nonzero(feature_acts))
     return nonzero <= SPARSE_DECODE_MAX_DENSITY * feature_acts.numel()
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def normalized_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
