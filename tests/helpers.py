@@ -5,12 +5,32 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from sae_lens.saes.sae import SAE, TrainStepInput
 
 from sae_lens_gated import GatedTrainingSAEConfig
 
 GATED_PARAM_NAMES = ["W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"]
+
+# The devices the equivalence tests run on: the CPU always, CUDA where there is one (select
+# those with ``pytest -m cuda``).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
+]
+
+
+def float32_tolerance(device: str, cpu: float) -> float:
+    """A float32 tolerance checked as ``cpu`` on the CPU, 10x looser on CUDA: cuBLAS sums
+    in other orders than the CPU (float64 tolerances need no loosening)."""
+    return cpu if device == "cpu" else 10 * cpu
 
 
 def step_input(x: torch.Tensor, l1: float = 0.5) -> TrainStepInput:

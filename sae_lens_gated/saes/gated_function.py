@@ -12,18 +12,21 @@ For a centered input ``x = sae_in - b_dec`` (rows of the batch):
 
 Written with autograd's elementwise ops this takes about twenty passes over the
 ``(batch, d_sae)`` activations, a fresh tensor for most of them, and keeps half a dozen
-alive for the backward pass. Here the encoder matmul is done once, in row chunks on the CPU
-(:func:`~sae_lens_gated.saes.gated_sparse.row_chunks`) so that the elementwise work on each
-chunk runs right after the matmul wrote it; on other devices the whole batch is one chunk
-(the caching allocator makes fresh tensors cheap there). ``b_dec``'s gradient through the
-centering is a matrix-vector product of the batch-summed gradient, not a batch matmul.
+alive for the backward pass. Here the encoder matmul is done once, in row chunks
+(:func:`~sae_lens_gated.saes.gated_sparse.row_chunks`): cache-sized on the CPU, so that the
+elementwise work on each chunk runs right after the matmul wrote it; on other devices the
+whole batch is one chunk (the caching allocator makes fresh tensors cheap there) unless a
+chunk-sized scratch buffer would pass
+:data:`~sae_lens_gated.saes.gated_sparse.SCRATCH_BUDGET_BYTES` (1 GiB), which caps the
+chunks on every device. ``b_dec``'s gradient through the centering is a matrix-vector
+product of the batch-summed gradient, not a batch matmul.
 
 **Dense mode** (``sparse=False``, 16 MiB chunks on the CPU). The forward allocates only
 ``f``, ``g`` and ``pi_mag`` (the three outputs) at ``(batch, d_sae)`` and writes every other
 step in place or into them. The backward needs only those outputs (``r_mag``'s gradient uses
 ``(x @ W_enc) * exp(r_mag) = pi_mag - b_mag``) and two chunk-sized scratch buffers, and
-accumulates the parameter gradients with matmuls: on the CPU it allocates no
-``(batch, d_sae)`` tensor; on other devices its two scratch buffers are ``(batch, d_sae)``.
+accumulates the parameter gradients with matmuls; once a batch spans several chunks it
+allocates no ``(batch, d_sae)`` tensor.
 A training step does seven ``batch x d_in x d_sae`` matmuls (eight with a trainable
 auxiliary decoder).
 
@@ -46,8 +49,8 @@ it), so after the dense encoder matmul everything runs on ``S``:
 
 Beyond the encoder matmul, one comparison pass and one ``nonzero`` per chunk, a sparse step
 costs ``O(nnz * d_in)``. Its only allocations of ``batch x d_sae`` size are the forward's two
-scratch buffers (pre-activations and the boolean mask): chunk-sized on the CPU,
-``(batch, d_sae)`` on other devices, where the batch is one chunk. Nothing of that size is
+scratch buffers (pre-activations and the boolean mask), chunk-sized: at most the scratch
+budget, and ``(batch, d_sae)`` off the CPU when the batch fits in it. Nothing of that size is
 saved for or allocated by the backward; ``W_enc``'s gradient comes out as the transpose of
 a ``(d_sae, d_in)`` tensor, which autograd lays out like ``W_enc`` (one copy). The outputs are
 values on ``S`` in row-major order plus the ``(2, nnz)`` positions (see

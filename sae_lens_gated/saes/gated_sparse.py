@@ -42,6 +42,12 @@ CPU_CHUNK_BYTES = 16 * 2**20
 # sparse step when it was quiet, but with other jobs running 16 MiB chunks made it 1.5x
 # slower than 64 MiB ones (four times as many ops, each waiting for its threads).
 SPARSE_CPU_CHUNK_BYTES = 64 * 2**20
+# The most bytes one chunk-sized scratch buffer of the fused gated function may take, on
+# every device. Off the CPU a batch used to be one chunk, so the dense backward's two
+# buffers and the sparse forward's pre-activations were (batch, d_sae): 16 GiB each at
+# batch 4096 and d_sae 2**20 in fp32. 1 GiB chunks are still big enough (256 rows of 2**20
+# fp32 features) that a GPU stays busy on each chunk's matmul.
+SCRATCH_BUDGET_BYTES = 2**30
 
 
 def row_chunks(
@@ -49,13 +55,16 @@ def row_chunks(
 ) -> list[slice]:
     """Row slices of an ``(n_rows, n_cols)`` matrix of ``like``'s dtype and device.
 
-    On the CPU each slice covers about ``chunk_bytes`` (default :data:`CPU_CHUNK_BYTES`; at
-    least 64 rows); on other devices the whole batch is one slice.
+    On every device a slice covers at most :data:`SCRATCH_BUDGET_BYTES` (but at least one
+    row), so that a batch within the budget is one slice off the CPU. On the CPU each slice
+    also covers about ``chunk_bytes`` (default :data:`CPU_CHUNK_BYTES`; at least 64 rows
+    unless the budget allows fewer), to stay in cache.
     """
-    if like.device.type != "cpu":
-        return [slice(0, n_rows)]
-    budget = CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    rows = max(64, budget // max(1, n_cols * like.element_size()))
+    row_bytes = max(1, n_cols * like.element_size())
+    rows = max(1, SCRATCH_BUDGET_BYTES // row_bytes)
+    if like.device.type == "cpu":
+        cache = CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        rows = min(rows, max(64, cache // row_bytes))
     return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 

@@ -6,6 +6,7 @@ import torch
 import sae_lens_gated.saes.gated_encoder as gated_encoder
 from sae_lens_gated import GatedSAE, GatedSAEConfig, GatedTrainingSAE
 from tests.helpers import (
+    DEVICES,
     GATED_PARAM_NAMES,
     build_gated_training_cfg,
     randomize_gated_params,
@@ -13,10 +14,12 @@ from tests.helpers import (
 )
 
 
-def _sparse_features(n: int, d_sae: int, density: float, seed: int) -> torch.Tensor:
+def _sparse_features(
+    n: int, d_sae: int, density: float, seed: int, device: str = "cpu"
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     open_ = torch.rand(n, d_sae, generator=gen) < density
-    return open_ * torch.rand(n, d_sae, generator=gen)
+    return (open_ * torch.rand(n, d_sae, generator=gen)).to(device)
 
 
 @pytest.fixture
@@ -33,16 +36,22 @@ def sparse_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize_activations", ["none", "layer_norm"])
 def test_decode_on_the_support_equals_the_dense_product(
-    sparse_decodes: list[str], normalize_activations: str
+    sparse_decodes: list[str], normalize_activations: str, device: str
 ):
     sae = GatedSAE(
-        GatedSAEConfig(d_in=16, d_sae=200, normalize_activations=normalize_activations)  # type: ignore[arg-type]
+        GatedSAEConfig(
+            d_in=16,
+            d_sae=200,
+            normalize_activations=normalize_activations,  # type: ignore[arg-type]
+            device=device,
+        )
     )
     randomize_gated_params(sae, seed=1)
-    x = torch.randn(64, 16)
-    f = _sparse_features(64, 200, 0.02, seed=2)
+    x = torch.randn(64, 16).to(device)
+    f = _sparse_features(64, 200, 0.02, seed=2, device=device)
     sae.encode(x)  # sets the layer-norm statistics decode undoes
     expected = sae.run_time_activation_norm_fn_out(f @ sae.W_dec + sae.b_dec)
     with torch.no_grad():
@@ -91,10 +100,11 @@ def test_hooks_on_the_reconstruction_see_the_decoded_values():
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_features_only_inference_matches_the_full_path():
-    sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48, dtype="float64"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_features_only_inference_matches_the_full_path(device: str):
+    sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48, dtype="float64", device=device))
     randomize_gated_params(sae, seed=26)
-    x = torch.randn(200, 16, dtype=torch.float64)
+    x = torch.randn(200, 16, dtype=torch.float64).to(device)
     with_grad = sae.encode(x)
     assert with_grad.requires_grad  # the full path, ready for backward
     with torch.no_grad():

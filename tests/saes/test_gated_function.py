@@ -9,6 +9,7 @@ from sae_lens.saes.gated_sae import (
 )
 from torch.overrides import TorchFunctionMode
 
+import sae_lens_gated.saes.gated_function as gated_function
 import sae_lens_gated.saes.gated_sparse as gated_sparse
 from sae_lens_gated import GatedSAE, GatedSAEConfig, GatedTrainingSAE
 from sae_lens_gated.saes.gated_function import (
@@ -18,9 +19,11 @@ from sae_lens_gated.saes.gated_function import (
     gated_sae_function,
 )
 from tests.helpers import (
+    DEVICES,
     GATED_PARAM_NAMES,
     build_gated_training_cfg,
     copy_params,
+    float32_tolerance,
     randomize_gated_params,
     reference_paper_losses,
     step_input,
@@ -28,6 +31,7 @@ from tests.helpers import (
 
 
 @pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -37,17 +41,18 @@ from tests.helpers import (
         {"apply_b_dec_to_input": False, "freeze_decoder_in_aux": False},
     ],
 )
-def test_chunked_function_matches_the_plain_reference(kwargs: dict[str, Any]):
-    assert (
-        len(gated_sparse.row_chunks(200, 48, torch.empty(1, dtype=torch.float64))) == 4
-    )
-    cfg = build_gated_training_cfg(dtype="float64", **kwargs)
+def test_chunked_function_matches_the_plain_reference(
+    kwargs: dict[str, Any], device: str
+):
+    like = torch.empty(1, dtype=torch.float64, device=device)
+    assert len(gated_sparse.row_chunks(200, 48, like)) == 4
+    cfg = build_gated_training_cfg(dtype="float64", device=device, **kwargs)
     sae = GatedTrainingSAE(cfg)
     randomize_gated_params(sae, seed=21, unit_decoder=bool(cfg.unit_norm_decoder))
     if cfg.weight_tying == "none":
         with torch.no_grad():
             sae.r_mag.zero_()
-    x = torch.randn(200, 16, dtype=torch.float64)
+    x = torch.randn(200, 16, dtype=torch.float64).to(device)
     out = sae.training_forward_pass(step_input(x, l1=0.4))
     params = {name: getattr(sae, name) for name in GATED_PARAM_NAMES}
     expected = reference_paper_losses(
@@ -69,10 +74,11 @@ def test_chunked_function_matches_the_plain_reference(kwargs: dict[str, Any]):
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_input_gradient_matches_autograd():
-    sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48, dtype="float64"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_gradient_matches_autograd(device: str):
+    sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=48, dtype="float64", device=device))
     randomize_gated_params(sae, seed=22)
-    x = torch.randn(200, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(200, 16, dtype=torch.float64).to(device).requires_grad_(True)
     (grad,) = torch.autograd.grad(sae.encode(x).pow(2).sum(), x)
     x_ref = x.detach().clone().requires_grad_(True)
     centered = x_ref - sae.b_dec
@@ -83,13 +89,14 @@ def test_input_gradient_matches_autograd():
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_bf16_autocast_stays_close_to_float32():
-    sae = GatedTrainingSAE(build_gated_training_cfg())
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_stays_close_to_float32(device: str):
+    sae = GatedTrainingSAE(build_gated_training_cfg(device=device))
     randomize_gated_params(sae, seed=24, unit_decoder=True)
-    x = torch.randn(64, 16)
+    x = torch.randn(64, 16).to(device)
     exact = sae.training_forward_pass(step_input(x))
     exact_grads = torch.autograd.grad(exact.loss, list(sae.parameters()))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         mixed = sae.training_forward_pass(step_input(x))
     assert mixed.feature_acts.dtype == torch.bfloat16
     mixed_grads = torch.autograd.grad(mixed.loss, list(sae.parameters()))
@@ -146,19 +153,22 @@ def test_training_forward_traces_without_graph_breaks():
             assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse_step", ["never", "always"])
-def test_compiled_training_step_matches_eager(sparse_step: str):
-    eager = GatedTrainingSAE(build_gated_training_cfg(sparse_step=sparse_step))
+def test_compiled_training_step_matches_eager(sparse_step: str, device: str):
+    cfg = build_gated_training_cfg(sparse_step=sparse_step, device=device)
+    eager = GatedTrainingSAE(cfg)
     randomize_gated_params(eager, seed=25, unit_decoder=True)
-    compiled_sae = GatedTrainingSAE(build_gated_training_cfg(sparse_step=sparse_step))
+    compiled_sae = GatedTrainingSAE(cfg)
     copy_params(eager, compiled_sae)
-    x = torch.randn(32, 16)
+    x = torch.randn(32, 16).to(device)
     compiled = torch.compile(compiled_sae.training_forward_pass, backend="aot_eager")
     eager.training_forward_pass(step_input(x)).loss.backward()
     compiled(step_input(x)).loss.backward()
+    rtol, atol = float32_tolerance(device, 1e-5), float32_tolerance(device, 1e-6)
     for a, b in zip(eager.parameters(), compiled_sae.parameters()):
         assert a.grad is not None and b.grad is not None
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
 
 
 # ---- sparse mode: the same numbers as the dense mode, computed on the open gates ----
@@ -192,9 +202,14 @@ class _Params(NamedTuple):
 
 
 def _function_inputs(
-    seed: int, dtype: torch.dtype, density: float, r_mag: bool = True
+    seed: int,
+    dtype: torch.dtype,
+    density: float,
+    r_mag: bool = True,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, _Params]:
-    """A batch and parameters whose gate bias opens about ``density`` of the gates."""
+    """A batch and parameters whose gate bias opens about ``density`` of the gates, on
+    ``device`` (drawn on the CPU: the same numbers on every device)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float) -> torch.Tensor:
@@ -212,15 +227,17 @@ def _function_inputs(
         k = min(N_ROWS - 1, max(1, round((1 - density) * N_ROWS)))
         ordered = pre.sort(dim=0).values
         b_gate = -(ordered[k - 1] + ordered[k]) / 2
+    log_scale = randn(D_SAE, scale=0.3) if r_mag else None
+    b_mag = randn(D_SAE, scale=0.2)
     params = _Params(
-        W_enc=W_enc,
-        b_gate=b_gate,
-        r_mag=randn(D_SAE, scale=0.3) if r_mag else None,
-        b_mag=randn(D_SAE, scale=0.2),
-        W_dec=randn(D_SAE, D_IN, scale=0.3),
-        b_dec=b_dec,
+        W_enc=W_enc.to(device),
+        b_gate=b_gate.to(device),
+        r_mag=None if log_scale is None else log_scale.to(device),
+        b_mag=b_mag.to(device),
+        W_dec=randn(D_SAE, D_IN, scale=0.3).to(device),
+        b_dec=b_dec.to(device),
     )
-    return x, params
+    return x.to(device), params
 
 
 def _loss_and_grads(
@@ -278,16 +295,19 @@ RECIPES = {
 
 
 @pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 0.97])
 @pytest.mark.parametrize(
     ("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)]
 )
 def test_sparse_mode_matches_the_dense_mode(
-    recipe: str, density: float, dtype: torch.dtype, tol: float
+    recipe: str, density: float, dtype: torch.dtype, tol: float, device: str
 ):
+    if dtype == torch.float32:
+        tol = float32_tolerance(device, tol)
     kwargs, weighted, r_mag = RECIPES[recipe]
-    x, params = _function_inputs(31, dtype, density, r_mag=r_mag)
+    x, params = _function_inputs(31, dtype, density, r_mag=r_mag, device=device)
     dense_options = GatedFunctionOptions(decode=True, count_open=True, **kwargs)
     sparse_options = GatedFunctionOptions(decode=True, sparse=True, **kwargs)
     dense, dense_grads = _loss_and_grads(x, params, dense_options, weighted)
@@ -329,15 +349,17 @@ def test_sparse_mode_matches_the_dense_mode(
 
 
 @pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("sparse", [False, True])
 def test_parts_without_decode_bias_plus_b_dec_equal_the_whole(
-    recipe: str, sparse: bool
+    recipe: str, sparse: bool, device: str
 ):
     # decode_bias=False returns f @ W_dec and g @ W_dec, and b_dec's gradient without the
-    # decoder's part: adding b_dec outside gives back the ordinary outputs and gradients.
+    # decoder's part (a latent shard's share): adding b_dec outside gives back the
+    # ordinary outputs and gradients.
     kwargs, weighted, r_mag = RECIPES[recipe]
-    x, params = _function_inputs(5, torch.float64, 0.05, r_mag=r_mag)
+    x, params = _function_inputs(5, torch.float64, 0.05, r_mag=r_mag, device=device)
     whole_options = GatedFunctionOptions(decode=True, sparse=sparse, **kwargs)
     parts_options = dataclasses.replace(whole_options, decode_bias=False)
     whole, grads = _loss_and_grads(x, params, whole_options, weighted)
@@ -404,9 +426,10 @@ def _largest_tensor_made(run: Any) -> int:
 
 
 @pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse", [False, True])
-def test_sparse_mode_makes_no_batch_by_d_sae_tensor(sparse: bool):
-    x, params = _function_inputs(33, torch.float64, 0.05)
+def test_sparse_mode_makes_no_batch_by_d_sae_tensor(sparse: bool, device: str):
+    x, params = _function_inputs(33, torch.float64, 0.05, device=device)
     options = GatedFunctionOptions(
         center=True, decode=True, aux_decoder_trainable=True, sparse=sparse
     )
@@ -420,8 +443,9 @@ def test_sparse_mode_makes_no_batch_by_d_sae_tensor(sparse: bool):
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_dense_mode_counts_the_open_gates():
-    x, params = _function_inputs(34, torch.float64, 0.3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_mode_counts_the_open_gates(device: str):
+    x, params = _function_inputs(34, torch.float64, 0.3, device=device)
     plain = params.call(x, None, GatedFunctionOptions(center=True, decode=True))
     counted_options = GatedFunctionOptions(center=True, decode=True, count_open=True)
     counted = params.call(x, None, counted_options)
@@ -443,10 +467,11 @@ def test_incompatible_options_are_rejected():
         params.call(x, None, options)
 
 
-def test_compiled_sparse_step_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_sparse_step_matches_eager(device: str):
     import torch._dynamo
 
-    x, params = _function_inputs(35, torch.float32, 0.05)
+    x, params = _function_inputs(35, torch.float32, 0.05, device=device)
     leaves = params.leaves()
     params = params._replace(**leaves)
 
@@ -471,10 +496,12 @@ def test_compiled_sparse_step_matches_eager():
     eager = torch.autograd.grad(eager_loss, list(leaves.values()))
     compiled_loss = torch.compile(step, backend="aot_eager")(True)
     compiled = torch.autograd.grad(compiled_loss, list(leaves.values()))
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
+    loss_rtol = float32_tolerance(device, 1e-6)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=loss_rtol, atol=0)
+    rtol, atol = float32_tolerance(device, 1e-5), float32_tolerance(device, 1e-6)
     for got, want in zip(compiled, eager):
         assert want.abs().max() > 0
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -509,16 +536,84 @@ def _trainer_statistics(
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_sparse_mode_under_bf16_autocast_stays_close_to_float32():
-    x, params = _function_inputs(38, torch.float32, 0.1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_mode_under_bf16_autocast_stays_close_to_float32(device: str):
+    x, params = _function_inputs(38, torch.float32, 0.1, device=device)
     options = GatedFunctionOptions(
         center=True, decode=True, aux_decoder_trainable=True, sparse=True
     )
     _, exact_grads = _loss_and_grads(x, params, options, weighted=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         mixed, mixed_grads = _loss_and_grads(x, params, options, weighted=True)
     assert mixed.feature_acts.dtype == mixed.reconstruction.dtype == torch.bfloat16  # type: ignore[union-attr]
     for name, want in exact_grads.items():
         got = mixed_grads[name]
         assert got.dtype == torch.float32, name
         assert float((got - want).norm() / want.norm()) < 5e-2, name
+
+
+# ---- the scratch budget: a batch split into chunks gives the one-chunk numbers ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_batch_over_the_scratch_budget_gives_the_one_chunk_results(
+    monkeypatch: pytest.MonkeyPatch, sparse: bool, device: str
+):
+    chunk_counts: list[int] = []
+
+    def counting_row_chunks(*args: Any, **kwargs: Any) -> list[slice]:
+        chunks = gated_sparse.row_chunks(*args, **kwargs)
+        chunk_counts.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(gated_function, "row_chunks", counting_row_chunks)
+    # No cache-sized chunks on the CPU: only the budget splits the batch, as off the CPU.
+    monkeypatch.setattr(gated_sparse, "CPU_CHUNK_BYTES", 2**30)
+    monkeypatch.setattr(gated_function, "SPARSE_CPU_CHUNK_BYTES", 2**30)
+    x, params = _function_inputs(39, torch.float64, 0.3, device=device)
+    options = GatedFunctionOptions(
+        center=True,
+        decode=True,
+        aux_decoder_trainable=True,
+        sparse=sparse,
+        count_open=True,
+    )
+    features_only = GatedFunctionOptions(center=True, decode=False, features_only=True)
+
+    def run() -> tuple[GatedOutputs, dict[str, torch.Tensor], torch.Tensor]:
+        out, grads = _loss_and_grads(x, params, options, weighted=True)
+        with torch.no_grad():
+            features = GatedSAEFunction.apply(x, *params, None, features_only)
+        assert isinstance(features, torch.Tensor)
+        return out, grads, features
+
+    whole, whole_grads, whole_features = run()
+    # Forward (and dense backward), then the features-only forward: one chunk each.
+    assert chunk_counts == [1] * len(chunk_counts) and len(chunk_counts) == (
+        2 if sparse else 3
+    )
+    # 50 float64 rows of 48 features per scratch buffer: the 200 rows in 4 chunks.
+    monkeypatch.setattr(gated_sparse, "SCRATCH_BUDGET_BYTES", 50 * D_SAE * 8)
+    chunk_counts.clear()
+    split, split_grads, split_features = run()
+    assert chunk_counts == [4] * len(chunk_counts) and len(chunk_counts) == (
+        2 if sparse else 3
+    )
+
+    def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+        # Only the order of the per-chunk sums differs.
+        got, want = got.detach(), want.detach()
+        scale = float(want.abs().max().clamp_min(1))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale, msg=name)
+
+    assert int(whole.n_open) == int(split.n_open) > 0  # type: ignore[arg-type]
+    if sparse:
+        assert whole.support is not None and split.support is not None
+        assert torch.equal(split.support.indices, whole.support.indices)
+    for name in GatedOutputs._fields[:6]:
+        close(getattr(split, name), getattr(whole, name), name)
+    close(split_features, whole_features, "features_only")
+    for name, want in whole_grads.items():
+        assert want.abs().max() > 0, name
+        close(split_grads[name], want, name)

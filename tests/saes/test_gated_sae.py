@@ -25,11 +25,14 @@ from sae_lens_gated import (
     NonFiniteBatchError,
     to_jumprelu,
 )
+from sae_lens_gated.saes import gated_sparse
 from tests.helpers import (
+    DEVICES,
     GATED_PARAM_NAMES,
     SparseSyntheticData,
     build_gated_training_cfg,
     copy_params,
+    float32_tolerance,
     make_trainer,
     randomize_gated_params,
     reference_paper_losses,
@@ -83,6 +86,7 @@ def test_april_update_recipe_matches_builtin_losses_and_gradients():
         assert _rel_err(grads_plugin[name], grads_builtin[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
 @pytest.mark.parametrize(
     "recipe_kwargs",
@@ -94,14 +98,17 @@ def test_april_update_recipe_matches_builtin_losses_and_gradients():
     ],
 )
 def test_losses_and_gradients_match_plain_reference(
-    apply_b_dec_to_input: bool, recipe_kwargs: dict[str, Any]
+    apply_b_dec_to_input: bool, recipe_kwargs: dict[str, Any], device: str
 ):
     cfg = build_gated_training_cfg(
-        apply_b_dec_to_input=apply_b_dec_to_input, dtype="float64", **recipe_kwargs
+        apply_b_dec_to_input=apply_b_dec_to_input,
+        dtype="float64",
+        device=device,
+        **recipe_kwargs,
     )
     sae = GatedTrainingSAE(cfg)
     randomize_gated_params(sae, seed=2, unit_decoder=bool(cfg.unit_norm_decoder))
-    x = torch.randn(32, 16, dtype=torch.float64)
+    x = torch.randn(32, 16, dtype=torch.float64).to(device)
 
     out = sae.training_forward_pass(step_input(x, l1=0.3))
     params = {name: getattr(sae, name) for name in GATED_PARAM_NAMES}
@@ -664,6 +671,47 @@ def test_unit_norm_training_sae_loading_non_unit_weights_folds_norms(tmp_path: P
         torch.testing.assert_close(paper(x), april(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse_step", ["never", "always"])
+def test_a_training_step_over_the_scratch_budget_gives_the_one_chunk_step(
+    monkeypatch: pytest.MonkeyPatch, sparse_step: str, device: str
+):
+    # No cache-sized chunks on the CPU: only the budget splits the batch, as off the CPU.
+    monkeypatch.setattr(gated_sparse, "CPU_CHUNK_BYTES", 2**30)
+    monkeypatch.setattr(
+        "sae_lens_gated.saes.gated_function.SPARSE_CPU_CHUNK_BYTES", 2**30
+    )
+    cfg = build_gated_training_cfg(
+        dtype="float64", sparse_step=sparse_step, device=device
+    )
+    sae = GatedTrainingSAE(cfg)
+    randomize_gated_params(sae, seed=16, unit_decoder=True)
+    x = torch.randn(200, 16, dtype=torch.float64).to(device)
+    _open_a_fraction_of_gates(sae, x, 0.05)
+    like = torch.empty(0, dtype=torch.float64, device=device)
+
+    def step() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        out = sae.training_forward_pass(step_input(x, l1=0.4))
+        assert out.feature_acts.is_sparse == (sparse_step == "always")
+        return out.losses, _grads(sae, out.loss)
+
+    assert len(gated_sparse.row_chunks(200, 48, like)) == 1
+    losses, grads = step()
+    # 50 float64 rows of 48 features per scratch buffer: the 200 rows in 4 chunks.
+    monkeypatch.setattr(gated_sparse, "SCRATCH_BUDGET_BYTES", 50 * 48 * 8)
+    assert len(gated_sparse.row_chunks(200, 48, like)) == 4
+    split_losses, split_grads = step()
+    assert split_losses.keys() == losses.keys()
+    for name, value in losses.items():
+        assert value.item() > 0, name
+        torch.testing.assert_close(
+            split_losses[name], value, rtol=1e-10, atol=0, msg=name
+        )
+    for name in GATED_PARAM_NAMES:
+        assert grads[name].abs().max() > 0, name
+        assert _rel_err(split_grads[name], grads[name]) <= 1e-10, name
+
+
 def _open_a_fraction_of_gates(sae: Any, x: torch.Tensor, fraction: float) -> None:
     """Set ``b_gate`` so that about ``fraction`` of the gates are open on ``x``."""
     with torch.no_grad():
@@ -685,18 +733,25 @@ def _open_a_fraction_of_gates(sae: Any, x: torch.Tensor, fraction: float) -> Non
 @pytest.mark.parametrize(
     ("dtype", "tolerance"), [("float64", 1e-10), ("float32", 1e-5)]
 )
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_sparse_step_gives_the_dense_step_losses_and_gradients(
-    kwargs: dict[str, Any], dtype: str, tolerance: float
+    kwargs: dict[str, Any], dtype: str, tolerance: float, device: str
 ):
+    if dtype == "float32":
+        tolerance = float32_tolerance(device, tolerance)
     torch_dtype = getattr(torch, dtype)
     dense = GatedTrainingSAE(
-        build_gated_training_cfg(dtype=dtype, sparse_step="never", **kwargs)
+        build_gated_training_cfg(
+            dtype=dtype, sparse_step="never", device=device, **kwargs
+        )
     )
     randomize_gated_params(dense, seed=8, unit_decoder=True)
-    x = torch.randn(96, 16, dtype=torch_dtype)
+    x = torch.randn(96, 16, dtype=torch_dtype).to(device)
     _open_a_fraction_of_gates(dense, x, 0.05)
     sparse = GatedTrainingSAE(
-        build_gated_training_cfg(dtype=dtype, sparse_step="always", **kwargs)
+        build_gated_training_cfg(
+            dtype=dtype, sparse_step="always", device=device, **kwargs
+        )
     )
     copy_params(dense, sparse)
 

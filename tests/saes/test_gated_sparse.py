@@ -8,16 +8,19 @@ from sae_lens_gated.saes.gated_sparse import (
     row_chunks,
     sparse_decode,
 )
+from tests.helpers import DEVICES
 
 
-def _sparse_matrix(seed: int, n: int = 40, d_sae: int = 30) -> torch.Tensor:
+def _sparse_matrix(
+    seed: int, n: int = 40, d_sae: int = 30, device: str = "cpu"
+) -> torch.Tensor:
     """A float64 matrix with ~10% nonzero entries, an all-zero row and an all-zero column."""
     gen = torch.Generator().manual_seed(seed)
     values = torch.randn(n, d_sae, generator=gen, dtype=torch.float64)
     keep = torch.rand(n, d_sae, generator=gen) < 0.1
     keep[3] = False
     keep[:, 7] = False
-    return values * keep
+    return (values * keep).to(device)
 
 
 def _support_of(dense: torch.Tensor) -> Support:
@@ -39,10 +42,40 @@ def test_row_chunks_cover_the_batch(monkeypatch: pytest.MonkeyPatch):
     ]
 
 
+def test_row_chunks_off_the_cpu_split_a_batch_over_the_scratch_budget():
+    # "meta" stands for any device other than the CPU: no cache-sized chunks there.
+    float32 = torch.empty(0, device="meta")
+    bfloat16 = torch.empty(0, dtype=torch.bfloat16, device="meta")
+    assert gated_sparse.SCRATCH_BUDGET_BYTES == 2**30
+    # 4096 x 2**16 float32 is exactly 1 GiB: one chunk; one row more is two.
+    assert row_chunks(4096, 2**16, float32) == [slice(0, 4096)]
+    assert row_chunks(4097, 2**16, float32) == [slice(0, 4096), slice(4096, 4097)]
+    # 4096 x 2**20 float32 is 16 GiB: 2**30 / (4 * 2**20) = 256 rows per chunk.
+    chunks = row_chunks(4096, 2**20, float32)
+    assert chunks == [slice(start, start + 256) for start in range(0, 4096, 256)]
+    assert len(row_chunks(4096, 2**20, bfloat16)) == 8  # 512 rows of 2 bytes
+    # A row over the budget on its own is still one chunk.
+    assert row_chunks(3, 2**29, float32) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+
+
+def test_the_scratch_budget_caps_every_device(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(gated_sparse, "SCRATCH_BUDGET_BYTES", 50 * 10 * 4)
+    meta, cpu = torch.empty(0, device="meta"), torch.empty(0)
+    assert row_chunks(50, 10, meta) == [slice(0, 50)]
+    assert row_chunks(150, 10, meta) == [slice(0, 50), slice(50, 100), slice(100, 150)]
+    # On the CPU the budget wins over the cache-sized chunks, 64-row floor included.
+    assert row_chunks(150, 10, cpu) == row_chunks(150, 10, meta)
+    assert row_chunks(150, 10, cpu, chunk_bytes=2**30) == row_chunks(150, 10, meta)
+    assert row_chunks(150, 10, cpu, chunk_bytes=1) == row_chunks(150, 10, meta)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("above", [None, 0.5, "per_feature"])
-def test_builder_finds_the_support_chunk_by_chunk(above: float | str | None):
-    dense = _sparse_matrix(1)
-    threshold = torch.linspace(-0.5, 0.5, 30, dtype=torch.float64)
+def test_builder_finds_the_support_chunk_by_chunk(
+    above: float | str | None, device: str
+):
+    dense = _sparse_matrix(1, device=device)
+    threshold = torch.linspace(-0.5, 0.5, 30, dtype=torch.float64, device=device)
     limit = threshold if above == "per_feature" else above
     assert not isinstance(limit, str)
     builder = SupportBuilder(40, 30, chunk_rows=16, device=dense.device, above=limit)
@@ -56,7 +89,8 @@ def test_builder_finds_the_support_chunk_by_chunk(above: float | str | None):
     torch.testing.assert_close(support.indices, want, rtol=0, atol=0)
     torch.testing.assert_close(values, dense[keep], rtol=0, atol=0)
     torch.testing.assert_close(
-        support.row_ptr, torch.cat([torch.zeros(1), keep.sum(1).cumsum(0)]).long()
+        support.row_ptr,
+        torch.cat([torch.zeros(1, device=device), keep.sum(1).cumsum(0)]).long(),
     )
 
 
@@ -71,18 +105,20 @@ def test_builder_without_chunks_or_open_positions_gives_an_empty_support():
     assert support.nnz == 0 and values.shape == (0,)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [2, 3])
-def test_products_on_the_support_match_dense_products(seed: int):
-    dense = _sparse_matrix(seed)
+def test_products_on_the_support_match_dense_products(seed: int, device: str):
+    dense = _sparse_matrix(seed, device=device)
     support = _support_of(dense)
     values = dense[dense != 0]
     gen = torch.Generator().manual_seed(seed + 100)
-    W = torch.randn(30, 6, generator=gen, dtype=torch.float64)
-    A = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    W = torch.randn(30, 6, generator=gen, dtype=torch.float64).to(device)
+    A = torch.randn(40, 6, generator=gen, dtype=torch.float64).to(device)
+    features = torch.arange(30.0, dtype=torch.float64, device=device)
 
     torch.testing.assert_close(support.decode(values, W), dense @ W)  # row 3 is 0
     torch.testing.assert_close(
-        support.per_feature(torch.arange(30.0, dtype=torch.float64)),
+        support.per_feature(features),
         support.features.double(),
     )
     by_feature = support.by_feature()
@@ -109,7 +145,7 @@ def test_products_on_the_support_match_dense_products(seed: int):
         by_feature.feature_sum(feature_major, torch.float64), dense.sum(0)
     )
     torch.testing.assert_close(
-        by_feature.per_feature(torch.arange(30.0, dtype=torch.float64)),
+        by_feature.per_feature(features),
         by_feature.features.double(),
     )
     coo = support.to_sparse_coo(values)
@@ -136,21 +172,23 @@ def test_products_on_an_empty_support_are_zero():
     )
 
 
-def _decoder(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decoder(seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(30, 6, generator=gen, dtype=torch.float64)
     b_dec = torch.randn(6, generator=gen, dtype=torch.float64)
-    return W_dec, b_dec
+    return W_dec.to(device), b_dec.to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["coo", "uncoalesced_coo", "csr"])
-def test_sparse_decode_of_sparse_tensors_matches_dense(layout: str):
-    dense = _sparse_matrix(4)
-    W_dec, b_dec = _decoder(5)
+def test_sparse_decode_of_sparse_tensors_matches_dense(layout: str, device: str):
+    dense = _sparse_matrix(4, device=device)
+    W_dec, b_dec = _decoder(5, device)
     values = dense[dense != 0].clone().requires_grad_(True)
     indices = torch.nonzero(dense).T
     if layout == "csr":
-        row_ptr = torch.cat([torch.zeros(1), (dense != 0).sum(1).cumsum(0)]).long()
+        zero = torch.zeros(1, device=device)
+        row_ptr = torch.cat([zero, (dense != 0).sum(1).cumsum(0)]).long()
         features = torch.sparse_csr_tensor(
             row_ptr, indices[1], values, dense.shape, check_invariants=True
         )
@@ -176,7 +214,7 @@ def test_sparse_decode_of_sparse_tensors_matches_dense(layout: str):
     ref = dense_values @ W_ref + b_ref
     upstream = torch.randn(
         ref.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64
-    )
+    ).to(device)
     got = torch.autograd.grad(out, [values, W, b], upstream)
     want = torch.autograd.grad(ref, [dense_values, W_ref, b_ref], upstream)
     torch.testing.assert_close(got[0], want[0][dense != 0])  # the values' gradient
@@ -184,10 +222,11 @@ def test_sparse_decode_of_sparse_tensors_matches_dense(layout: str):
     torch.testing.assert_close(got[2], want[2])
 
 
-def test_sparse_decode_of_dense_features_matches_dense_autograd():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_decode_of_dense_features_matches_dense_autograd(device: str):
     gen = torch.Generator().manual_seed(7)
-    pre = torch.randn(3, 70, 30, generator=gen, dtype=torch.float64) - 1.2
-    W_dec, b_dec = _decoder(8)
+    pre = torch.randn(3, 70, 30, generator=gen, dtype=torch.float64).to(device) - 1.2
+    W_dec, b_dec = _decoder(8, device)
 
     def grads(decode: bool) -> tuple[torch.Tensor, ...]:
         leaves = [t.clone().requires_grad_(True) for t in (pre, W_dec, b_dec)]

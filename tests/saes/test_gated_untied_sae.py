@@ -15,6 +15,7 @@ from sae_lens_gated import (
 )
 from sae_lens_gated.conversion import GatedSAEExportError, to_jumprelu
 from tests.helpers import (
+    DEVICES,
     SparseSyntheticData,
     make_trainer,
     randomize_gated_params,
@@ -47,15 +48,16 @@ def test_untied_has_a_free_magnitude_encoder_and_no_r_mag():
     assert sae.cfg.architecture() == "gated_untied"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", ["paper", "april_update"])
 @pytest.mark.parametrize("sparse_step", ["never", "always"])
 def test_untied_losses_and_gradients_match_the_plain_reference(
-    recipe: str, sparse_step: str
+    recipe: str, sparse_step: str, device: str
 ):
-    cfg = _cfg(recipe=recipe, dtype="float64", sparse_step=sparse_step)
+    cfg = _cfg(recipe=recipe, dtype="float64", sparse_step=sparse_step, device=device)
     sae = GatedUntiedTrainingSAE(cfg)
     _randomize(sae, seed=31)
-    x = torch.randn(40, 16, dtype=torch.float64)
+    x = torch.randn(40, 16, dtype=torch.float64).to(device)
     out = sae.training_forward_pass(step_input(x, l1=0.6))
     params = {name: getattr(sae, name) for name in PARAMS}
     expected = reference_paper_losses(
@@ -76,7 +78,8 @@ def test_untied_losses_and_gradients_match_the_plain_reference(
     assert got[PARAMS.index("W_mag")].abs().max() > 0
 
 
-def test_untied_trains_with_unit_norm_decoder_and_resamples_both_encoders():
+@pytest.mark.parametrize("device", DEVICES)
+def test_untied_trains_with_unit_norm_decoder_and_resamples_both_encoders(device: str):
     sae = GatedUntiedTrainingSAE(
         _cfg(
             d_sae=128,
@@ -84,14 +87,17 @@ def test_untied_trains_with_unit_norm_decoder_and_resamples_both_encoders():
             resample_every=100,
             resample_window=50,
             resample_pool_size=1024,
+            device=device,
         )
     )
     make_trainer(
-        sae, SparseSyntheticData(d_in=16, n_features=4, p_fire=0.1), steps=100
+        sae,
+        SparseSyntheticData(d_in=16, n_features=4, p_fire=0.1),
+        steps=100,
+        device=device,
     ).fit()
-    torch.testing.assert_close(
-        sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5, rtol=0
-    )
+    ones = torch.ones(128, device=device)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), ones, atol=1e-5, rtol=0)
     assert (
         sae.conventions.resampler is not None
         and sae.conventions.resampler.last_event is not None
@@ -100,8 +106,8 @@ def test_untied_trains_with_unit_norm_decoder_and_resamples_both_encoders():
     assert idx.numel() > 0
     for encoder in (sae.W_enc, sae.W_mag):
         cos = torch.nn.functional.cosine_similarity(encoder[:, idx].T, sae.W_dec[idx])
-        torch.testing.assert_close(cos, torch.ones(idx.numel()), atol=1e-5, rtol=0)
-    assert torch.equal(sae.b_gate[idx], torch.zeros(idx.numel()))
+        torch.testing.assert_close(cos, ones[: idx.numel()], atol=1e-5, rtol=0)
+    assert torch.equal(sae.b_gate[idx], torch.zeros(idx.numel(), device=device))
 
 
 def test_untied_saves_and_loads_with_the_plugin(tmp_path: Path):

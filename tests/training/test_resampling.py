@@ -16,6 +16,7 @@ from sae_lens_gated.training.resampling import (
     reinitialize_features,
 )
 from tests.helpers import (
+    DEVICES,
     SparseSyntheticData,
     build_gated_training_cfg,
     make_trainer,
@@ -95,11 +96,16 @@ def test_dead_count_drops_after_events():
     assert dead_after < n_resampled
 
 
-def _controlled_event(seed: int = 0) -> dict[str, Any]:
+def _controlled_event(seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Drive one event by hand: features 2, 5 and 7 never fire; 3 marked pool inputs
-    carry all the reconstruction loss."""
+    carry all the reconstruction loss. Random inputs are drawn on the CPU and moved."""
     cfg = build_gated_training_cfg(
-        d_in=8, d_sae=10, resample_every=5, resample_window=5, resample_pool_size=20
+        d_in=8,
+        d_sae=10,
+        resample_every=5,
+        resample_window=5,
+        resample_pool_size=20,
+        device=device,
     )
     sae = GatedTrainingSAE(cfg)
     randomize_gated_params(sae, seed=seed, unit_decoder=True)
@@ -114,14 +120,14 @@ def _controlled_event(seed: int = 0) -> dict[str, Any]:
     # The hooks above ran; reset the resampler's step count for a clean schedule.
     resampler = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=10, seed=seed)
     sae.conventions.resampler = resampler
-    marked = torch.randn(3, 8) + 100.0
+    marked = (torch.randn(3, 8) + 100.0).to(device)
     sae.per_example_reconstruction_error = lambda x: (x[:, 0] > 50).double() * x[:, 0]  # type: ignore[method-assign]
-    dead = torch.tensor([2, 5, 7])
+    dead = torch.tensor([2, 5, 7], device=device)
     for step in range(5):
-        batch = torch.randn(4, 8)
+        batch = torch.randn(4, 8).to(device)
         if step == 2:
             batch[1:] = marked
-        acts = torch.rand(4, 10) + 0.1
+        acts = (torch.rand(4, 10) + 0.1).to(device)
         acts[:, dead] = 0
         resampler.observe(batch, acts)
         if step < 4:
@@ -145,38 +151,46 @@ def _controlled_event(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def test_resampled_rows_are_unit_directions_of_high_loss_centered_inputs():
-    run = _controlled_event()
+@pytest.mark.parametrize("device", DEVICES)
+def test_resampled_rows_are_unit_directions_of_high_loss_centered_inputs(device: str):
+    run = _controlled_event(device=device)
     sae, event, dead = run["sae"], run["event"], run["dead"]
     assert event is not None and torch.equal(event.resampled, dead)
     new_rows = sae.W_dec.detach()[dead]
-    torch.testing.assert_close(new_rows.norm(dim=1), torch.ones(3), atol=1e-6, rtol=0)
+    ones = torch.ones(3, device=device)
+    torch.testing.assert_close(new_rows.norm(dim=1), ones, atol=1e-6, rtol=0)
     centered = run["marked"] - run["params_before"]["b_dec"]
     expected = centered / centered.norm(dim=1, keepdim=True)
     cos = new_rows @ expected.T  # each new row is one of the three marked inputs
-    assert torch.equal(cos.argmax(dim=1).sort().values, torch.arange(3))
-    torch.testing.assert_close(cos.max(dim=1).values, torch.ones(3), atol=1e-5, rtol=0)
+    assert torch.equal(cos.argmax(dim=1).sort().values, torch.arange(3, device=device))
+    torch.testing.assert_close(cos.max(dim=1).values, ones, atol=1e-5, rtol=0)
 
 
-def test_resampled_encoder_columns_and_biases():
-    run = _controlled_event()
+@pytest.mark.parametrize("device", DEVICES)
+def test_resampled_encoder_columns_and_biases(device: str):
+    run = _controlled_event(device=device)
     sae, dead = run["sae"], run["dead"]
     W_enc = sae.W_enc.detach()
     torch.testing.assert_close(
-        W_enc[:, dead].norm(dim=0), torch.full((3,), 0.2 * float(run["alive_norm"]))
+        W_enc[:, dead].norm(dim=0),
+        torch.full((3,), 0.2 * float(run["alive_norm"]), device=device),
     )
     cos = torch.nn.functional.cosine_similarity(
         W_enc[:, dead].T, sae.W_dec.detach()[dead]
     )
-    torch.testing.assert_close(cos, torch.ones(3))
+    torch.testing.assert_close(cos, torch.ones(3, device=device))
     for name in ("b_gate", "b_mag", "r_mag"):
-        assert torch.equal(getattr(sae, name).detach()[dead], torch.zeros(3))
+        zeros = torch.zeros(3, device=device)
+        assert torch.equal(getattr(sae, name).detach()[dead], zeros)
 
 
-def test_untouched_weights_and_optimizer_state_are_bit_identical():
-    run = _controlled_event()
+@pytest.mark.parametrize("device", DEVICES)
+def test_untouched_weights_and_optimizer_state_are_bit_identical(device: str):
+    run = _controlled_event(device=device)
     sae, optimizer, dead = run["sae"], run["optimizer"], run["dead"]
-    alive = torch.tensor([i for i in range(10) if i not in dead.tolist()])
+    alive = torch.tensor(
+        [i for i in range(10) if i not in dead.tolist()], device=device
+    )
     slices = {
         "W_dec": lambda t, i: t[i],
         "W_enc": lambda t, i: t[:, i],
@@ -509,17 +523,19 @@ def test_each_process_rewrites_only_its_own_features_with_the_global_mean_norm()
     assert torch.equal(sae.W_enc.detach()[:, [0, 3]], before["W_enc"][:, [0, 3]])
 
 
-def test_fired_features_of_sparse_and_dense_batches_agree():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fired_features_of_sparse_and_dense_batches_agree(device: str):
     from sae_lens_gated.training.resampling import fired_features
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.rand(30, 12, generator=gen) * (torch.rand(30, 12, generator=gen) < 0.1)
     acts[:, 3] = 0
+    acts = acts.to(device)
     sparse = acts.to_sparse_coo()
     # An open gate whose feature is 0 is stored in a sparse step; it did not fire.
     with_zero = torch.sparse_coo_tensor(
-        torch.cat([sparse.indices(), torch.tensor([[0], [3]])], dim=1),
-        torch.cat([sparse.values(), torch.zeros(1)]),
+        torch.cat([sparse.indices(), torch.tensor([[0], [3]], device=device)], dim=1),
+        torch.cat([sparse.values(), torch.zeros(1, device=device)]),
         acts.shape,
     )
     expected = (acts > 0).any(dim=0)
