@@ -537,3 +537,10 @@ def test_convert_loading_errors_are_one_line_and_exit_code_1(
     assert line.startswith("sae-lens-gated convert: error: ")
     assert "is not a local folder" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_tests_run_in_an_empty_folder_outside_the_checkout():
+    # README's two commands run in one clone: the demo leaves ./gated-demo behind, which
+    # the CLI tests' default `--out` must not find.
+    assert list(Path.cwd().iterdir()) == []
+    assert not Path.cwd().resolve().is_relative_to(Path(__file__).resolve().parents[1])

@@ -26,7 +26,7 @@ from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
 from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
 )
-from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,6 +44,7 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
 )
+from sae_lens_gated.training.sparse_policy import PROBE_STEPS
 
 
 @dataclass
@@ -65,6 +66,15 @@ class BenchConfig:
         density_sweep: Run the benchmark at each of these gate densities and plot step
             time against density to ``plot`` (with the numbers in a JSON file beside it).
         plot: PNG file for ``density_sweep``'s plot.
+        auto_steps: Also train this many steps from one start under each of
+            ``sparse_step`` ``auto``, ``always`` and ``never`` (interleaved), and report
+            auto's choice, its step time after deciding over the faster forced mode's
+            (``auto_vs_best``) and the extra time its probe took (``probe_cost_steps``, in
+            steps of the faster mode). 0: not run; else at least 9 (a probe takes 7).
+        memory_only: Measure only the memory of one forward and backward pass of the plugin's
+            dense and sparse steps and of the built-in gated SAE, one SAE at a time
+            (``torch.cuda.max_memory_allocated`` on CUDA), for widths where six SAEs with
+            their optimizers do not fit on the device together (d_sae 1,048,576).
     """
 
     d_in: int = 512
@@ -77,6 +87,8 @@ class BenchConfig:
     gate_density: float | None = None
     density_sweep: tuple[float, ...] = ()
     plot: Path = Path("bench_density.png")
+    auto_steps: int = 0
+    memory_only: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -97,6 +109,15 @@ class BenchConfig:
             raise ValueError("Give gate_density or density_sweep, not both.")
         if self.density_sweep and self.plot.is_dir():
             raise ValueError(f"plot must be a PNG file, but {self.plot} is a folder.")
+        if self.memory_only and (self.density_sweep or self.auto_steps):
+            raise ValueError(
+                "memory_only measures no times: drop density_sweep/auto_steps."
+            )
+        if self.auto_steps != 0 and self.auto_steps < AUTO_MIN_STEPS:
+            raise ValueError(
+                f"auto_steps must be 0 or at least {AUTO_MIN_STEPS} (auto's first step "
+                f"is dense and a probe takes {PROBE_STEPS} steps), got {self.auto_steps}."
+            )
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -105,6 +126,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     With ``density_sweep``, the result holds one benchmark per density
     (``"density_sweep"``), their summaries as the summary, and the plot is written.
     """
+    if cfg.memory_only:
+        return _memory_benchmark(cfg, progress)
     if cfg.density_sweep:
         runs = [
             run_benchmark(
@@ -117,7 +140,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         ]
         from sae_lens_gated.repro.plots import plot_density_sweep
 
-        plot_density_sweep(runs, cfg.plot)
+        plot_density_sweep(runs, cfg.plot, DENSITY_SWEEP_LINES)
         # The numbers behind the plot, to re-plot or compare later.
         cfg.plot.with_suffix(".json").write_text(json.dumps(runs, indent=1))
         return {
@@ -135,6 +158,12 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         for trainer in trainers.values():
             _open_gates(trainer.sae, x, cfg.gate_density)
         measured_density = _open_fraction(trainers[PAPER].sae, x)
+        # Let "auto" decide before it is timed: the steps below are the ones it then takes.
+        for _ in tqdm(
+            range(1 + PROBE_STEPS), desc="auto decides", disable=not progress
+        ):
+            trainers[PAPER].step(x)
+    auto = _auto_run(cfg, x, progress) if cfg.auto_steps else {}
 
     n_rounds = cfg.repeats + 1
     step_times: dict[str, list[float]] = {name: [] for name in trainers}
@@ -187,8 +216,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     encode = {name: statistics.median(v) for name, v in encode_times.items()}
     peak = {name: statistics.median(v) for name, v in peaks.items()}
     gemm = statistics.median(gemm_times)
-    paper, builtin = PAPER, "SAELens built-in gated"
-    standard = "SAELens standard"
+    paper, builtin, standard = PAPER, BUILTIN, STANDARD
     achieved = matmuls[paper] * flops_per_matmul / step[paper]
     density: dict[str, Any] = {}
     if measured_density is not None:
@@ -222,7 +250,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if peak[builtin] > 0
             else None,
             "fraction_of_gemm_roofline": achieved / (flops_per_matmul / gemm),
+            "paper_auto_mode": _decided_mode(trainers[PAPER].sae),
             **density,
+            **auto,
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
             "batch": cfg.batch,
@@ -234,6 +264,19 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 def format_report(result: dict[str, Any]) -> str:
     """A readable table of :func:`run_benchmark`'s result, then its summary as one JSON line."""
+    if "memory_only" in result:
+        cfg = result["config"]
+        lines = [
+            f"Peak memory of one forward and backward pass, batch={cfg['batch']}, "
+            f"d_in={cfg['d_in']}, d_sae={cfg['d_sae']}, {cfg['device']}, {cfg['dtype']} "
+            f"({result['memory_measure']})",
+            *(
+                f"{name:<30}{peak / 2**20:>10.0f} MiB"
+                for name, peak in result["peak_memory_bytes"].items()
+            ),
+            json.dumps(result["summary"]),
+        ]
+        return "\n".join(lines)
     if "density_sweep" in result:
         reports = [
             format_report(run).rsplit("\n", 1)[0] for run in result["density_sweep"]
@@ -276,6 +319,16 @@ def format_report(result: dict[str, Any]) -> str:
             if "gate_density" in summary
             else []
         ),
+        *(
+            [
+                f"sparse_step=auto over {cfg['auto_steps']} steps: chose "
+                f"{summary['auto_choice']} steps, {summary['auto_vs_best']:.3f}x the faster "
+                f"forced mode after deciding; probing cost "
+                f"{summary['probe_cost_steps']:.2f} steps"
+            ]
+            if "auto_choice" in summary
+            else []
+        ),
         f"Peak memory: {result['memory_measure']}.",
         f"Machine: {json.dumps(result['machine'])}",
         json.dumps(summary),
@@ -286,6 +339,152 @@ def format_report(result: dict[str, Any]) -> str:
 PAPER = "plugin (paper)"
 PAPER_DENSE = "plugin (paper, dense steps)"
 PAPER_SPARSE = "plugin (paper, sparse steps)"
+STANDARD = "SAELens standard"
+BUILTIN = "SAELens built-in gated"
+# The density sweep's lines: variant and legend label.
+DENSITY_SWEEP_LINES = {
+    PAPER_DENSE: "plugin (paper), dense steps",
+    PAPER_SPARSE: "plugin (paper), sparse steps",
+    PAPER: "plugin (paper), sparse_step=auto (after deciding)",
+    STANDARD: "SAELens standard SAE",
+    BUILTIN: "SAELens built-in gated SAE",
+}
+AUTO_MIN_STEPS = PROBE_STEPS + 2
+# The auto run's learning rate: small enough that the gate density stays where it was set.
+AUTO_RUN_LR = 1e-6
+
+
+def _auto_run(cfg: BenchConfig, x: torch.Tensor, progress: bool) -> dict[str, Any]:
+    """Train ``cfg.auto_steps`` steps from one start under each ``sparse_step`` setting,
+    interleaved, and compare ``auto`` with the faster of the forced modes.
+
+    Every step gets a fresh batch (the same for the three runs), and the learning rate is
+    :data:`AUTO_RUN_LR`: at a realistic one the sparsity penalty closes gates within tens of
+    steps (10% open became 6.5% in 100 steps at 3e-4), and the comparison would leave the
+    density asked for. The gate density at the start and at the end is reported.
+    """
+    shape: dict[str, Any] = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "device": cfg.device}
+    saes = {
+        setting: GatedTrainingSAE(GatedTrainingSAEConfig(sparse_step=setting, **shape))
+        for setting in ("auto", "always", "never")
+    }
+    if cfg.gate_density is not None:
+        _open_gates(saes["auto"], x, cfg.gate_density)
+    start = {k: v.clone() for k, v in saes["auto"].state_dict().items()}
+    for sae in saes.values():
+        sae.load_state_dict(start)
+    trainers = {name: _trainer(cfg, sae, lr=AUTO_RUN_LR) for name, sae in saes.items()}
+    policy = saes["auto"].conventions.sparse_policy
+    device = torch.device(cfg.device)
+    generator = torch.Generator(device).manual_seed(cfg.seed + 1)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    probing: list[bool] = []
+    batch = x
+    densities = [_open_fraction(saes["auto"], batch)]
+    for _ in tqdm(range(cfg.auto_steps), desc="auto vs forced", disable=not progress):
+        batch = torch.randn(x.shape, generator=generator, device=device)
+        probing.append(policy.probe_position is not None)
+        # A rotating order, so that no run always follows the same other run.
+        order = list(trainers)
+        shift = (len(probing) - 1) % len(order)
+        for name in order[shift:] + order[:shift]:
+            gc.collect()
+            step = trainers[name].step
+            times[name].append(_measure(lambda s=step: s(batch), device)[0])
+    densities.append(_open_fraction(saes["auto"], batch))
+    decision = policy.decision
+    # Compare the steps after the decision (all of them when auto never probed).
+    first = 0 if decision is None else decision.step
+    after = {name: statistics.median(t[first:]) for name, t in times.items()}
+    best = min(after["always"], after["never"])
+    probe_extra = sum(t - best for t, p in zip(times["auto"], probing) if p)
+    return {
+        "auto_choice": "dense" if decision is None else decision.mode,
+        "auto_decided_at_step": None if decision is None else decision.step,
+        "auto_vs_best": after["auto"] / best,
+        "probe_cost_steps": probe_extra / best,
+        "auto_step_seconds": after,
+        "auto_run_gate_density": densities,
+    }
+
+
+def _memory_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    """Peak memory of one forward and backward pass of each variant, built one at a time.
+
+    What the variants share (weights, gradients, Adam state) is not what differs between
+    them, so no optimizer is built: the step's own activations and buffers are measured.
+    """
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    x = torch.randn(cfg.batch, cfg.d_in, device=device)
+    shape: dict[str, Any] = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "device": cfg.device}
+    makers: dict[str, Callable[[], TrainingSAE[Any]]] = {
+        PAPER_DENSE: lambda: GatedTrainingSAE(
+            GatedTrainingSAEConfig(sparse_step="never", **shape)
+        ),
+        PAPER_SPARSE: lambda: GatedTrainingSAE(
+            GatedTrainingSAEConfig(sparse_step="always", **shape)
+        ),
+        BUILTIN: lambda: BuiltinGatedTrainingSAE(
+            BuiltinGatedTrainingSAEConfig(**shape)
+        ),
+    }
+    peaks: dict[str, float] = {}
+    for name, make in tqdm(makers.items(), desc="memory", disable=not progress):
+        sae = make()
+        if cfg.gate_density is not None:
+            _open_gates(sae, x, cfg.gate_density)
+
+        def forward_backward(sae: TrainingSAE[Any] = sae) -> None:
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"
+            ):
+                out = sae.training_forward_pass(
+                    TrainStepInput(
+                        sae_in=x,
+                        coefficients={"l1": 1.0},
+                        dead_neuron_mask=None,
+                        n_training_steps=0,
+                        is_logging_step=False,
+                    )
+                )
+            out.loss.backward()
+
+        forward_backward()  # allocates the gradients, which all variants share
+        peaks[name] = _measure(forward_backward, device)[1]
+        del sae, forward_backward
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    builtin = peaks[BUILTIN]
+    return {
+        "memory_only": True,
+        "config": {**asdict(cfg), "plot": str(cfg.plot)},
+        "machine": _machine(device),
+        "peak_memory_bytes": peaks,
+        "memory_measure": _memory_measure_name(device),
+        "summary": {
+            "dense_peak_mem_ratio_vs_builtin": peaks[PAPER_DENSE] / builtin
+            if builtin > 0
+            else None,
+            "sparse_peak_mem_ratio_vs_builtin": peaks[PAPER_SPARSE] / builtin
+            if builtin > 0
+            else None,
+            "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae,
+            "batch": cfg.batch,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "gate_density": cfg.gate_density,
+        },
+    }
+
+
+def _decided_mode(sae: TrainingSAE[Any]) -> str | None:
+    """The mode ``sparse_step="auto"`` decided on (None if it has not probed)."""
+    assert isinstance(sae, GatedTrainingSAE)
+    decision = sae.conventions.sparse_policy.decision
+    return None if decision is None else decision.mode
 
 
 def _build_trainers(cfg: BenchConfig) -> dict[str, SAETrainer[Any, Any]]:
@@ -310,9 +509,15 @@ def _build_trainers(cfg: BenchConfig) -> dict[str, SAETrainer[Any, Any]]:
         ),
         "SAELens standard": StandardTrainingSAE(StandardTrainingSAEConfig(**shape)),
     }
+    return {name: _trainer(cfg, sae) for name, sae in saes.items()}
+
+
+def _trainer(
+    cfg: BenchConfig, sae: TrainingSAE[Any], lr: float = 3e-4
+) -> SAETrainer[Any, Any]:
     # A run too long to end, without warm-up, so every timed step is a full-rate step.
     settings = TrainingSettings(
-        steps=10**9, batch_size=cfg.batch, lr=3e-4, device=cfg.device
+        steps=10**9, batch_size=cfg.batch, lr=lr, device=cfg.device
     )
     trainer_cfg = trainer_config(
         settings,
@@ -321,10 +526,7 @@ def _build_trainers(cfg: BenchConfig) -> dict[str, SAETrainer[Any, Any]]:
         dead_feature_window=1000,
         feature_sampling_window=1000,
     )
-    return {
-        name: SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
-        for name, sae in saes.items()
-    }
+    return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
 
 
 def _build_encoders(cfg: BenchConfig) -> dict[str, Any]:
@@ -346,8 +548,10 @@ def _open_gates(sae: TrainingSAE[Any], x: torch.Tensor, fraction: float) -> None
     ``fraction`` of the rows of ``x`` where its pre-activation is largest."""
     pre = sae.process_sae_in(x) @ sae.W_enc
     n_rows = pre.shape[0]
-    # Open where pre > the k-th smallest value: n_rows - k rows per feature.
-    k = min(n_rows, max(1, round((1 - fraction) * n_rows)))
+    # Open where pre > the k-th smallest value: n_rows - k rows per feature, at most the
+    # fraction asked for (10% must not become 10.01%, above auto's sparse ceiling) but at
+    # least one row.
+    k = max(1, min(n_rows - 1, math.ceil((1 - fraction) * n_rows - 1e-9)))
     bias = sae.b_gate if isinstance(sae, BuiltinGatedTrainingSAE) else sae.b_enc
     assert isinstance(bias, torch.Tensor)
     bias.copy_(-pre.kthvalue(k, dim=0).values)

@@ -139,26 +139,32 @@ def plot_demo(runs: list[RunResult], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_density_sweep(runs: list[dict[str, Any]], path: Path) -> None:
+# Colours and markers of the density sweep's lines, in order.
+_LINE_STYLES = [
+    ("#1f77b4", "o"),
+    ("#2ca02c", "s"),
+    ("#ff7f0e", "*"),
+    ("#d62728", "P"),
+    ("#7f7f7f", "x"),
+    ("#9467bd", "v"),
+]
+
+
+def plot_density_sweep(
+    runs: list[dict[str, Any]], path: Path, lines: dict[str, str]
+) -> None:
     """Training-step time against the open-gate fraction, for the benchmark's variants.
 
     Args:
         runs: :func:`~sae_lens_gated.repro.bench.run_benchmark` results, one per density.
         path: The PNG file to write.
+        lines: The variants to draw (keys of each run's ``step_seconds``) and their labels.
     """
-    from sae_lens_gated.repro.bench import PAPER_DENSE, PAPER_SPARSE
-
-    lines = {
-        PAPER_DENSE: ("plugin (paper), dense steps", "#1f77b4", "o"),
-        PAPER_SPARSE: ("plugin (paper), sparse steps", "#2ca02c", "s"),
-        "SAELens standard": ("SAELens standard SAE", "#d62728", "P"),
-        "SAELens built-in gated": ("SAELens built-in gated SAE", "#7f7f7f", "x"),
-    }
     runs = sorted(runs, key=lambda run: run["summary"]["gate_density"])
     densities = [100 * run["summary"]["gate_density"] for run in runs]
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    for name, (label, color, marker) in lines.items():
+    for (name, label), (color, marker) in zip(lines.items(), _LINE_STYLES):
         seconds = [run["step_seconds"][name] for run in runs]
         ax.plot(densities, seconds, label=label, color=color, marker=marker)
     limits = [run["summary"]["limit_s"] for run in runs]

@@ -163,10 +163,11 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
         resample_lr_warmup_steps: After an event the learning rate restarts at 0.1x its
             scheduled value and returns to it on a cosine over this many steps (paper App.
             D.1: 1000; 0 turns the re-warm off).
-        sparse_step: ``"auto"`` computes a training step on the open gates only (everything
-            after the one dense encoder matmul) when the previous step opened at most a tenth
-            of the gates, else densely; ``"always"`` and ``"never"`` force one or the other.
-            Same losses and gradients either way.
+        sparse_step: ``"auto"`` chooses between a dense training step and one on the open
+            gates only (everything after the one dense encoder matmul) by timing both on
+            the device that trains, once a step opens at most a tenth of the gates (see
+            :mod:`~sae_lens_gated.training.sparse_policy`); ``"always"`` and ``"never"``
+            force one or the other. Same losses and gradients either way.
     """
 
     recipe: Recipe = "paper"

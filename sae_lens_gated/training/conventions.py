@@ -38,10 +38,10 @@ from torch.utils.hooks import RemovableHandle
 
 from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
 from sae_lens_gated.saes.gated_encoder import GatedEncoding
-from sae_lens_gated.saes.gated_function import SPARSE_STEP_MAX_DENSITY
 from sae_lens_gated.training.batch_guard import BatchGuard
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTarget
+from sae_lens_gated.training.sparse_policy import SparseStepPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class TrainingConventions:
             self.resampler = DeadFeatureResampler(
                 sae.cfg.resampling_schedule(), sae.cfg.d_sae, seed
             )
+        self.sparse_policy = SparseStepPolicy()
         self._reset_transient_state()
         self.attach()
 
@@ -121,7 +122,6 @@ class TrainingConventions:
         self._attached_to: tuple[weakref.ref[torch.nn.Parameter], ...] = ()
         self._logging_step: int | None = None
         self._open_gates: tuple[torch.Tensor, int] | None = None
-        self._sparse_next = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -181,6 +181,8 @@ class TrainingConventions:
             self.attach()
         self.batch_guard.check_batch(sae_in)
         self._logging_step = logging_step
+        if self._auto_sparse and self.sparse_policy.times_next_step:
+            self.sparse_policy.begin_step(sae_in.device)
 
     def end_forward(
         self,
@@ -215,24 +217,29 @@ class TrainingConventions:
                     sae_in, sae_out
                 ),
                 "gate_l0": gate_l0,
+                **(self.sparse_policy.metrics() if self._auto_sparse else {}),
             }
+
+    @property
+    def _auto_sparse(self) -> bool:
+        return self.sae.cfg.sparse_step == "auto"
 
     def sparse_step(self) -> bool:
         """Whether the coming training step runs on the open gates only.
 
-        With ``sparse_step="auto"``: when the previous step opened at most
-        :data:`~sae_lens_gated.saes.gated_function.SPARSE_STEP_MAX_DENSITY` of the gates
-        (the first step is dense).
+        With ``sparse_step="auto"``, :class:`~sae_lens_gated.training.sparse_policy.
+        SparseStepPolicy` decides from timed steps of both kinds (the first step is dense).
         """
-        setting = self.sae.cfg.sparse_step
-        if setting != "auto":
-            return setting == "always"
-        return self._sparse_next
+        if not self._auto_sparse:
+            return self.sae.cfg.sparse_step == "always"
+        return self.sparse_policy.next_sparse()
 
     # ---- around the optimizer step --------------------------------------------------------
 
     def before_step(self) -> None:
         """Refuse non-finite values, restore clipped gradients, project decoder gradients."""
+        if self._auto_sparse:
+            self.sparse_policy.stop_clock()  # the backward pass has just ended
         if self.parallel is not None:
             self.parallel.before_step()
         self.batch_guard.raise_if_bad()
@@ -241,9 +248,10 @@ class TrainingConventions:
         if self._open_gates is not None:
             # Read here, where the gradient check has already waited for the backward pass.
             count, n_rows = self._open_gates
-            capacity = n_rows * self.sae.cfg.d_sae
-            self._sparse_next = int(count) <= SPARSE_STEP_MAX_DENSITY * capacity
             self._open_gates = None
+            if self._auto_sparse:
+                density = int(count) / max(1, n_rows * self.sae.cfg.d_sae)
+                self.sparse_policy.end_step(density)
         if self.clip_undo is not None:
             self.clip_undo.restore([p for _, p in named])
         if self.sae.cfg.unit_norm_decoder:
@@ -260,7 +268,10 @@ class TrainingConventions:
         if self.sae.cfg.unit_norm_decoder:
             normalize_decoder_rows(self.sae.W_dec)
         if self.resampler is not None:
+            resampled = self.resampler.n_resampled
             self.resampler.step_completed(self.sae, optimizer)
+            if self.resampler.n_resampled != resampled:  # new features: new densities
+                self.sparse_policy.request_decision()
             self._log_resampling()
 
     def _log_resampling(self) -> None:
@@ -280,14 +291,18 @@ class TrainingConventions:
     # ---- checkpoints and histograms -------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
-        """Write the resampler's state next to a SAELens checkpoint."""
+        """Write the resampler's and the sparse-step policy's state next to a checkpoint."""
+        if self._auto_sparse:
+            self.sparse_policy.save(folder)
         if self.resampler is not None:
             save_file(
                 self.resampler.state_dict(), Path(folder) / RESAMPLER_STATE_FILENAME
             )
 
     def load(self, folder: str | Path) -> None:
-        """Restore the resampler's state from a SAELens checkpoint folder."""
+        """Restore the resampler's and the sparse-step policy's state from a checkpoint."""
+        if self._auto_sparse:
+            self.sparse_policy.load(folder)
         state_path = Path(folder) / RESAMPLER_STATE_FILENAME
         if self.resampler is None:
             return

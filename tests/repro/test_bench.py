@@ -1,12 +1,21 @@
 import json
 import math
+import statistics
 import time
 from typing import Any
 
 import pytest
 import torch
 
-from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
+from sae_lens_gated.repro import bench
+from sae_lens_gated.repro.bench import (
+    PAPER_DENSE,
+    PAPER_SPARSE,
+    BenchConfig,
+    format_report,
+    run_benchmark,
+)
+from sae_lens_gated.training.sparse_policy import PROBE_STEPS, SparseStepPolicy
 
 # (batch x d_in x d_sae) matmuls in one training step, counted by hand (docs/performance.md):
 # the plugin's single encoder matmul serves the gate, the magnitudes and the aux loss.
@@ -95,6 +104,10 @@ def test_bench_config_rejects_bad_gate_densities():
         BenchConfig(density_sweep=(0.01, 1.5))
     with pytest.raises(ValueError, match="not both"):
         BenchConfig(gate_density=0.01, density_sweep=(0.01,))
+    with pytest.raises(
+        ValueError, match=r"auto_steps must be 0 or at least 9 \(.*\), got 5\."
+    ):
+        BenchConfig(auto_steps=5)
 
 
 SMALL: dict[str, Any] = {"d_in": 32, "d_sae": 512, "batch": 512, "repeats": 2}
@@ -115,11 +128,13 @@ def test_bench_sets_the_gate_density_and_times_the_limit():
     )
     # The limit is one matmul and one pass: at least a matmul, well under a step.
     assert result["gemm_seconds"] / 3 < summary["limit_s"] < steps["SAELens standard"]
-    # After its warm-up step, "auto" takes sparse steps here: about one matmul's FLOPs.
+    # A sparse step costs about one matmul's FLOPs, a dense one 7. "auto" decided before
+    # it was timed (on this machine's clock) and then took the steps it chose.
     matmuls = result["matmuls_per_step"]
-    assert matmuls["plugin (paper)"] == pytest.approx(1.0, abs=0.01)
     assert matmuls["plugin (paper, sparse steps)"] == pytest.approx(1.0, abs=0.01)
     assert round(matmuls["plugin (paper, dense steps)"]) == 7
+    chosen = {"sparse": PAPER_SPARSE, "dense": PAPER_DENSE}[summary["paper_auto_mode"]]
+    assert matmuls["plugin (paper)"] == pytest.approx(matmuls[chosen], abs=0.01)
     report = format_report(result)
     assert json.loads(report.splitlines()[-1]) == summary
     assert "Gate density 1.95%" in report
@@ -136,3 +151,94 @@ def test_a_density_sweep_plots_step_time_against_density(tmp_path: Any):
     report = format_report(result)
     assert json.loads(report.splitlines()[-1]) == result["summary"]
     assert report.count("Gate density") == 2
+
+
+class _ScriptedClock:
+    """Each reading moves time on by the step's cost: sparse steps 1 s, dense 3 s."""
+
+    def __init__(self, policy: SparseStepPolicy) -> None:
+        self.policy, self.now, self.started = policy, 0.0, False
+
+    def __call__(self) -> float:
+        position = self.policy.probe_position
+        assert position is not None  # read on timed probe steps only
+        if self.started:  # the second reading of a step
+            self.now += 1.0 if self.policy.next_sparse() else 3.0
+        self.started = not self.started
+        return self.now
+
+
+def test_auto_steps_compare_auto_with_both_forced_modes(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # auto decides on a scripted clock (sparse 3x faster); the benchmark's own clock
+    # stays real, as do the step times it reports.
+    built: list[SparseStepPolicy] = []
+    real_init = SparseStepPolicy.__init__
+
+    def scripted_init(policy: SparseStepPolicy, *args: Any, **kwargs: Any) -> None:
+        real_init(policy, *args, **kwargs)
+        policy.clock = _ScriptedClock(policy)
+        built.append(policy)
+
+    monkeypatch.setattr(SparseStepPolicy, "__init__", scripted_init)
+    seconds: list[float] = []
+    real_measure = bench._measure
+
+    def measure(fn: Any, device: torch.device) -> tuple[float, float]:
+        result = real_measure(fn, device)
+        seconds.append(result[0])
+        return result
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    n = PROBE_STEPS + 6
+    cfg = BenchConfig(gate_density=0.02, auto_steps=n, **SMALL)
+    result = run_benchmark(cfg, progress=False)
+    summary = result["summary"]
+    assert summary["auto_choice"] == "sparse"
+    assert summary["auto_decided_at_step"] == 1 + PROBE_STEPS
+    # The auto run comes first: its step times are the first 3n measurements, interleaved
+    # in the order (auto, always, never) rotated by one at each step.
+    runs: dict[str, list[float]] = {"auto": [], "always": [], "never": []}
+    for t in range(n):
+        names = list(runs)[t % 3 :] + list(runs)[: t % 3]
+        for j, name in enumerate(names):
+            runs[name].append(seconds[3 * t + j])
+    auto_t, always_t, never_t = runs.values()
+    first = 1 + PROBE_STEPS
+    medians = [statistics.median(t[first:]) for t in (auto_t, always_t, never_t)]
+    assert summary["auto_step_seconds"] == {
+        "auto": medians[0],
+        "always": medians[1],
+        "never": medians[2],
+    }
+    best = min(medians[1:])
+    assert summary["auto_vs_best"] == pytest.approx(medians[0] / best)
+    probe_extra = sum(t - best for t in auto_t[1:first])
+    assert summary["probe_cost_steps"] == pytest.approx(probe_extra / best)
+    # The density stays where it was set: at the start, exactly the benchmark's (the same
+    # weights and batch), at the end on a fresh batch, close to it.
+    start, end = summary["auto_run_gate_density"]
+    assert start == summary["gate_density"]
+    assert end == pytest.approx(start, rel=0.2)
+    report = format_report(result)
+    assert f"sparse_step=auto over {n} steps: chose sparse steps" in report
+    assert json.loads(report.splitlines()[-1]) == summary
+
+
+def test_memory_only_measures_one_pass_of_each_variant_alone():
+    cfg = BenchConfig(memory_only=True, gate_density=0.01, **SMALL)
+    result = run_benchmark(cfg, progress=False)
+    peaks = result["peak_memory_bytes"]
+    assert set(peaks) == {PAPER_DENSE, PAPER_SPARSE, "SAELens built-in gated"}
+    summary = result["summary"]
+    builtin = peaks["SAELens built-in gated"]
+    for mode, name in (("dense", PAPER_DENSE), ("sparse", PAPER_SPARSE)):
+        # null where the CPU's resident-set measure saw the built-in's pass add nothing
+        expected = peaks[name] / builtin if builtin > 0 else None
+        assert summary[f"{mode}_peak_mem_ratio_vs_builtin"] == expected
+    report = format_report(result)
+    assert report.startswith("Peak memory of one forward and backward pass, batch=512")
+    assert json.loads(report.splitlines()[-1]) == summary
+    with pytest.raises(ValueError, match="memory_only measures no times"):
+        BenchConfig(memory_only=True, auto_steps=20)

@@ -779,7 +779,7 @@ def test_a_sparse_step_gives_the_dense_step_losses_and_gradients(
         assert _rel_err(grads_sparse[name], grads_dense[name]) <= tolerance, name
 
 
-def test_auto_switches_to_sparse_steps_once_few_gates_open_and_trains_alike():
+def test_auto_tries_sparse_steps_once_few_gates_open_and_trains_alike():
     modes: list[bool] = []
     runs: dict[str, GatedTrainingSAE] = {}
     for setting in ("auto", "never"):
@@ -806,10 +806,11 @@ def test_auto_switches_to_sparse_steps_once_few_gates_open_and_trains_alike():
         data = SparseSyntheticData(d_in=16, seed=4)
         make_trainer(sae, (b.double() for b in data), steps=80).fit()
         runs[setting] = sae
-    # Dense while many gates are open (the first step always), sparse afterwards.
-    assert modes[0] is False and any(modes) and not all(modes)
-    first_sparse = modes.index(True)
-    assert all(modes[first_sparse:])
+    # Dense while many gates are open (the first step always); once few are, the policy
+    # times sparse steps against dense ones (on this machine's clock), and may keep either.
+    assert modes[0] is False and any(modes)
+    first = modes.index(True)  # a probe: sparse warm-up, then timed steps alternating
+    assert modes[first : first + 7] == [True, False, True, False, True, False, True]
     resampler = runs["auto"].conventions.resampler
     assert resampler is not None and resampler.n_events == 3
     for name, value in runs["never"].state_dict().items():

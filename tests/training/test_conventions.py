@@ -262,13 +262,13 @@ def test_a_parallel_plan_hooks_gradients_first_and_runs_first_around_each_step()
 @pytest.mark.parametrize(
     ("setting", "open_fraction", "expected"),
     [
-        ("auto", 0.05, True),  # few gates open: the next step is sparse
+        ("auto", 0.05, True),  # few gates open: a probe starts, warming sparse steps up
         ("auto", 0.5, False),
         ("always", 0.5, True),
         ("never", 0.05, False),
     ],
 )
-def test_the_next_step_is_sparse_when_the_last_one_opened_few_gates(
+def test_the_next_step_follows_the_setting_and_auto_probes_once_few_gates_open(
     setting: str, open_fraction: float, expected: bool
 ):
     sae = GatedTrainingSAE(build_gated_training_cfg(sparse_step=setting))
@@ -282,3 +282,9 @@ def test_the_next_step_is_sparse_when_the_last_one_opened_few_gates(
     sae.training_forward_pass(step_input(x)).loss.backward()
     optimizer.step()  # the measured density is read before the step
     assert sae.conventions.sparse_step() is expected
+    policy = sae.conventions.sparse_policy  # consulted under "auto" only
+    if setting == "auto":
+        assert policy.density == pytest.approx(open_fraction, rel=0.02)
+    else:
+        assert policy.density is None
+    assert (policy.probe_position == 0) is (setting == "auto" and open_fraction < 0.1)
