@@ -1,0 +1,263 @@
+"""The GPU check behind ``scripts/gpu_check.sh``: every step, one JSON summary, one plot.
+
+Steps, each a subprocess with its own time limit, so that one failure or hang leaves the
+others' results (each step records ``ok``, its seconds, and its result or error):
+
+- ``cuda_tier``: ``pytest -m cuda`` on the equivalence tests (counts from a JUnit report);
+- ``bench_fresh``, ``bench_0.003``, ``bench_0.01``: ``sae-lens-gated bench`` at the fresh
+  SAEs' density and at 0.3% and 1% open gates, each with ``--auto-steps``;
+- ``density_sweep``: step time against gate density, the PNG written into OUT_DIR;
+- ``memory_1m``: ``bench --memory-only`` at d_sae 1,048,576;
+- ``nccl``: ``examples/train_distributed.py`` under torchrun, one process (NCCL on a GPU).
+
+Then ``targets`` checks issue 21's numbers against the results. ``--dry-run`` runs the same
+steps on the CPU at small shapes, with the same JSON keys.
+
+usage: python scripts/gpu_check.py [--dry-run] OUT_DIR
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_NAME = "gpu_check.json"
+PLOT_NAME = "step_vs_gate_density.png"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The settings of every step: the GPU check's, or the dry run's."""
+
+    device: str
+    dtype: str
+    d_in: int
+    d_sae: int
+    batch: int
+    auto_steps: int
+    repeats: int
+    sweep: tuple[str, ...]
+    memory_d_sae: int
+    memory_batch: int
+    nccl_steps: int
+    # Seconds each step may take (the benches each): within 8 minutes together.
+    limits: dict[str, float] = field(default_factory=dict[str, float])
+
+
+GPU = Shape(
+    device="cuda",
+    dtype="bfloat16",
+    d_in=2304,
+    d_sae=65536,
+    batch=4096,
+    auto_steps=60,
+    repeats=5,
+    sweep=("0.001", "0.003", "0.01", "0.03", "0.1"),
+    memory_d_sae=1_048_576,
+    memory_batch=1024,
+    nccl_steps=300,
+    limits={"cuda_tier": 150, "bench": 50, "sweep": 80, "memory": 50, "nccl": 40},
+)
+DRY_RUN = Shape(
+    device="cpu",
+    dtype="float32",
+    d_in=32,
+    d_sae=512,
+    batch=256,
+    auto_steps=12,
+    repeats=2,
+    sweep=("0.01", "0.1"),
+    memory_d_sae=1024,
+    memory_batch=256,
+    nccl_steps=20,
+    limits={"cuda_tier": 120, "bench": 120, "sweep": 120, "memory": 60, "nccl": 120},
+)
+
+
+def _run(command: list[str], limit_s: float, cwd: Path = ROOT) -> tuple[bool, str]:
+    """Run ``command``; True and its standard output if it exits 0 within ``limit_s``,
+    else False and the end of everything it wrote."""
+    try:
+        done = subprocess.run(
+            command,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=limit_s,
+            check=False,
+            env={**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"},
+        )
+    except subprocess.TimeoutExpired as error:
+        out = error.stdout.decode() if isinstance(error.stdout, bytes) else error.stdout
+        return False, f"timed out after {limit_s} s\n{(out or '')[-2000:]}"
+    if done.returncode == 0:
+        return True, done.stdout
+    return False, (done.stdout + done.stderr)[-3000:]
+
+
+def _step(name: str, summary: dict[str, Any], work: Any) -> None:
+    start = time.perf_counter()
+    try:
+        ok, result = work()
+    except Exception as error:  # a broken step must not lose the others' results
+        ok, result = False, f"{type(error).__name__}: {error}"
+    record: dict[str, Any] = {
+        "ok": ok,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    record["result" if ok else "error"] = result
+    summary["steps"][name] = record
+    sys.stdout.write(
+        f"[gpu_check] {name}: {'ok' if ok else 'FAILED'} in {record['seconds']} s\n"
+    )
+    sys.stdout.flush()
+
+
+def _bench(args: list[str], limit_s: float) -> tuple[bool, Any]:
+    ok, output = _run([sys.executable, "-m", "sae_lens_gated", "bench", *args], limit_s)
+    if not ok:
+        return False, output
+    return True, json.loads(output.strip().splitlines()[-1])
+
+
+def _cuda_tier(shape: Shape) -> tuple[bool, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "junit.xml"
+        command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs"]
+        command += ["-p", "no:cacheprovider", f"--junitxml={report}"]
+        command += ["tests/saes", "tests/training"]
+        ok, output = _run(command, shape.limits["cuda_tier"])
+        if not report.exists():
+            return False, output
+        suite = ElementTree.parse(report).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        counts = {
+            k: int(suite.get(k, "0"))
+            for k in ("tests", "failures", "errors", "skipped")
+        }
+        counts["passed"] = (
+            counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+        )
+        return ok and counts["tests"] > 0, counts if ok else {**counts, "log": output}
+
+
+def _nccl(shape: Shape) -> tuple[bool, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc-per-node", "1", "examples/train_distributed.py"]
+        command += ["--mode", "data", "--steps", str(shape.nccl_steps)]
+        command += ["--out", str(Path(folder) / "sae")]
+        ok, output = _run(command, shape.limits["nccl"])
+        if not ok:
+            return False, output
+        lines = [line for line in output.splitlines() if line.startswith("{")]
+        return True, json.loads(lines[-1])
+
+
+def _targets(steps: dict[str, Any]) -> dict[str, Any]:
+    """Issue 21's targets, each with the measured value and whether it was met."""
+
+    def summary(name: str) -> dict[str, Any] | None:
+        step = steps.get(name, {})
+        return step.get("result") if step.get("ok") else None
+
+    def check(value: float | None, bound: float, below: bool = True) -> dict[str, Any]:
+        met = None if value is None else (value <= bound if below else value >= bound)
+        return {"value": value, "bound": bound, "met": met}
+
+    one = summary("bench_0.01") or {}
+    fresh = summary("bench_fresh") or {}
+    memory = summary("memory_1m") or {}
+    autos = [
+        (summary(name) or {}).get("auto_vs_best")
+        for name in ("bench_fresh", "bench_0.003", "bench_0.01")
+    ]
+    known = [a for a in autos if a is not None]
+    return {
+        "step_vs_standard_at_1pct": check(one.get("step_ratio_vs_standard"), 0.5),
+        "speedup_vs_builtin_at_1pct": check(one.get("speedup_vs_builtin"), 4.0, False),
+        "step_vs_standard_fresh": check(fresh.get("step_ratio_vs_standard"), 1.2),
+        "auto_vs_best_worst": check(max(known) if known else None, 1.05),
+        "peak_mem_vs_builtin_at_1pct": check(one.get("peak_mem_ratio_vs_builtin"), 1.0),
+        "memory_1m_dense_vs_builtin": check(
+            memory.get("dense_peak_mem_ratio_vs_builtin"), 1.0
+        ),
+        "memory_1m_sparse_vs_builtin": check(
+            memory.get("sparse_peak_mem_ratio_vs_builtin"), 1.0
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="The CPU at small shapes."
+    )
+    args = parser.parse_args(argv)
+    out: Path = args.out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shape = DRY_RUN if args.dry_run else GPU
+    import torch
+
+    summary: dict[str, Any] = {
+        "dry_run": args.dry_run,
+        "device": shape.device,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "shape": {k: v for k, v in asdict(shape).items() if k != "limits"},
+        "steps": {},
+    }
+    common = ["--device", shape.device, "--dtype", shape.dtype]
+    common += ["--d-in", str(shape.d_in), "--batch", str(shape.batch)]
+    timed = [
+        *common,
+        "--d-sae",
+        str(shape.d_sae),
+        "--repeats",
+        str(shape.repeats),
+    ]
+    auto = ["--auto-steps", str(shape.auto_steps)]
+    bench_s = shape.limits["bench"]
+
+    _step("cuda_tier", summary, lambda: _cuda_tier(shape))
+    _step("bench_fresh", summary, lambda: _bench([*timed, *auto], bench_s))
+    for density in ("0.003", "0.01"):
+        _step(
+            f"bench_{density}",
+            summary,
+            lambda d=density: _bench([*timed, *auto, "--gate-density", d], bench_s),
+        )
+    sweep = ["--density-sweep", *shape.sweep, "--plot", str(out / PLOT_NAME)]
+    _step(
+        "density_sweep",
+        summary,
+        lambda: _bench([*timed, *sweep], shape.limits["sweep"]),
+    )
+    memory = [*common[:4], "--d-in", str(shape.d_in), "--memory-only"]
+    memory += [
+        "--d-sae",
+        str(shape.memory_d_sae),
+        "--batch",
+        str(shape.memory_batch),
+    ]
+    memory += ["--gate-density", "0.01"]
+    _step("memory_1m", summary, lambda: _bench(memory, shape.limits["memory"]))
+    _step("nccl", summary, lambda: _nccl(shape))
+    summary["targets"] = _targets(summary["steps"])
+    summary["all_steps_ok"] = all(step["ok"] for step in summary["steps"].values())
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+    sys.stdout.write(json.dumps(summary["targets"]) + "\n")
+    return 0 if summary["all_steps_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

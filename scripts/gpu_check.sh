@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 21): at most 8 minutes on one H100.
+#
+#   scripts/gpu_check.sh OUT_DIR            on the GPU machine (device tool: carry .whl)
+#   scripts/gpu_check.sh --dry-run OUT_DIR  the same steps on the CPU at small shapes
+#
+# On the GPU machine (Python 3.12, PyTorch 2.11, no network) it first installs what that
+# machine lacks from the wheels in .whl/ (git-ignored; scripts/gpu_wheels.txt lists them,
+# scripts/gpu_wheels.sh downloads them), then runs scripts/gpu_check.py, which writes
+# OUT_DIR/gpu_check.json and OUT_DIR/step_vs_gate_density.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dry_run=()
+if [[ "${1:-}" == "--dry-run" ]]; then
+    dry_run=(--dry-run)
+    shift
+fi
+if [[ $# -ne 1 ]]; then
+    echo "usage: scripts/gpu_check.sh [--dry-run] OUT_DIR" >&2
+    exit 2
+fi
+
+python="${PYTHON:-python3}"
+wheels="${GPU_CHECK_WHEELS:-.whl}"
+if [[ ${#dry_run[@]} -eq 0 ]]; then
+    if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
+        echo "gpu_check: no wheels in $wheels: run scripts/gpu_wheels.sh first" >&2
+        exit 2
+    fi
+    site=/tmp/gpu-check-site
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$site" "$wheels"/*.whl
+    export PYTHONPATH="$site:$PWD"
+fi
+exec "$python" scripts/gpu_check.py "${dry_run[@]}" "$1"
