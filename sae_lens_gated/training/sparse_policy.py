@@ -95,8 +95,10 @@ def synchronize_device(device: torch.device) -> None:
     """Wait until ``device`` has run all the work queued on it (nothing to do on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elif device.type != "cpu" and device.type != "meta":
-        torch.accelerator.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type not in ("cpu", "meta") and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)  # PyTorch 2.6+: XPU and other backends
 
 
 class SparseStepPolicy:
