@@ -44,7 +44,7 @@ from sae_lens_gated.saes.gated_sae import (
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
 )
-from sae_lens_gated.training.sparse_policy import PROBE_STEPS
+from sae_lens_gated.training.sparse_policy import PROBE_STEPS, synchronize_device
 
 
 @dataclass
@@ -589,21 +589,16 @@ def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]
     collecting = gc.isenabled()
     gc.disable()
     try:
-        _synchronize(device)
+        synchronize_device(device)
         base = _reset_peak_memory(device)
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        synchronize_device(device)
         seconds = time.perf_counter() - start
     finally:
         if collecting:
             gc.enable()
     return seconds, max(0.0, _peak_memory(device) - base)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _memory_measure_name(device: torch.device) -> str:

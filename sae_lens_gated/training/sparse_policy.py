@@ -19,8 +19,8 @@ the device and the SAE it trains, with the real training steps:
 - The mode with the lower median time wins; within :data:`TIE_MARGIN` dense wins, as it
   needs less memory and no host synchronisation.
 - It probes again when the density (smoothed over about ten steps) has moved by
-  :data:`REDECIDE_DENSITY_FACTOR` since the decision, or after a resampling event, but no sooner than :data:`REDECIDE_MIN_STEPS`
-  steps after the previous probe started.
+  :data:`REDECIDE_DENSITY_FACTOR` since the decision, or after a resampling event, but no
+  sooner than :data:`REDECIDE_MIN_STEPS` steps after the previous probe started.
 
 The clock and the device synchronisation are attributes, so tests can inject a clock.
 """
@@ -167,8 +167,7 @@ class SparseStepPolicy:
         self._next_timed = position is not None and position >= 1
 
     def _probe_mode(self, position: int) -> bool:
-        # The warm-up step (position 0) and every other step run the probe's first mode.
-        return self._probe_first_sparse is (position % 2 == 0)
+        return probe_modes(previous_sparse=not self._probe_first_sparse)[position]
 
     def begin_step(self, device: torch.device) -> None:
         """Start the clock if the coming step is a timed probe step (before its forward).

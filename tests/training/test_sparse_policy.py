@@ -22,6 +22,7 @@ from tests.helpers import (
     SparseSyntheticData,
     build_gated_training_cfg,
     make_trainer,
+    step_input,
 )
 
 CPU = torch.device("cpu")
@@ -408,17 +409,9 @@ def test_logging_steps_report_the_decision_beside_the_gated_metrics():
     sae = _clocked_sae(clock, {True: 0.004, False: 0.010}, steps)
     trainer = make_trainer(sae, _data(), steps=20)
     trainer.fit()
-    from sae_lens.saes.sae import TrainStepInput
-
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=next(_data()),
-            coefficients={"l1": 3.0},
-            dead_neuron_mask=None,
-            n_training_steps=20,
-            is_logging_step=True,
-        )
-    )
+    logging_step = step_input(next(_data()), l1=3.0)
+    logging_step.is_logging_step = True
+    out = sae.training_forward_pass(logging_step)
     assert out.metrics["sparse_step_sparse"] == 1.0
     assert out.metrics["sparse_step_dense_ms"] == pytest.approx(10.0)
     assert out.metrics["sparse_step_sparse_ms"] == pytest.approx(4.0)
