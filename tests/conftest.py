@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import huggingface_hub  # noqa: E402
 import pytest  # noqa: E402
@@ -34,3 +35,34 @@ def empty_working_directory(
     cwd = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(cwd)
     return cwd
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B in offline mode writing under tmp_path (its settings are re-read per test)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()
+    return tmp_path
+
+
+@pytest.fixture
+def wandb_log_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every ``wandb.log`` payload, in order, as it is handed to W&B (which still gets it).
+
+    ``wandb.init`` rebinds the module-level ``wandb.log`` to the new run's ``log``, so the
+    run class's method is wrapped.
+    """
+    from wandb.sdk.wandb_run import Run
+
+    calls: list[dict[str, Any]] = []
+    real_log = Run.log
+
+    def log(run: Run, data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        calls.append({**data, "_step": kwargs.get("step")})
+        real_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", log)
+    return calls

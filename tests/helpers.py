@@ -33,6 +33,20 @@ def float32_tolerance(device: str, cpu: float) -> float:
     return cpu if device == "cpu" else 10 * cpu
 
 
+def max_norm_error(W_dec: torch.Tensor) -> float:
+    """The largest distance of a decoder row's norm from 1."""
+    return float((W_dec.detach().norm(dim=1) - 1).abs().max())
+
+
+def history_of(calls: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Every logged value of each W&B key, in order (``calls``: the wandb_log_calls fixture)."""
+    history: dict[str, list[Any]] = {}
+    for call in calls:
+        for key, value in call.items():
+            history.setdefault(key, []).append(value)
+    return history
+
+
 def step_input(x: torch.Tensor, l1: float = 0.5) -> TrainStepInput:
     """A training-step input with L1 coefficient ``l1`` at a non-logging step 0."""
     return TrainStepInput(

@@ -14,10 +14,11 @@ from sae_lens import (
     LanguageModelSAETrainingRunner,
 )
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
-from wandb.sdk.wandb_run import Run
 
 from sae_lens_gated import GatedSAE, GatedTrainingSAE
 from tests.helpers import (
+    history_of,
+    max_norm_error,
     tiny_model,
     tiny_runner_dict,
     tiny_token_dataset,
@@ -30,19 +31,6 @@ def _run(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
     )
     assert type(runner.sae) is GatedTrainingSAE
     return runner.run()
-
-
-@pytest.fixture
-def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """W&B in offline mode writing under tmp_path (its settings are re-read per test)."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    wandb.teardown()
-    return tmp_path
-
-
-def _max_norm_error(W_dec: torch.Tensor) -> float:
-    return float((W_dec.detach().norm(dim=1) - 1).abs().max())
 
 
 @pytest.mark.usefixtures("offline_wandb")
@@ -59,14 +47,14 @@ def test_runner_trains_the_plugin_from_a_dict_config_with_offline_wandb(tmp_path
         )
     )
     sae = _run(cfg)
-    assert _max_norm_error(sae.W_dec) <= 1e-5
+    assert max_norm_error(sae.W_dec) <= 1e-5
     output = Path(cfg.output_path or "")
     saved = json.loads((output / "cfg.json").read_text())
     assert saved["architecture"] == "gated"
     assert saved["metadata"]["training_architecture_details"]["recipe"] == "paper"
     loaded = SAE.load_from_disk(output)
     assert type(loaded) is GatedSAE
-    assert _max_norm_error(loaded.W_dec) <= 1e-5
+    assert max_norm_error(loaded.W_dec) <= 1e-5
     x = torch.randn(20, 32)
     torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-5)
     assert list(tmp_path.glob("wandb/offline-run-*"))
@@ -131,7 +119,7 @@ def test_unit_norm_holds_after_load_and_on_resume_from_a_checkpoint(tmp_path: Pa
     assert checkpoints
     mid = checkpoints[0]
     restored = GatedTrainingSAE.load_from_disk(mid)
-    assert _max_norm_error(restored.W_dec) <= 1e-5
+    assert max_norm_error(restored.W_dec) <= 1e-5
 
     resumed = LanguageModelSAERunnerConfig.from_dict(
         tiny_runner_dict(
@@ -142,7 +130,7 @@ def test_unit_norm_holds_after_load_and_on_resume_from_a_checkpoint(tmp_path: Pa
         )
     )
     sae = _run(resumed)
-    assert _max_norm_error(sae.W_dec) <= 1e-5
+    assert max_norm_error(sae.W_dec) <= 1e-5
     assert not torch.equal(sae.W_dec, restored.W_dec)
 
 
@@ -153,32 +141,6 @@ _RESAMPLING = {
     "resample_lr_warmup_steps": 5,
     "l1_coefficient": 20.0,  # with lr 1e-2, enough to kill a few features of the tiny model
 }
-
-
-@pytest.fixture
-def wandb_log_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Every ``wandb.log`` payload, in order, as it is handed to W&B (which still gets it).
-
-    ``wandb.init`` rebinds the module-level ``wandb.log`` to the new run's ``log``, so the
-    run class's method is wrapped.
-    """
-    calls: list[dict[str, Any]] = []
-    real_log = Run.log
-
-    def log(run: Run, data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        calls.append({**data, "_step": kwargs.get("step")})
-        real_log(run, data, *args, **kwargs)
-
-    monkeypatch.setattr(Run, "log", log)
-    return calls
-
-
-def _history(calls: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    history: dict[str, list[Any]] = {}
-    for call in calls:
-        for key, value in call.items():
-            history.setdefault(key, []).append(value)
-    return history
 
 
 @pytest.mark.usefixtures("offline_wandb")
@@ -204,7 +166,7 @@ def test_gated_metrics_reach_the_offline_wandb_run(
         and sae.conventions.resampler.n_events == 3
     )
     assert list(tmp_path.glob("wandb/offline-run-*"))
-    history = _history(wandb_log_calls)
+    history = history_of(wandb_log_calls)
     for key in (
         "losses/mse_loss",
         "losses/l1_loss",
@@ -212,21 +174,22 @@ def test_gated_metrics_reach_the_offline_wandb_run(
         "metrics/relative_reconstruction_bias",
         "metrics/gate_l0",
         "metrics/l0",
-        "resampling/n_resampled",
-        "resampling/n_events",
+        "metrics/resampling/n_resampled",
+        "metrics/resampling/n_events",
     ):
         values = [float(v) for v in history.get(key, [])]
         assert values and all(math.isfinite(v) for v in values), key
     assert len(history["losses/l1_loss"]) == 12  # every 5 steps
     # The resampling counters are logged at the trainer's logging steps, with its step.
     resampling_steps = [
-        c["_step"] for c in wandb_log_calls if "resampling/n_events" in c
+        c["_step"] for c in wandb_log_calls if "metrics/resampling/n_events" in c
     ]
     loss_steps = [c["_step"] for c in wandb_log_calls if "losses/l1_loss" in c]
     assert resampling_steps == loss_steps
-    assert history["resampling/n_events"][-1] == 3
+    assert history["metrics/resampling/n_events"][-1] == 3
     assert (
-        history["resampling/n_resampled"][-1] == sae.conventions.resampler.n_resampled
+        history["metrics/resampling/n_resampled"][-1]
+        == sae.conventions.resampler.n_resampled
     )
     assert sae.conventions.resampler.n_resampled > 0
     gammas = history["metrics/relative_reconstruction_bias"]
@@ -284,4 +247,4 @@ def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path):
     assert resumed.conventions.resampler.completed_steps == 70
     assert resumed.conventions.resampler.n_events == 3
     assert resumed.conventions.resampler.n_resampled >= _resampled_in_checkpoint(mid)
-    assert _max_norm_error(resumed.W_dec) <= 1e-5
+    assert max_norm_error(resumed.W_dec) <= 1e-5

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import wandb
 from numpy.typing import NDArray
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import (
@@ -121,6 +120,7 @@ class TrainingConventions:
         self.parallel: ParallelPlan | None = None
         self._attached_to: tuple[weakref.ref[torch.nn.Parameter], ...] = ()
         self._logging_step: int | None = None
+        self._step_metrics: dict[str, Any] | None = None
         self._open_gates: tuple[torch.Tensor, int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -212,13 +212,17 @@ class TrainingConventions:
                 gate_l0 = encoding.n_open.double() / n_rows
             else:
                 gate_l0 = (encoding.gate_acts > 0).float().sum(-1).mean()
-            return {
+            metrics: dict[str, Any] = {
                 "relative_reconstruction_bias": relative_reconstruction_bias_tensor(
                     sae_in, sae_out
                 ),
                 "gate_l0": gate_l0,
                 **(self.sparse_policy.metrics() if self._auto_sparse else {}),
             }
+        # The trainer logs this dict after the optimizer step: after_step adds the
+        # resampling counters of that step to it.
+        self._step_metrics = metrics
+        return metrics
 
     @property
     def _auto_sparse(self) -> bool:
@@ -272,21 +276,17 @@ class TrainingConventions:
             self.resampler.step_completed(self.sae, optimizer)
             if self.resampler.n_resampled != resampled:  # new features: new densities
                 self.sparse_policy.request_decision()
-            self._log_resampling()
-
-    def _log_resampling(self) -> None:
-        # SAELens's trainer prefixes TrainStepOutput.metrics with "metrics/", so the
-        # resampling counters go to its W&B run directly, at its logging steps.
-        if self._logging_step is None or self.resampler is None or wandb.run is None:
-            return
-        wandb.log(
-            {
-                "resampling/n_resampled": self.resampler.n_resampled,
-                "resampling/n_events": self.resampler.n_events,
-                "resampling/lr_factor": self.resampler.lr_factor(),
-            },
-            step=self._logging_step,
-        )
+            if self._step_metrics is not None:
+                # Through the step's metrics, which the trainer logs under its own step
+                # and a multi-SAE trainer under each SAE's prefix.
+                self._step_metrics.update(
+                    {
+                        "resampling/n_resampled": self.resampler.n_resampled,
+                        "resampling/n_events": self.resampler.n_events,
+                        "resampling/lr_factor": self.resampler.lr_factor(),
+                    }
+                )
+        self._step_metrics = None
 
     # ---- checkpoints and histograms -------------------------------------------------------
 
