@@ -13,11 +13,13 @@ import io
 import logging
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
+from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner
 from simple_parsing import ArgumentParser, DashVariant, SimpleHelpFormatter
 from simple_parsing.wrappers import DataclassWrapper
 from typing_extensions import override
@@ -29,6 +31,7 @@ from sae_lens_gated.conversion import (
     check_new_folder,
     export_sae,
 )
+from sae_lens_gated.distributed.collectives import launched_with_several_processes
 from sae_lens_gated.distributed.runner import distributed_arguments, run_training
 from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
@@ -36,6 +39,13 @@ from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
 from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
 from sae_lens_gated.repro.experiments import check_device, prepare_output_folder
 from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
+from sae_lens_gated.training.multi_runner import (
+    SWEEP_HELP,
+    SWEEP_OPTIONS,
+    is_sweep,
+    multi_runner_config,
+    split_sweep_arguments,
+)
 
 # Sphinx roles and literals of the docstrings, shown as plain text in --help.
 _DOCSTRING_MARKUP = re.compile(r":\w+:`~?([^`]+)`|``([^`]+)``")
@@ -142,7 +152,10 @@ def _build_parser() -> _Parser:
         "train",
         help="Run SAELens's training runner CLI with the plugin registered.",
         description="All arguments go to SAELens's LanguageModelSAETrainingRunner CLI, "
-        "e.g. `sae-lens-gated train --architecture gated --model_name gpt2 ...`. Under "
+        "e.g. `sae-lens-gated train --architecture gated --model_name gpt2 ...`. Several "
+        "values for --l1_coefficient and/or --d_sae train one SAE per combination from one "
+        "activation stream, with SAELens's MultiSAETrainingRunner, each saved to "
+        "OUTPUT_PATH/d_sae-D_l1-L (the output folder must be new or empty). Under "
         "torchrun with several processes, one SAE trains on all of them: "
         "--distributed {data,latent} (default data), --distributed-timeout SECONDS.",
         add_help=False,
@@ -202,16 +215,38 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _train(args: list[str]) -> int:
     """SAELens's runner CLI with the config built first: a bad field is a usage error
-    before any model or dataset is loaded."""
+    before any model or dataset is loaded. Several values of a sweep option make it a
+    sweep, trained by SAELens's MultiSAETrainingRunner."""
     try:
         options, runner_args = distributed_arguments().parse_known_args(args)
         if not options.distributed_timeout > 0:
             raise ValueError("--distributed-timeout must be positive.")
+        if {"-h", "--help"} & set(runner_args):
+            _parse_runner_args(runner_args)  # prints the help and exits
+        runner_args, sweep_values = split_sweep_arguments(runner_args)
         cfg = _parse_runner_args(runner_args)
-    except (argparse.ArgumentError, ValueError, TypeError) as error:
+        multi_cfg = None
+        if is_sweep(sweep_values):
+            if launched_with_several_processes():
+                raise ValueError(
+                    "A sweep (several --l1_coefficient or --d_sae values) trains in one "
+                    "process: launch it without torchrun."
+                )
+            run_name_given = any(a.partition("=")[0] == "--run_name" for a in args)
+            multi_cfg = multi_runner_config(cfg, sweep_values, run_name_given)
+    except (argparse.ArgumentError, ValueError, TypeError, OSError) as error:
         return _fail("train", error, 2)
     try:
-        run_training(cfg, options.distributed, options.distributed_timeout)
+        if multi_cfg is None:
+            run_training(cfg, options.distributed, options.distributed_timeout)
+        else:
+            MultiSAETrainingRunner(multi_cfg).run()
+            path = multi_cfg.output_path
+            where = f", saved to {path}" if path else ""
+            sys.stdout.write(
+                f"Trained {len(multi_cfg.saes)} SAEs from one activation stream{where}: "
+                f"{', '.join(multi_cfg.saes)}\n"
+            )
     except Exception as error:
         return _fail("train", error, 1)
     return 0
@@ -219,18 +254,70 @@ def _train(args: list[str]) -> int:
 
 def _parse_runner_args(args: list[str]) -> Any:
     # SAELens's parser prints its whole usage before "unrecognized arguments"; keep only
-    # the message. --help output goes to stdout and is not held back.
+    # the message. Its --help gets a note on the sweep options.
     captured = io.StringIO()
+    help_text = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
+        with (
+            contextlib.redirect_stderr(captured),
+            contextlib.redirect_stdout(help_text),
+        ):
             cfg = _parse_cfg_args(args)
     except SystemExit as exit_info:
         if exit_info.code in (0, None):
+            sys.stdout.write(_with_sweep_help(help_text.getvalue()))
             raise
         lines = captured.getvalue().strip().splitlines() or ["invalid arguments"]
-        raise ValueError(lines[-1].split("error: ", 1)[-1]) from None
+        raise ValueError(_explain(lines[-1].split("error: ", 1)[-1], args)) from None
+    sys.stdout.write(help_text.getvalue())
     sys.stderr.write(captured.getvalue())
     return cfg
+
+
+def _explain(message: str, args: list[str]) -> str:
+    """SAELens's "unrecognized arguments: 3e-4" for ``--lr 1e-4 3e-4``, said plainly."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    extra = message.removeprefix(prefix).split()[0]
+    for i in range(2, len(args)):
+        values = args[i - 1 : i + 1]
+        if args[i] == extra and not any(v.startswith("--") for v in values):
+            option = next(
+                (a for a in reversed(args[: i - 1]) if a.startswith("--")), None
+            )
+            if option is not None:
+                several = " and ".join(SWEEP_OPTIONS)
+                return (
+                    f"{option.partition('=')[0]} takes one value, got several "
+                    f"(...{' '.join(values)}); only {several} accept several values "
+                    "(a sweep)."
+                )
+    return message
+
+
+def _with_sweep_help(text: str) -> str:
+    """SAELens's runner help with the sweep options marked as taking several values."""
+    indent = " " * 24  # argparse's column for help text
+    note = textwrap.wrap(
+        SWEEP_HELP,
+        width=79,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+    )
+    option_line = re.compile(rf"  ({'|'.join(SWEEP_OPTIONS)}) ")
+    out: list[str] = []
+    pending = False  # a sweep option's help lines are being copied
+    for line in text.splitlines():
+        if pending and not line.startswith(indent):
+            out += note
+            pending = False
+        for option in SWEEP_OPTIONS:
+            line = re.sub(rf"\[{option} (\w+)\]", rf"[{option} \1 [\1 ...]]", line)
+        out.append(line)
+        pending = pending or bool(option_line.match(line))
+    return "\n".join(out + (note if pending else [])) + "\n"
 
 
 def _run_settings_command(command: str, settings: Any) -> int:

@@ -1,5 +1,6 @@
 import dataclasses
 import inspect
+import json
 import re
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from typing import Any
 
 import docstring_parser
 import pytest
+import sae_lens.llm_sae_training_runner
+import sae_lens.multi_sae_training_runner
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import SAE
@@ -20,6 +23,8 @@ from sae_lens_gated.repro.demo import DemoConfig
 from sae_lens_gated.repro.sweep import SweepConfig
 from tests.helpers import (
     random_dictionary_learning_ae,
+    tiny_model,
+    tiny_token_dataset,
     write_dictionary_learning_folder,
 )
 
@@ -252,6 +257,7 @@ def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(cli, "format_report", str)
     monkeypatch.setattr(cli, "load_gated_sae", start("convert", None))
     monkeypatch.setattr(cli, "run_training", start("train", None))
+    monkeypatch.setattr(cli, "MultiSAETrainingRunner", start("train sweep", None))
     return started
 
 
@@ -544,3 +550,193 @@ def test_tests_run_in_an_empty_folder_outside_the_checkout():
     # the CLI tests' default `--out` must not find.
     assert list(Path.cwd().iterdir()) == []
     assert not Path.cwd().resolve().is_relative_to(Path(__file__).resolve().parents[1])
+
+
+# ---- train: a sweep from one activation stream ---------------------------------------------
+
+
+@pytest.fixture
+def lm_batches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
+    """Both SAELens runners load the tiny model (no hub); records the number of token
+    sequences of each forward pass the activation stores ask of it."""
+    batches: list[int] = []
+
+    def load_model(*_: Any, **__: Any) -> Any:
+        model = tiny_model()
+        run_with_cache = model.run_with_cache
+
+        def counted(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            batches.append(tokens.shape[0])
+            return run_with_cache(tokens, *args, **kwargs)
+
+        model.run_with_cache = counted
+        return model
+
+    monkeypatch.setattr(sae_lens.llm_sae_training_runner, "load_model", load_model)
+    monkeypatch.setattr(sae_lens.multi_sae_training_runner, "load_model", load_model)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    return batches
+
+
+def _token_dataset_folder(path: Path) -> Path:
+    """The tiny token dataset as a local JSON-lines dataset (what --dataset_path reads)."""
+    path.mkdir()
+    rows = tiny_token_dataset()["tokens"]
+    (path / "train.jsonl").write_text(
+        "".join(json.dumps({"tokens": row}) + "\n" for row in rows)
+    )
+    return path
+
+
+def _train_args(tmp_path: Path, out: str) -> list[str]:
+    return [
+        "train",
+        "--architecture",
+        "gated",
+        "--d_in",
+        "32",
+        "--model_name",
+        "tiny-random",
+        "--hook_name",
+        "blocks.1.hook_resid_post",
+        "--dataset_path",
+        str(_token_dataset_folder(tmp_path / f"data-{out}")),
+        "--is_dataset_tokenized",
+        "true",
+        "--streaming",
+        "false",
+        "--context_size",
+        "16",
+        "--prepend_bos",
+        "false",
+        "--training_tokens",
+        str(64 * 60),
+        "--train_batch_size_tokens",
+        "64",
+        "--store_batch_size_prompts",
+        "8",
+        "--n_batches_in_buffer",
+        "8",
+        "--lr",
+        "1e-2",
+        "--log_to_wandb",
+        "false",
+        "--checkpoint_path",
+        str(tmp_path / f"ckpt-{out}"),
+        "--output_path",
+        str(tmp_path / out),
+    ]
+
+
+def _l0(sae: SAE[Any], x: torch.Tensor) -> float:
+    return float((sae.encode(x) > 0).float().sum(-1).mean())
+
+
+def test_train_sweeps_every_lambda_and_width_from_one_activation_stream(
+    tmp_path: Path, lm_batches: list[int], capsys: pytest.CaptureFixture[str]
+):
+    sweep = [
+        *_train_args(tmp_path, "sweep"),
+        "--l1_coefficient",
+        "0.1",
+        "3",
+        "--d_sae",
+        "64",
+        "96",
+    ]
+    code, out, err = _run(sweep, capsys)
+    assert code == 0, err
+    names = ["d_sae-64_l1-0.1", "d_sae-96_l1-0.1", "d_sae-64_l1-3.0", "d_sae-96_l1-3.0"]
+    assert out.splitlines()[-1] == (
+        f"Trained 4 SAEs from one activation stream, saved to {tmp_path / 'sweep'}: "
+        + ", ".join(names)
+    )
+    sweep_batches = list(lm_batches)
+    lm_batches.clear()
+    # One SAE alone costs the language model as much as the four together.
+    single = [*_train_args(tmp_path, "single"), "--l1_coefficient", "0.1"]
+    assert _run([*single, "--d_sae", "64"], capsys)[0] == 0
+    assert sweep_batches == lm_batches and sum(lm_batches) > 0
+
+    saes = {name: SAE.load_from_disk(tmp_path / "sweep" / name) for name in names}
+    x = torch.randn(512, 32) * 3
+    for name, sae in saes.items():
+        assert type(sae).__name__ == "GatedSAE"
+        assert sae.cfg.d_sae == int(name.split("_")[1].removeprefix("sae-"))
+        assert float((sae.W_dec.norm(dim=1) - 1).abs().max()) < 1e-5
+    for width in (64, 96):  # a higher lambda, a sparser SAE
+        low, high = saes[f"d_sae-{width}_l1-0.1"], saes[f"d_sae-{width}_l1-3.0"]
+        assert _l0(high, x) < _l0(low, x)
+    runner_cfg = json.loads((tmp_path / "sweep" / "runner_cfg.json").read_text())
+    assert {n: c["l1_coefficient"] for n, c in runner_cfg["saes"].items()} == {
+        n: float(n.rsplit("-", 1)[1]) for n in names
+    }
+    single_alone = SAE.load_from_disk(tmp_path / "single")
+    assert single_alone.cfg.d_sae == 64
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--l1_coefficient", "1", "2", "--lr", "1e-4", "3e-4"], ["--lr takes one"]),
+        (["--d_sae", "64", "0"], ["--d_sae 0", "at least 1"]),
+        (["--d_sae", "64", "1e40"], ["--d_sae", "invalid int value: '1e40'"]),
+        (["--d_sae", "64", str(1 << 40)], ["do not fit on cpu", "GiB"]),
+        (["--l1_coefficient", "0.5", "0.50"], ["same folder 'd_sae-1024_l1-0.5'"]),
+        (["--l1_coefficient", "1", "--l1_coefficient", "2"], ["given twice"]),
+        (
+            ["--l1_coefficient", "1", "2", "--use_cached_activations", "true"],
+            ["--use_cached_activations is not supported in a sweep"],
+        ),
+    ],
+)
+def test_a_bad_sweep_is_one_usage_error_line_before_any_work(
+    argv: list[str],
+    fragments: list[str],
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    code, out, err = _run(["train", "--architecture", "gated", *argv], capsys)
+    _assert_usage_error(code, out, err, "train", *fragments)
+    assert work == []
+
+
+def test_a_sweep_into_a_non_empty_output_folder_is_refused_untouched(
+    tmp_path: Path, work: list[str], capsys: pytest.CaptureFixture[str]
+):
+    out_folder = tmp_path / "out"
+    out_folder.mkdir()
+    (out_folder / "sae_weights.safetensors").write_bytes(b"earlier run")
+    argv = ["train", "--architecture", "gated", "--output_path", str(out_folder)]
+    code, out, err = _run([*argv, "--l1_coefficient", "1", "2"], capsys)
+    _assert_usage_error(code, out, err, "train", "--output_path", "not an empty")
+    assert work == []
+    assert (out_folder / "sae_weights.safetensors").read_bytes() == b"earlier run"
+
+
+def test_a_sweep_under_torchrun_is_refused(
+    monkeypatch: pytest.MonkeyPatch, work: list[str], capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["train", "--architecture", "gated", "--l1_coefficient", "1", "2"]
+    code, out, err = _run(argv, capsys)
+    _assert_usage_error(code, out, err, "train", "without torchrun")
+    assert work == []
+
+
+def test_train_help_says_which_options_take_several_values(
+    capsys: pytest.CaptureFixture[str],
+):
+    code, out, _ = _run(["train", "--architecture", "gated", "--help"], capsys)
+    assert code == 0
+    assert "[--l1_coefficient float [float ...]]" in " ".join(out.split())
+    assert "[--d_sae int [int ...]]" in out
+    lines = out.splitlines()
+    for option in ("--l1_coefficient", "--d_sae"):
+        start = next(
+            i for i, line in enumerate(lines) if line.startswith(f"  {option} ")
+        )
+        block = " ".join(" ".join(lines[start : start + 7]).split())
+        assert "Several values: one SAE per value" in block, option
+        assert "MultiSAETrainingRunner" in block, option
+    assert "--lr" in out and out.count("Several values") == 2
