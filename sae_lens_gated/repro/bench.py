@@ -5,6 +5,11 @@ gradient clipping, Adam, LR and coefficient schedulers, and the plugin's optimiz
 on the same batch. Variants are interleaved (A B C D A B C D ...) after a warm-up, and the
 median of the repetitions is reported, so slow drifts of a noisy machine hit all of them
 alike and the ratios measured in one run are comparable.
+
+``--multi-runner K`` instead times whole training runs through SAELens's runners on a
+random language model: K gated SAEs at K sparsity coefficients trained together by
+``MultiSAETrainingRunner`` (one model forward pass per batch for all of them) against the
+same K trained one at a time by ``LanguageModelSAETrainingRunner``.
 """
 
 import dataclasses
@@ -14,12 +19,20 @@ import math
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from datasets import Dataset
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens.config import LoggingConfig
+from sae_lens.multi_sae_training_runner import (
+    MultiSAETrainingRunner,
+    MultiSAETrainingRunnerConfig,
+)
 from sae_lens.saes.gated_sae import GatedSAE as BuiltinGatedSAE
 from sae_lens.saes.gated_sae import GatedSAEConfig as BuiltinGatedSAEConfig
 from sae_lens.saes.gated_sae import GatedTrainingSAE as BuiltinGatedTrainingSAE
@@ -31,6 +44,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.training.sae_trainer import SAETrainer
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_gated.repro.experiments import (
     TrainingSettings,
@@ -46,6 +60,8 @@ from sae_lens_gated.saes.gated_sae import (
 )
 from sae_lens_gated.training.sparse_policy import PROBE_STEPS, synchronize_device
 
+DEFAULT_D_SAE = 8192
+
 
 @dataclass
 class BenchConfig:
@@ -53,7 +69,7 @@ class BenchConfig:
 
     Args:
         d_in: Input width.
-        d_sae: Dictionary size (the same for every variant).
+        d_sae: Dictionary size (the same for every variant; not used by ``multi_runner``).
         batch: Activations per training step.
         device: Torch device.
         dtype: ``"float32"``, or ``"bfloat16"`` for bf16 autocast with float32 master weights.
@@ -62,7 +78,8 @@ class BenchConfig:
         gate_density: Set every SAE's gate (or encoder) bias so that this fraction of its
             gates is open on the benchmark batch, and also time the plugin's dense and
             sparse steps and the limit (one encoder matmul and one elementwise pass). Unset:
-            the fresh SAEs' own, about half open.
+            the fresh SAEs' own, about half open. With ``multi_runner``: the SAEs of every
+            run start with this fraction open on a batch of the model's activations.
         density_sweep: Run the benchmark at each of these gate densities and plot step
             time against density to ``plot`` (with the numbers in a JSON file beside it).
         plot: PNG file for ``density_sweep``'s plot.
@@ -75,10 +92,23 @@ class BenchConfig:
             dense and sparse steps and of the built-in gated SAE, one SAE at a time
             (``torch.cuda.max_memory_allocated`` on CUDA), for widths where six SAEs with
             their optimizers do not fit on the device together (d_sae 1,048,576).
+        multi_runner: Time only this: K gated SAEs (paper recipe) at K sparsity
+            coefficients (a geometric series around 1, factor 2) trained from one random
+            ``HookedTransformer``'s activations by SAELens's ``MultiSAETrainingRunner``,
+            against the K trained one at a time by ``LanguageModelSAETrainingRunner``
+            (wall time of each run), and one model forward pass against one SAE training
+            step on a batch. ``d_in`` is the model's ``d_model``, ``batch`` the tokens per
+            step, ``repeats`` the repetitions of the forward-pass-versus-step timing.
+            0: not run.
+        lm_layers: With ``multi_runner``: the random model's layers (the SAEs read the last
+            one's ``hook_resid_post``, so every layer runs).
+        lm_expansion: With ``multi_runner``: the SAEs' width as a multiple of ``d_in``
+            (``d_sae`` is not used there).
+        lm_steps: With ``multi_runner``: training steps of each run.
     """
 
     d_in: int = 512
-    d_sae: int = 8192
+    d_sae: int = DEFAULT_D_SAE
     batch: int = 4096
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -89,13 +119,41 @@ class BenchConfig:
     plot: Path = Path("bench_density.png")
     auto_steps: int = 0
     memory_only: bool = False
+    multi_runner: int = 0
+    lm_layers: int = 4
+    lm_expansion: int = 4
+    lm_steps: int = 20
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}.")
         check_counts(
-            d_in=self.d_in, d_sae=self.d_sae, batch=self.batch, repeats=self.repeats
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            batch=self.batch,
+            repeats=self.repeats,
+            lm_layers=self.lm_layers,
+            lm_expansion=self.lm_expansion,
+            lm_steps=self.lm_steps,
         )
+        if self.multi_runner < 0:
+            raise ValueError(
+                f"multi_runner must be 0 (off) or a number of SAEs, got {self.multi_runner}."
+            )
+        if self.multi_runner:
+            others = {
+                "memory_only": self.memory_only,
+                "density_sweep": bool(self.density_sweep),
+                "auto_steps": bool(self.auto_steps),
+                # Its width is lm_expansion x d_in: a d_sae given here would be ignored.
+                "d_sae": self.d_sae != DEFAULT_D_SAE,
+            }
+            given = [name for name, on in others.items() if on]
+            if given:
+                raise ValueError(
+                    "multi_runner runs only the runner comparison (its SAE width is "
+                    f"lm_expansion x d_in): drop {'/'.join(given)}."
+                )
         check_device(self.device)
         densities = [*self.density_sweep]
         if self.gate_density is not None:
@@ -128,6 +186,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """
     if cfg.memory_only:
         return _memory_benchmark(cfg, progress)
+    if cfg.multi_runner:
+        return _multi_runner_benchmark(cfg, progress)
     if cfg.density_sweep:
         runs = [
             run_benchmark(
@@ -277,6 +337,8 @@ def format_report(result: dict[str, Any]) -> str:
             json.dumps(result["summary"]),
         ]
         return "\n".join(lines)
+    if "multi_runner" in result:
+        return _format_multi_runner(result)
     if "density_sweep" in result:
         reports = [
             format_report(run).rsplit("\n", 1)[0] for run in result["density_sweep"]
@@ -334,6 +396,51 @@ def format_report(result: dict[str, Any]) -> str:
         json.dumps(summary),
     ]
     return "\n".join(lines)
+
+
+def _format_multi_runner(result: dict[str, Any]) -> str:
+    """The report of :func:`_multi_runner_benchmark`'s result."""
+    summary, lm = result["summary"], result["model"]
+    k = summary["k"]
+    singles = summary["single_seconds"]
+    l1s = ", ".join(f"{l1:.3g}" for l1 in summary["l1_coefficients"])
+    return "\n".join(
+        [
+            f"SAELens's MultiSAETrainingRunner against {k} single runs: {k} gated SAEs "
+            f"(paper recipe) at l1 {l1s}, d_in {summary['d_in']}, d_sae "
+            f"{summary['d_sae']}, {summary['steps']} steps of {summary['batch']} tokens, "
+            f"{summary['device']}, {summary['dtype']}",
+            f"Model: random HookedTransformer, {lm['n_layers']} layers, d_model "
+            f"{lm['d_model']}, {lm['n_heads']} heads of {lm['d_head']}, d_mlp "
+            f"{lm['d_mlp']}, context {lm['context_size']}, hook {lm['hook']}; built once "
+            "and handed to every run (its construction is in no run's time, which "
+            "favours the single runs)",
+            (
+                "SAEs from one initialization, fresh gates (about half open)"
+                if summary["gate_density"] is None
+                else f"SAEs from one initialization, gates opened on "
+                f"{summary['gate_density']:.2%} of a batch of the model's activations"
+            )
+            + "; sparse_step=auto ran: "
+            + ", ".join(_mode_name(mode) for mode in result["auto_modes"]),
+            f"One model forward pass over a batch {result['lm_forward_seconds']:.3f} s, "
+            f"one SAE training step ({_mode_name(summary['regime_step_mode'])}) "
+            f"{result['sae_step_seconds']:.3f} s: "
+            f"lm_forward_vs_sae_step {summary['lm_forward_vs_sae_step']:.2f}",
+            f"Single runs: {', '.join(f'{t:.1f}' for t in singles)} s "
+            f"(sum {sum(singles):.1f} s)",
+            f"Multi run, {k} SAEs from one activation stream: "
+            f"{summary['multi_seconds']:.1f} s",
+            f"multi / sum of {k} singles: {summary['multi_vs_sum_of_singles']:.3f}",
+            f"Machine: {json.dumps(result['machine'])}",
+            json.dumps(summary),
+        ]
+    )
+
+
+def _mode_name(mode: str | None) -> str:
+    # auto never probes while more than its ceiling of the gates is open.
+    return mode or "dense (never probed)"
 
 
 PAPER = "plugin (paper)"
@@ -477,6 +584,278 @@ def _memory_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             "dtype": cfg.dtype,
             "gate_density": cfg.gate_density,
         },
+    }
+
+
+# The multi-runner comparison's language model: tokens per sequence, vocabulary (its
+# unembedding never runs: SAELens stops the forward pass at the hooked layer), head width,
+# and the factor between successive sparsity coefficients.
+LM_CONTEXT = 128
+LM_VOCAB = 1024
+LM_D_HEAD = 64
+L1_FACTOR = 2.0
+
+
+def multi_runner_l1_coefficients(k: int) -> list[float]:
+    """``k`` sparsity coefficients, a geometric series with factor :data:`L1_FACTOR`
+    centred on 1 (k=4: 0.354, 0.707, 1.41, 2.83)."""
+    return [L1_FACTOR ** (i - (k - 1) / 2) for i in range(k)]
+
+
+def _multi_runner_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    """Wall time of one ``MultiSAETrainingRunner`` run of ``cfg.multi_runner`` gated SAEs
+    against one ``LanguageModelSAETrainingRunner`` run of each, and of one model forward
+    pass against one SAE training step.
+
+    Every run gets the same model object, dataset, steps, batch, learning rate and seed, and
+    writes nothing (no W&B, checkpoints or outputs). A run's time is its runner's
+    construction (activation store, SAEs) and ``run()``; the model is built once before
+    any of them, so no side pays for it (a real single run would, which favours the
+    singles here). The multi run goes first, so one-off costs fall on it.
+    """
+    device = torch.device(cfg.device)
+    context = min(LM_CONTEXT, cfg.batch)
+    prompts = math.ceil(cfg.batch / context)  # one batch's tokens per forward pass
+    d_sae = cfg.lm_expansion * cfg.d_in
+    hook = f"blocks.{cfg.lm_layers - 1}.hook_resid_post"
+    model = _random_lm(cfg, context)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # Every run reads the dataset from its start: enough rows for all of one run's forward
+    # passes (one more than its steps, to fill SAELens's shuffle buffer), and a spare.
+    tokens = torch.randint(
+        0, LM_VOCAB, ((cfg.lm_steps + 3) * prompts, context), generator=gen
+    )
+    dataset = Dataset.from_dict({"tokens": tokens.tolist()})
+    l1s = multi_runner_l1_coefficients(cfg.multi_runner)
+    names = [f"l1_{l1:.4g}" for l1 in l1s]
+    shared: dict[str, Any] = {
+        "model_name": "random",
+        "dataset_path": "",
+        "streaming": False,
+        "context_size": context,
+        "prepend_bos": False,
+        "training_tokens": cfg.lm_steps * cfg.batch,
+        "train_batch_size_tokens": cfg.batch,
+        "store_batch_size_prompts": prompts,
+        # SAELens's shuffle buffer (this many sequences' worth of tokens) must hold a
+        # batch; two batches make one model forward pass per training step.
+        "n_batches_in_buffer": math.ceil(2 * cfg.batch / context),
+        "lr": 3e-4,
+        "lr_warm_up_steps": 0,
+        "adam_beta1": 0.0,  # the paper's Adam betas (0, 0.999)
+        "adam_beta2": 0.999,
+        "device": cfg.device,
+        "autocast": cfg.dtype == "bfloat16",
+        "autocast_lm": cfg.dtype == "bfloat16",
+        "n_checkpoints": 0,
+        "checkpoint_path": None,
+        "output_path": None,
+        "seed": cfg.seed,
+    }
+
+    def sae_cfg(l1: float) -> GatedTrainingSAEConfig:
+        return GatedTrainingSAEConfig(
+            d_in=cfg.d_in, d_sae=d_sae, l1_coefficient=l1, device=cfg.device
+        )
+
+    # Every run starts from the same weights; with gate_density, their gates open on that
+    # fraction of a batch of the model's activations (the regime of most of a run).
+    x = _lm_activations(cfg, model, tokens[:prompts].to(device), hook)
+    torch.manual_seed(cfg.seed)
+    initial = GatedTrainingSAE(sae_cfg(1.0)).state_dict()
+    trained: list[GatedTrainingSAE] = []
+
+    def new_sae(l1: float) -> GatedTrainingSAE:
+        sae = GatedTrainingSAE(sae_cfg(l1))
+        sae.load_state_dict(initial)
+        if cfg.gate_density is not None:
+            _open_gates(sae, x, cfg.gate_density)
+        trained.append(sae)
+        return sae
+
+    def run_multi() -> None:
+        runner_cfg = MultiSAETrainingRunnerConfig(
+            saes={name: sae_cfg(l1) for name, l1 in zip(names, l1s)},
+            hook_names=hook,
+            logger=LoggingConfig(log_to_wandb=False),
+            **shared,
+        )
+        MultiSAETrainingRunner(
+            runner_cfg,
+            override_dataset=dataset,
+            override_model=model,
+            override_saes={name: new_sae(l1) for name, l1 in zip(names, l1s)},
+        ).run()
+
+    def run_single(l1: float) -> None:
+        runner_cfg = LanguageModelSAERunnerConfig(
+            sae=sae_cfg(l1),
+            hook_name=hook,
+            is_dataset_tokenized=True,
+            verbose=False,
+            logger=LoggingConfig(log_to_wandb=False),
+            **shared,
+        )
+        LanguageModelSAETrainingRunner(
+            runner_cfg,
+            override_dataset=dataset,
+            override_model=model,
+            override_sae=new_sae(l1),
+        ).run()
+
+    bar = tqdm(total=2 + len(l1s), desc="multi-runner bench", disable=not progress)
+    bar.set_postfix_str("model forward vs SAE step")
+    regime = _lm_forward_vs_sae_step(
+        cfg, model, tokens[:prompts].to(device), hook, x, new_sae(1.0)
+    )
+    trained.clear()
+    bar.update()
+    bar.set_postfix_str(f"multi run of {len(l1s)}")
+    multi_seconds = _time_run(run_multi, cfg.seed, device)
+    bar.update()
+    single_seconds: list[float] = []
+    for l1 in l1s:
+        bar.set_postfix_str(f"single run, l1 {l1:.4g}")
+        single_seconds.append(_time_run(lambda l1=l1: run_single(l1), cfg.seed, device))
+        bar.update()
+    bar.close()
+    model_cfg = model.cfg
+    modes = [_decided_mode(sae) for sae in trained]
+    return {
+        "multi_runner": True,
+        "config": {**asdict(cfg), "plot": str(cfg.plot)},
+        "machine": _machine(device),
+        "model": {
+            "n_layers": model_cfg.n_layers,
+            "d_model": model_cfg.d_model,
+            "n_heads": model_cfg.n_heads,
+            "d_head": model_cfg.d_head,
+            "d_mlp": model_cfg.d_mlp,
+            "context_size": context,
+            "d_vocab": model_cfg.d_vocab,
+            "hook": hook,
+        },
+        "sae_names": names,
+        # The mode sparse_step="auto" chose in each run (multi run's SAEs first).
+        "auto_modes": modes,
+        "lm_forward_seconds": regime["lm_forward_seconds"],
+        "sae_step_seconds": regime["sae_step_seconds"],
+        "summary": {
+            "multi_vs_sum_of_singles": multi_seconds / sum(single_seconds),
+            "multi_seconds": multi_seconds,
+            "single_seconds": single_seconds,
+            "lm_forward_vs_sae_step": regime["lm_forward_vs_sae_step"],
+            "k": cfg.multi_runner,
+            "l1_coefficients": l1s,
+            "lm_layers": cfg.lm_layers,
+            "d_in": cfg.d_in,
+            "d_sae": d_sae,
+            "batch": cfg.batch,
+            "steps": cfg.lm_steps,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "gate_density": cfg.gate_density,
+            "regime_step_mode": regime["step_mode"],
+        },
+    }
+
+
+def _random_lm(cfg: BenchConfig, context: int) -> HookedTransformer:
+    """A ``HookedTransformer`` with random weights, built from a config (no download)."""
+    d_head = min(LM_D_HEAD, cfg.d_in)
+    return HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=cfg.lm_layers,
+            d_model=cfg.d_in,
+            n_ctx=context,
+            d_head=d_head,
+            n_heads=max(1, cfg.d_in // d_head),
+            d_mlp=4 * cfg.d_in,
+            d_vocab=LM_VOCAB,
+            act_fn="gelu",
+            normalization_type="LN",
+            device=cfg.device,
+            seed=cfg.seed,
+        )
+    )
+
+
+def _time_run(run: Callable[[], None], seed: int, device: torch.device) -> float:
+    """Wall time of one training run, every run from the same random state."""
+    gc.collect()
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        # SAELens compares the dataset's rows with the training *tokens*; the rows here
+        # hold every token a run reads, so its "multiple epochs" warning is wrong.
+        warnings.filterwarnings("ignore", "The training dataset contains fewer samples")
+        synchronize_device(device)
+        start = time.perf_counter()
+        run()
+        synchronize_device(device)
+        return time.perf_counter() - start
+
+
+def _lm_forward(
+    cfg: BenchConfig, model: HookedTransformer, tokens: torch.Tensor, hook: str
+) -> torch.Tensor:
+    """The activations SAELens's activation store takes from one forward pass over
+    ``tokens``: only the hook cached, the pass stopped at its layer."""
+    device = torch.device(cfg.device)
+    with (
+        torch.no_grad(),
+        torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"
+        ),
+    ):
+        _, cache = model.run_with_cache(
+            tokens, names_filter=[hook], stop_at_layer=cfg.lm_layers, prepend_bos=False
+        )
+    return cache[hook].reshape(-1, cfg.d_in).float()
+
+
+def _lm_activations(
+    cfg: BenchConfig, model: HookedTransformer, tokens: torch.Tensor, hook: str
+) -> torch.Tensor:
+    """One batch (``cfg.batch`` rows) of the model's activations at ``hook``."""
+    return _lm_forward(cfg, model, tokens, hook)[: cfg.batch]
+
+
+def _lm_forward_vs_sae_step(
+    cfg: BenchConfig,
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    hook: str,
+    x: torch.Tensor,
+    sae: GatedTrainingSAE,
+) -> dict[str, Any]:
+    """Median times of the model forward pass SAELens's activation store runs for one
+    batch and of one training step of ``sae`` on the batch ``x``, interleaved (after a
+    warm-up). The step is timed in the mode ``sparse_step="auto"`` settles on.
+
+    The forward pass covers ``tokens`` (at least one batch's worth); its time is scaled to
+    exactly ``cfg.batch`` tokens for the ratio.
+    """
+    device = torch.device(cfg.device)
+    trainer = _trainer(cfg, sae)
+    for _ in range(1 + PROBE_STEPS):  # auto decides before the timing
+        trainer.step(x)
+    forward_times: list[float] = []
+    step_times: list[float] = []
+    for round_index in range(cfg.repeats + 1):
+        gc.collect()
+        forward_s, _ = _measure(lambda: _lm_forward(cfg, model, tokens, hook), device)
+        step_s, _ = _measure(lambda: trainer.step(x), device)
+        if round_index > 0:  # the first round is warm-up
+            forward_times.append(forward_s)
+            step_times.append(step_s)
+    forward_s = statistics.median(forward_times)
+    step_s = statistics.median(step_times)
+    per_batch = forward_s * cfg.batch / tokens.numel()
+    return {
+        "lm_forward_seconds": per_batch,
+        "sae_step_seconds": step_s,
+        "lm_forward_vs_sae_step": per_batch / step_s,
+        "step_mode": _decided_mode(sae),
     }
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformer_lens import HookedTransformer
 
 from sae_lens_gated.repro import bench
 from sae_lens_gated.repro.bench import (
@@ -13,8 +14,10 @@ from sae_lens_gated.repro.bench import (
     PAPER_SPARSE,
     BenchConfig,
     format_report,
+    multi_runner_l1_coefficients,
     run_benchmark,
 )
+from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.sparse_policy import PROBE_STEPS, SparseStepPolicy
 
 # (batch x d_in x d_sae) matmuls in one training step, counted by hand (docs/performance.md):
@@ -242,3 +245,159 @@ def test_memory_only_measures_one_pass_of_each_variant_alone():
     assert json.loads(report.splitlines()[-1]) == summary
     with pytest.raises(ValueError, match="memory_only measures no times"):
         BenchConfig(memory_only=True, auto_steps=20)
+
+
+# The multi-runner comparison at tiny shapes: 2 SAEs of 4 x 32 latents on a 2-layer model.
+MULTI: dict[str, Any] = {
+    "multi_runner": 2,
+    "lm_layers": 2,
+    "d_in": 32,
+    "batch": 64,
+    "lm_steps": 4,
+    "repeats": 2,
+}
+
+
+def test_multi_runner_l1_coefficients_are_geometric_around_one():
+    l1s = multi_runner_l1_coefficients(4)
+    assert l1s == pytest.approx([2**-1.5, 2**-0.5, 2**0.5, 2**1.5])
+    assert math.prod(l1s) == pytest.approx(1.0)
+    assert multi_runner_l1_coefficients(1) == [1.0]
+
+
+def test_multi_runner_times_one_multi_run_against_k_single_runs(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    runs: list[dict[str, Any]] = []
+
+    class SingleRunner(bench.LanguageModelSAETrainingRunner):
+        def run(self) -> Any:
+            sae = super().run()
+            runs.append({"runner": self, "saes": {"single": sae}})
+            return sae
+
+    class MultiRunner(bench.MultiSAETrainingRunner):
+        def run(self) -> Any:
+            saes = super().run()
+            runs.append({"runner": self, "saes": saes})
+            return saes
+
+    monkeypatch.setattr(bench, "LanguageModelSAETrainingRunner", SingleRunner)
+    monkeypatch.setattr(bench, "MultiSAETrainingRunner", MultiRunner)
+    timed: list[float] = []
+    real_time_run = bench._time_run
+
+    def time_run(*args: Any) -> float:
+        seconds = real_time_run(*args)
+        timed.append(seconds)
+        return seconds
+
+    monkeypatch.setattr(bench, "_time_run", time_run)
+    result = run_benchmark(BenchConfig(**MULTI), progress=False)
+
+    # The multi run first, then one single run per lambda, in order.
+    multi, *singles = runs
+    l1s = [2**-0.5, 2**0.5]
+    multi_runner = multi["runner"]
+    assert isinstance(multi_runner, MultiRunner)
+    assert [type(run["runner"]) for run in singles] == [SingleRunner] * 2
+    multi_cfg = multi_runner.cfg
+    gated_cfgs = [
+        c for c in multi_cfg.saes.values() if isinstance(c, GatedTrainingSAEConfig)
+    ]
+    assert [c.l1_coefficient for c in gated_cfgs] == l1s
+    assert [run["runner"].cfg.sae.l1_coefficient for run in singles] == l1s
+    trained = [*multi["saes"].values(), *(run["saes"]["single"] for run in singles)]
+    assert [sae.cfg.l1_coefficient for sae in trained] == l1s + l1s
+    for sae in trained:
+        assert isinstance(sae, GatedTrainingSAE)
+        assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.recipe) == (32, 128, "paper")
+    # The same model object, dataset rows, steps and optimizer for every run, and
+    # nothing written or logged.
+    for run in runs:
+        cfg = run["runner"].cfg
+        assert run["runner"].model is multi_runner.model
+        assert (cfg.training_tokens, cfg.train_batch_size_tokens) == (4 * 64, 64)
+        assert (cfg.lr, cfg.adam_beta1, cfg.seed) == (3e-4, 0.0, 0)
+        assert (cfg.output_path, cfg.checkpoint_path) == (None, None)
+        assert not cfg.logger.log_to_wandb
+        store = run["runner"].activations_store
+        assert (
+            store.n_dataset_processed
+            == multi_runner.activations_store.n_dataset_processed
+        )
+    assert multi_cfg.hook_names == "blocks.1.hook_resid_post"
+    assert singles[0]["runner"].cfg.hook_name == "blocks.1.hook_resid_post"
+    model = multi_runner.model
+    assert isinstance(model, HookedTransformer) and model.cfg.n_layers == 2
+
+    summary = result["summary"]
+    assert summary["multi_seconds"] == timed[0]
+    assert summary["single_seconds"] == timed[1:]
+    assert summary["multi_vs_sum_of_singles"] == timed[0] / sum(timed[1:])
+    assert summary["lm_forward_vs_sae_step"] == (
+        result["lm_forward_seconds"] / result["sae_step_seconds"]
+    )
+    assert summary["l1_coefficients"] == l1s
+    assert (summary["k"], summary["d_in"], summary["d_sae"]) == (2, 32, 128)
+    report = format_report(result)
+    assert (
+        f"multi / sum of 2 singles: {summary['multi_vs_sum_of_singles']:.3f}" in report
+    )
+    assert json.loads(report.splitlines()[-1]) == summary
+
+
+def test_multi_runner_settings_are_checked():
+    with pytest.raises(ValueError, match="multi_runner must be 0 .*got -1"):
+        BenchConfig(multi_runner=-1)
+    others: dict[str, Any] = {
+        "memory_only": True,
+        "density_sweep": (0.01,),
+        "auto_steps": 20,
+        "d_sae": 4096,
+    }
+    for name, value in others.items():
+        with pytest.raises(ValueError, match=f"runner comparison .*drop {name}"):
+            BenchConfig(multi_runner=4, **{name: value})
+    for name in ("lm_layers", "lm_expansion", "lm_steps"):
+        zero: dict[str, Any] = {name: 0}
+        with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
+            BenchConfig(multi_runner=4, **zero)
+
+
+def test_multi_runner_starts_every_run_from_one_initialization_at_the_gate_density(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    opened: list[tuple[float, dict[str, torch.Tensor]]] = []
+    real_open_gates = bench._open_gates
+
+    def open_gates(sae: Any, x: torch.Tensor, fraction: float) -> None:
+        assert fraction == 0.01
+        real_open_gates(sae, x, fraction)
+        with torch.no_grad():
+            density = float(
+                (sae.process_sae_in(x) @ sae.W_enc + sae.b_gate > 0).float().mean()
+            )
+        # At most the fraction, but at least one row per feature.
+        assert 0.0 < density <= max(fraction, 1 / x.shape[0])
+        opened.append((density, {k: v.clone() for k, v in sae.state_dict().items()}))
+
+    monkeypatch.setattr(bench, "_open_gates", open_gates)
+    settings: dict[str, Any] = {
+        **MULTI,
+        "lm_steps": 1 + PROBE_STEPS + 2,
+    }  # auto decides
+    result = run_benchmark(BenchConfig(**settings, gate_density=0.01), progress=False)
+
+    # The regime's SAE, the multi run's two and the two single runs' SAEs.
+    assert len(opened) == 5
+    first = opened[0][1]
+    for _, state in opened:
+        for name in ("W_enc", "W_dec", "b_gate", "b_mag", "r_mag", "b_dec"):
+            assert torch.equal(state[name], first[name]), name
+    assert len(result["auto_modes"]) == 4
+    assert set(result["auto_modes"]) <= {"dense", "sparse"}
+    assert result["summary"]["regime_step_mode"] in ("dense", "sparse")
+    assert result["summary"]["gate_density"] == 0.01
+    assert "gates opened on 1.00% of a batch" in format_report(result)
+    assert "auto ran: " in format_report(result)
