@@ -31,7 +31,10 @@ from sae_lens_gated.conversion import (
     check_new_folder,
     export_sae,
 )
-from sae_lens_gated.distributed.collectives import launched_with_several_processes
+from sae_lens_gated.distributed.collectives import (
+    launched_with_several_processes,
+    world_size,
+)
 from sae_lens_gated.distributed.runner import distributed_arguments, run_training
 from sae_lens_gated.loading import GatedSAELoadError, load_gated_sae
 from sae_lens_gated.registration import register
@@ -39,6 +42,7 @@ from sae_lens_gated.repro.bench import BenchConfig, format_report, run_benchmark
 from sae_lens_gated.repro.demo import DemoConfig, format_table, run_demo
 from sae_lens_gated.repro.experiments import check_device, prepare_output_folder
 from sae_lens_gated.repro.sweep import SweepConfig, format_claims, run_sweep
+from sae_lens_gated.training.cached_activations import check_cached_activations
 from sae_lens_gated.training.multi_runner import (
     SWEEP_HELP,
     SWEEP_OPTIONS,
@@ -234,6 +238,7 @@ def _train(args: list[str]) -> int:
                 )
             run_name_given = any(a.partition("=")[0] == "--run_name" for a in args)
             multi_cfg = multi_runner_config(cfg, sweep_values, run_name_given)
+        check_cached_activations(cfg, world_size())
     except (argparse.ArgumentError, ValueError, TypeError, OSError) as error:
         return _fail("train", error, 2)
     try:

@@ -429,3 +429,38 @@ def file_hashes(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def write_activation_cache(
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    n_rows: int = 400,
+    hook: str = "blocks.0.hook_resid_post",
+) -> Path:
+    """Cache the tiny model's activations at ``hook`` over the first ``n_rows`` sequences
+    of the tiny token dataset, in order, with SAELens's ``CacheActivationsRunner``."""
+    import sae_lens.cache_activations_runner as cache_runner
+    from sae_lens.config import CacheActivationsRunnerConfig
+
+    monkeypatch.setattr(cache_runner, "load_model", lambda **_: tiny_model())
+    context, d_in = 16, 32
+    tokens = n_rows * context
+    cfg = CacheActivationsRunnerConfig(
+        dataset_path="",
+        model_name="tiny-random",
+        model_batch_size=8,
+        hook_name=hook,
+        d_in=d_in,
+        training_tokens=tokens,
+        context_size=context,
+        new_cached_activations_path=str(path),
+        shuffle=False,
+        device="cpu",
+        prepend_bos=False,
+        # One buffer holding every row (the default buffer is 2 GB, which it fills).
+        buffer_size_gb=tokens * d_in * 4 / 1e9,
+    )
+    cache_runner.CacheActivationsRunner(
+        cfg, override_dataset=tiny_token_dataset(n_rows)
+    ).run()
+    return path

@@ -25,6 +25,7 @@ from tests.helpers import (
     random_dictionary_learning_ae,
     tiny_model,
     tiny_token_dataset,
+    write_activation_cache,
     write_dictionary_learning_folder,
 )
 
@@ -740,3 +741,24 @@ def test_train_help_says_which_options_take_several_values(
         assert "Several values: one SAE per value" in block, option
         assert "MultiSAETrainingRunner" in block, option
     assert "--lr" in out and out.count("Several values") == 2
+
+
+def test_train_refuses_cached_activations_that_do_not_fit_before_any_work(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    work: list[str],
+    capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    cache = write_activation_cache(tmp_path / "cache", monkeypatch, n_rows=40)
+    capsys.readouterr()  # the cache's progress bars
+    argv = ["train", "--architecture", "gated", "--d_in", "32", "--context_size", "16"]
+    argv += ["--use_cached_activations", "true", "--cached_activations_path"]
+    for path, hook, fragment in (
+        (tmp_path / "nowhere", "blocks.0.hook_resid_post", "no activation cache at"),
+        (cache, "blocks.1.hook_resid_post", "not the hook of this run"),
+        (cache, "blocks.0.hook_resid_post", "too small for this run"),
+    ):
+        code, out, err = _run([*argv, str(path), "--hook_name", hook], capsys)
+        _assert_usage_error(code, out, err, "train", fragment)
+    assert work == []

@@ -40,9 +40,14 @@ class DistributedTrainingError(RuntimeError):
     """A process of a distributed run failed, or stopped answering within the timeout."""
 
 
+def world_size() -> int:
+    """The number of processes ``torchrun`` (or another launcher) started (1 without)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_with_several_processes() -> bool:
     """Whether ``torchrun`` (or another launcher) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def init_distributed(

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import sae_lens
 import torch
 import torch.distributed as dist
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
@@ -69,6 +69,7 @@ from sae_lens_gated.distributed.latent_sharded import (
     shard_latents,
 )
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+from sae_lens_gated.training.cached_activations import check_cached_activations
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class DistributedRunner(LanguageModelSAETrainingRunner):
         self.mode = mode
         self.whole_cfg = cfg
         check_runner_config(cfg, self.ranks, mode)
+        check_cached_activations(cfg, self.ranks.world_size)
         # SAELens appends a random id to checkpoint_path: every process uses the first's.
         cfg.checkpoint_path = self.ranks.broadcast_object(
             cfg.checkpoint_path, "agreeing on the checkpoint folder"
@@ -245,8 +247,10 @@ class DistributedRunner(LanguageModelSAETrainingRunner):
         ):
             store.gathered_batches = self.cfg.n_batches_for_norm_estimate
         if store.cached_activation_dataset is not None:
-            store.cached_activation_dataset = store.cached_activation_dataset.shard(
-                self.ranks.world_size, self.ranks.rank, contiguous=True
+            store.cached_activation_dataset = rank_cache_share(
+                store.cached_activation_dataset,
+                self.cfg.store_batch_size_prompts,
+                self.ranks,
             )
         return store
 
@@ -453,6 +457,42 @@ def rank_dataset(
         load: Any = load_dataset
         dataset = load(cfg.dataset_path, **options)
     return split_dataset_by_node(dataset, rank=ranks.rank, world_size=ranks.world_size)
+
+
+def rank_cache_rows(
+    n_rows: int, batch_rows: int, rank: int, world_size: int
+) -> list[int]:
+    """The rows of an activation cache that process ``rank`` of ``world_size`` reads.
+
+    SAELens's store reads a cache in batches of ``batch_rows`` sequences. The batches are
+    dealt out in turn (process ``r`` reads batches ``r``, ``r + N``, ...), so together the
+    processes read the cache in the order one process would, each its own rows: over an
+    epoch no row is read twice. The last ``n_rows % (batch_rows * N)`` rows, too few for a
+    batch on every process, are not read (one process likewise skips its last partial
+    batch).
+    """
+    group = batch_rows * world_size
+    return [
+        start + i
+        for start in range(rank * batch_rows, n_rows // group * group, group)
+        for i in range(batch_rows)
+    ]
+
+
+def rank_cache_share(cache: Dataset, batch_rows: int, ranks: Ranks) -> Dataset:
+    """This process's rows of the activation cache (:func:`rank_cache_rows`)."""
+    rows = rank_cache_rows(len(cache), batch_rows, ranks.rank, ranks.world_size)
+    unread = len(cache) - len(rows) * ranks.world_size
+    if unread and ranks.is_first:
+        logger.warning(
+            "The last %d of the %d cached sequences are not read: each of the %d "
+            "processes reads whole batches of %d sequences (store_batch_size_prompts).",
+            unread,
+            len(cache),
+            ranks.world_size,
+            batch_rows,
+        )
+    return cache.select(rows)
 
 
 def _rank_device(device: str) -> str:

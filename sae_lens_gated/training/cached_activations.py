@@ -1,0 +1,119 @@
+"""Checks of a SAELens activation cache against the run that is to read it.
+
+``CacheActivationsRunner`` writes a model's activations once; a run with
+``use_cached_activations=True`` then trains from them. SAELens finds a cache for another
+hook or width only when it starts reading, and a cache with too few rows for the run not at
+all: its activation store starts over at the first row with a warning, so the SAE trains on
+some activations twice. :func:`check_cached_activations` refuses both before any work.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_from_disk
+from sae_lens import LanguageModelSAERunnerConfig
+
+# The column SAELens's cache holds beside one column per hook.
+_TOKEN_IDS = "token_ids"
+# Normalizations for which SAELens's trainer draws batches before training.
+_ESTIMATED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
+
+
+def load_activation_cache(path: str | Path) -> Dataset:
+    """Open the activation cache at ``path`` (memory-mapped: nothing is read yet).
+
+    Raises:
+        ValueError: ``path`` is not a folder holding one dataset saved by ``save_to_disk``.
+    """
+    if not Path(path).is_dir():
+        raise ValueError(f"There is no activation cache at {path}: no such folder.")
+    try:
+        dataset: Any = load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as error:
+        raise ValueError(
+            f"{path} is not an activation cache written by SAELens's "
+            f"CacheActivationsRunner: {error}"
+        ) from None
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"{path} holds several splits ({', '.join(dataset)}); an activation cache "
+            "is one dataset."
+        )
+    return dataset
+
+
+def tokens_needed(cfg: LanguageModelSAERunnerConfig[Any], n_processes: int = 1) -> int:
+    """The fewest cached tokens one of ``n_processes`` processes reads in the run ``cfg``.
+
+    Its share of the training tokens, the batches SAELens's trainer draws first to estimate
+    the activation normalization, and what the store's mixing buffer still holds when
+    training ends.
+    """
+    local_batch = cfg.train_batch_size_tokens // n_processes
+    steps = math.ceil(cfg.training_tokens / cfg.train_batch_size_tokens)
+    needed = steps * local_batch
+    if cfg.sae.normalize_activations in _ESTIMATED_NORMALIZATIONS:
+        needed += cfg.n_batches_for_norm_estimate * local_batch
+    context = _training_context(cfg)
+    needed += int(cfg.n_batches_in_buffer * context * cfg.activations_mixing_fraction)
+    return needed
+
+
+def _training_context(cfg: LanguageModelSAERunnerConfig[Any]) -> int:
+    # The tokens of a sequence that are trained on (as SAELens's store computes it).
+    return len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
+
+
+def check_cached_activations(
+    cfg: LanguageModelSAERunnerConfig[Any], n_processes: int = 1
+) -> None:
+    """Refuse a run whose activation cache does not fit it, before any work.
+
+    Does nothing unless ``cfg.use_cached_activations``. Checks that the cache holds the
+    hook ``cfg.hook_name`` with ``(context_size, d_in)`` activations per sequence, and
+    enough sequences that none is read twice: SAELens's store reads whole batches of
+    ``store_batch_size_prompts`` sequences, and with ``n_processes`` each reads its own
+    share of the cache.
+
+    Args:
+        cfg: The run's configuration (the whole run's, under torchrun).
+        n_processes: The processes of a data-parallel or latent-sharded run.
+
+    Raises:
+        ValueError: No cache, a cache of another hook, width or context size, or too few
+            sequences; the message names both sides.
+    """
+    if not cfg.use_cached_activations:
+        return
+    path = cfg.cached_activations_path
+    if path is None:
+        raise ValueError("use_cached_activations needs cached_activations_path.")
+    cache = load_activation_cache(path)
+    hooks = [column for column in cache.column_names if column != _TOKEN_IDS]
+    if cfg.hook_name not in hooks:
+        raise ValueError(
+            f"The activation cache at {path} holds {', '.join(map(repr, hooks))}, not "
+            f"the hook of this run, {cfg.hook_name!r} (hook_name)."
+        )
+    shape = tuple(getattr(cache.features[cfg.hook_name], "shape", ()))
+    context, d_in = _training_context(cfg), cfg.sae.d_in
+    if shape != (context, d_in):
+        raise ValueError(
+            f"The activation cache at {path} holds {cfg.hook_name!r} activations of shape "
+            f"{shape} per sequence; this run needs (context_size, d_in) = "
+            f"({context}, {d_in})."
+        )
+    prompts = cfg.store_batch_size_prompts
+    share = len(cache) // n_processes
+    usable = share // prompts * prompts * context
+    needed = tokens_needed(cfg, n_processes)
+    if usable < needed:
+        where = "" if n_processes == 1 else f" for each of {n_processes} processes"
+        raise ValueError(
+            f"The activation cache at {path} is too small for this run: {len(cache)} "
+            f"sequences of {context} tokens give {usable} tokens{where} in whole batches "
+            f"of {prompts} sequences (store_batch_size_prompts), and the run reads "
+            f"{needed} (training_tokens, the normalization estimate and the mixing "
+            "buffer's rest). Cache more activations or train on fewer tokens."
+        )
