@@ -46,6 +46,7 @@ from sae_lens_gated.training.cached_activations import check_cached_activations
 from sae_lens_gated.training.multi_runner import (
     SWEEP_HELP,
     SWEEP_OPTIONS,
+    CachedMultiSAETrainingRunner,
     is_sweep,
     multi_runner_config,
     split_sweep_arguments,
@@ -244,6 +245,8 @@ def _train(args: list[str]) -> int:
     try:
         if multi_cfg is None:
             run_training(cfg, options.distributed, options.distributed_timeout)
+        elif cfg.use_cached_activations:
+            CachedMultiSAETrainingRunner(multi_cfg, cfg).run()
         else:
             MultiSAETrainingRunner(multi_cfg).run()
             path = multi_cfg.output_path

@@ -259,6 +259,9 @@ def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(cli, "load_gated_sae", start("convert", None))
     monkeypatch.setattr(cli, "run_training", start("train", None))
     monkeypatch.setattr(cli, "MultiSAETrainingRunner", start("train sweep", None))
+    monkeypatch.setattr(
+        cli, "CachedMultiSAETrainingRunner", start("train sweep from a cache", None)
+    )
     return started
 
 
@@ -687,7 +690,7 @@ def test_train_sweeps_every_lambda_and_width_from_one_activation_stream(
         (["--l1_coefficient", "1", "--l1_coefficient", "2"], ["given twice"]),
         (
             ["--l1_coefficient", "1", "2", "--use_cached_activations", "true"],
-            ["--use_cached_activations is not supported in a sweep"],
+            ["no activation cache at"],
         ),
     ],
 )
@@ -762,3 +765,30 @@ def test_train_refuses_cached_activations_that_do_not_fit_before_any_work(
         code, out, err = _run([*argv, str(path), "--hook_name", hook], capsys)
         _assert_usage_error(code, out, err, "train", fragment)
     assert work == []
+
+
+def test_train_sweeps_from_cached_activations_without_running_the_model(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lm_batches: list[int],
+    capsys: pytest.CaptureFixture[str],
+):
+    cache = write_activation_cache(tmp_path / "cache", monkeypatch)
+    lm_batches.clear()
+    argv = _train_args(tmp_path, "sweep")
+    argv[argv.index("--hook_name") + 1] = "blocks.0.hook_resid_post"
+    argv += [
+        "--use_cached_activations",
+        "true",
+        "--cached_activations_path",
+        str(cache),
+    ]
+    code, _, err = _run([*argv, "--l1_coefficient", "0.1", "3"], capsys)
+    assert code == 0, err
+    assert lm_batches == []  # every activation came from the cache
+    x = torch.randn(512, 32) * 3
+    low, high = (
+        SAE.load_from_disk(tmp_path / "sweep" / f"d_sae-1024_l1-{l1}")
+        for l1 in ("0.1", "3.0")
+    )
+    assert _l0(high, x) < _l0(low, x)

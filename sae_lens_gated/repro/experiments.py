@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.synthetic import (
@@ -36,6 +37,7 @@ from sae_lens_gated.saes.gated_untied_sae import (
     GatedUntiedTrainingSAE,
     GatedUntiedTrainingSAEConfig,
 )
+from sae_lens_gated.training.multi_runner import multi_config
 
 DEFAULT_SYNTHETIC_MODEL = SyntheticModelConfig(
     num_features=256,
@@ -335,6 +337,23 @@ class LanguageModelSource:
             override_sae=sae,
         ).run()
 
+    def train_together(
+        self, saes: dict[str, TrainingSAE[Any]], settings: TrainingSettings
+    ) -> None:
+        """Train ``saes`` from one activation stream (one model forward pass per batch for
+        all of them) with SAELens's ``MultiSAETrainingRunner``."""
+        first = next(iter(saes.values()))
+        cfg = multi_config(
+            self._runner_config(first.cfg, settings),
+            {name: sae.cfg for name, sae in saes.items()},
+        )
+        MultiSAETrainingRunner(
+            cfg,
+            override_model=self.model,
+            override_dataset=self.override_dataset,
+            override_saes=dict(saes),
+        ).run()
+
 
 ActivationSource = SyntheticSource | LanguageModelSource
 
@@ -617,12 +636,49 @@ def run_grid(
     settings: TrainingSettings,
     progress: bool = True,
 ) -> Iterator[RunResult]:
-    """Train every (variant, lambda, seed) combination, with a progress bar over runs."""
+    """Train every (variant, lambda, seed) combination, with a progress bar over runs.
+
+    On a language model's activations, all the SAEs of one seed train from one activation
+    stream (:meth:`LanguageModelSource.train_together`), each from the weights it would
+    start from alone; their ``seconds`` is an equal share of that run's time.
+    """
+    if isinstance(source, LanguageModelSource):
+        yield from _run_grid_together(
+            variants, grid, seeds, source, gated_width, settings, progress
+        )
+        return
     jobs = [(v, l1, s) for v in variants for l1 in grid[v.name] for s in seeds]
     bar = tqdm(jobs, desc="runs", disable=not progress)
     for variant, l1, seed in bar:
         bar.set_postfix_str(f"{variant.name} lambda={l1} seed={seed}")
         yield train_and_evaluate(variant, l1, seed, source, gated_width, settings)
+
+
+def _run_grid_together(
+    variants: list[Variant],
+    grid: dict[str, tuple[float, ...]],
+    seeds: list[int],
+    source: LanguageModelSource,
+    gated_width: int,
+    settings: TrainingSettings,
+    progress: bool,
+) -> Iterator[RunResult]:
+    jobs = [(v, l1) for v in variants for l1 in grid[v.name]]
+    bar = tqdm(seeds, desc="activation streams", disable=not progress)
+    for seed in bar:
+        bar.set_postfix_str(f"{len(jobs)} SAEs, seed={seed}")
+        saes: dict[str, TrainingSAE[Any]] = {}
+        for variant, l1 in jobs:
+            torch.manual_seed(seed)  # the weights this SAE would start from alone
+            saes[f"{variant.name} lambda={l1!r}"] = build_training_sae(
+                variant, source.d_in, gated_width, l1, settings
+            )
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        source.train_together(saes, settings)
+        seconds = (time.perf_counter() - start) / len(saes)
+        for (variant, l1), sae in zip(jobs, saes.values()):
+            yield evaluate(sae, variant, l1, seed, source, seconds)
 
 
 def _gamma_or_nan(x: torch.Tensor, x_hat: torch.Tensor) -> float:

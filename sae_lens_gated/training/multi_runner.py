@@ -11,14 +11,20 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig
-from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
-from sae_lens.saes.sae import TrainingSAEConfig
+from sae_lens.config import HfDataset
+from sae_lens.multi_sae_training_runner import (
+    MultiSAETrainingRunner,
+    MultiSAETrainingRunnerConfig,
+)
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.training.activations_store import ActivationsStore
+from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_gated.conversion import check_new_folder
 
@@ -35,9 +41,9 @@ SWEEP_HELP = (
 )
 
 # Fields of the single-SAE runner config that MultiSAETrainingRunner has no equivalent for
-# (SAELens 6.5x: "V1 limitations"), with the value that means "not used".
+# (SAELens 6.5x: "V1 limitations"), with the value that means "not used". Cached
+# activations are the exception: CachedMultiSAETrainingRunner reads them.
 _UNSUPPORTED: dict[str, Any] = {
-    "use_cached_activations": False,
     "from_pretrained_path": None,
     "compile_sae": False,
 }
@@ -201,6 +207,23 @@ def multi_runner_config(
             check_new_folder(cfg.output_path)
         except OSError as error:
             raise type(error)(f"--output_path: {error}") from None
+    return multi_config(cfg, saes, run_name_given)
+
+
+def multi_config(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    saes: dict[str, TrainingSAEConfig],
+    run_name_given: bool = False,
+) -> MultiSAETrainingRunnerConfig:
+    """The ``MultiSAETrainingRunner`` config that trains ``saes`` as ``cfg`` trains one
+    SAE: the same model, hook, data, optimizer, logging and folders.
+
+    Args:
+        cfg: A single-SAE runner config (its ``sae`` is not used).
+        saes: The SAEs' configs, by name (output subfolder and W&B prefix).
+        run_name_given: Keep ``cfg``'s W&B run name (otherwise the multi runner names the
+            run after its SAEs).
+    """
     multi_fields = {f.name for f in dataclasses.fields(MultiSAETrainingRunnerConfig)}
     copied = {
         name: getattr(cfg, name)
@@ -269,3 +292,50 @@ def check_memory(saes: list[TrainingSAEConfig], device: str) -> None:
         f"fit on {device}: their weights, gradients and Adam moments alone need "
         f"{needed / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free."
     )
+
+
+class _CachedMultiHookStore(ActivationsStore):
+    """SAELens's activation store over a cache, serving one hook's batches the way the
+    multi runner asks for them (a dict by hook name)."""
+
+    def get_multi_hook_data_loader(self) -> Iterator[dict[str, torch.Tensor]]:
+        return ({self.hook_name: batch} for batch in self.get_data_loader())
+
+
+class CachedMultiSAETrainingRunner(MultiSAETrainingRunner):
+    """SAELens's ``MultiSAETrainingRunner`` training from an activation cache.
+
+    SAELens's multi runner always runs the model (it has no ``use_cached_activations``);
+    this one swaps its activation store for SAELens's store over the cache of
+    ``cached_cfg``, the single-SAE config the sweep was built from. Every SAE reads the
+    cache's one hook. The model and token dataset remain for the evaluations.
+
+    Args:
+        cfg: The multi runner's config (:func:`multi_config`).
+        cached_cfg: A single-SAE runner config with ``use_cached_activations`` and the
+            same hook.
+        override_dataset: As SAELens's runner.
+        override_model: As SAELens's runner.
+        override_saes: As SAELens's runner.
+    """
+
+    def __init__(
+        self,
+        cfg: MultiSAETrainingRunnerConfig,
+        cached_cfg: LanguageModelSAERunnerConfig[Any],
+        override_dataset: HfDataset | None = None,
+        override_model: HookedRootModule | None = None,
+        override_saes: dict[str, TrainingSAE[Any]] | None = None,
+    ) -> None:
+        hooks = set(cfg.hook_names_per_sae.values())
+        if not cached_cfg.use_cached_activations or hooks != {cached_cfg.hook_name}:
+            raise ValueError(
+                "CachedMultiSAETrainingRunner needs a config with use_cached_activations "
+                f"for the hook of every SAE ({', '.join(sorted(hooks))})."
+            )
+        super().__init__(cfg, override_dataset, override_model, override_saes)
+        store = _CachedMultiHookStore.from_config(
+            self.model, cached_cfg, override_dataset=override_dataset
+        )
+        self.activations_store = store
+        self.evaluator.activations_store = store

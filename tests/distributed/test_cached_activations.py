@@ -39,7 +39,7 @@ def _cfg(tmp: str, cache: str, **overrides: Any) -> LanguageModelSAERunnerConfig
     )
 
 
-def test_cache_rows_are_dealt_out_in_whole_batches_in_turn():
+def test_cached_activations_rows_are_dealt_out_in_whole_batches_in_turn():
     assert rank_cache_rows(10, 2, 0, 2) == [0, 1, 4, 5]
     assert rank_cache_rows(10, 2, 1, 2) == [2, 3, 6, 7]  # rows 8, 9: one batch, 2 ranks
     assert rank_cache_rows(10, 3, 0, 1) == list(range(9))  # as SAELens reads it alone

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import re
@@ -5,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from sae_lens_gated.repro import sweep
+from sae_lens_gated.repro import experiments, sweep
 from sae_lens_gated.repro.experiments import (
     BASELINE,
     MIXTURE,
@@ -185,3 +187,81 @@ def test_sweep_refuses_a_non_empty_out_folder_before_training(
     assert (tmp_path / "results.json").read_text() == "earlier results"
     with pytest.raises(AssertionError, match="training started"):
         run_sweep(SweepConfig(out=tmp_path, overwrite=True))
+
+
+def test_a_language_model_sweep_trains_each_seed_from_one_activation_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    model = tiny_model()
+    forward_passes: list[int] = []
+    run_with_cache = model.run_with_cache
+
+    def counted(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        forward_passes.append(tokens.shape[0])
+        return run_with_cache(tokens, *args, **kwargs)
+
+    model.run_with_cache = counted  # type: ignore[method-assign]
+    started: list[dict[str, dict[str, torch.Tensor]]] = []
+    passes_per_run: list[int] = []
+
+    class Runner(experiments.MultiSAETrainingRunner):
+        def __init__(self, cfg: Any, **kwargs: Any) -> None:
+            started.append(
+                {
+                    name: {k: v.clone() for k, v in sae.state_dict().items()}
+                    for name, sae in kwargs["override_saes"].items()
+                }
+            )
+            super().__init__(cfg, **kwargs)
+
+        def run(self) -> Any:
+            before = len(forward_passes)
+            saes = super().run()
+            passes_per_run.append(len(forward_passes) - before)
+            return saes
+
+    monkeypatch.setattr(experiments, "MultiSAETrainingRunner", Runner)
+    cfg = SweepConfig(
+        out=tmp_path / "lm",
+        quick=True,
+        steps=20,
+        batch_size=64,
+        variants=(PAPER, BASELINE),
+        seeds=(0, 1),
+        l1=(0.1, 3.0),
+        model="tiny-random",
+        hook="blocks.0.hook_resid_post",
+        context_size=16,
+        expansion=2.0,
+    )
+    results = run_sweep(
+        cfg, override_model=model, override_dataset=tiny_token_dataset(), progress=False
+    )
+    # One runner per seed, training all 4 SAEs of that seed.
+    assert [len(s) for s in started] == [4, 4]
+    runs = results["runs"]
+    assert len(runs) == 8
+    # Each SAE starts from the weights it would start from alone: the same for both
+    # lambdas of a variant and seed, different between seeds.
+    for seed_saes in started:
+        paper = [s for name, s in seed_saes.items() if name.startswith(PAPER)]
+        assert len(paper) == 2
+        for key, value in paper[0].items():
+            assert torch.equal(paper[1][key], value), key
+    first = next(iter(started[0].values()))
+    second = next(iter(started[1].values()))
+    assert not torch.equal(first["W_dec"], second["W_dec"])
+    # The model ran as often for 4 SAEs as for one.
+    one = dataclasses.replace(
+        cfg, out=tmp_path / "one", variants=(PAPER,), seeds=(0,), l1=(0.1,)
+    )
+    run_sweep(
+        one, override_model=model, override_dataset=tiny_token_dataset(), progress=False
+    )
+    assert passes_per_run[0] == passes_per_run[1] == passes_per_run[2] > 0
+    for variant in (PAPER, BASELINE):
+        l0 = {r["l1_coefficient"]: r["l0"] for r in runs if r["variant"] == variant}
+        assert l0[3.0] < l0[0.1], variant  # a higher lambda, a sparser SAE
+    assert all(r["seconds"] > 0 for r in runs)
+    seconds = {(r["seed"], r["seconds"]) for r in runs}
+    assert len(seconds) == 2  # an equal share of each seed's run

@@ -1,22 +1,35 @@
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sae_lens import LanguageModelSAERunnerConfig, TopKTrainingSAEConfig
+import torch
+from sae_lens import (
+    LanguageModelSAERunnerConfig,
+    LanguageModelSAETrainingRunner,
+    TopKTrainingSAEConfig,
+)
 from sae_lens.saes.sae import TrainingSAEConfig
 
-from sae_lens_gated import GatedTrainingSAEConfig
+from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training import multi_runner
 from sae_lens_gated.training.multi_runner import (
+    CachedMultiSAETrainingRunner,
     check_memory,
     is_sweep,
+    multi_config,
     multi_runner_config,
     sae_folder_name,
     split_sweep_arguments,
     sweep_sae_configs,
     training_bytes,
 )
-from tests.helpers import tiny_runner_dict
+from tests.helpers import (
+    tiny_model,
+    tiny_runner_dict,
+    tiny_token_dataset,
+    write_activation_cache,
+)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +184,6 @@ def test_the_multi_config_carries_the_runner_settings(tmp_path: Path):
 @pytest.mark.parametrize(
     ("setting", "value"),
     [
-        ("use_cached_activations", True),
         ("from_pretrained_path", "some/sae"),
         ("compile_sae", True),
     ],
@@ -192,3 +204,66 @@ def test_an_output_folder_that_is_not_empty_is_refused_untouched(tmp_path: Path)
         multi_runner_config(_runner_cfg(tmp_path), {"--d_sae": [64, 128]})
     assert [p.name for p in output.iterdir()] == ["cfg.json"]
     assert (output / "cfg.json").read_text() == "{}"
+
+
+# ---- the multi runner from an activation cache --------------------------------------------
+
+
+def test_the_multi_runner_trains_from_cached_activations_as_single_runs_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    cache = write_activation_cache(tmp_path / "cache", monkeypatch)
+    settings: dict[str, Any] = {
+        "sae": {"dtype": "float64"},
+        "dtype": "float64",
+        "use_cached_activations": True,
+        "cached_activations_path": str(cache),
+        "output_path": None,
+    }
+    cfg = _runner_cfg(tmp_path, **settings)
+    start = GatedTrainingSAE(
+        GatedTrainingSAEConfig(d_in=32, d_sae=128, l1_coefficient=0.5, dtype="float64")
+    )
+    initial = start.state_dict()
+
+    def new_sae(sae_cfg: Any) -> GatedTrainingSAE:
+        sae = GatedTrainingSAE(sae_cfg)
+        sae.load_state_dict(initial)
+        return sae
+
+    sweep = sweep_sae_configs(cfg.sae, {"--l1_coefficient": [0.5, 3.0]})
+    runner = CachedMultiSAETrainingRunner(
+        multi_config(cfg, sweep),
+        cfg,
+        override_model=tiny_model(),
+        override_dataset=tiny_token_dataset(),
+        override_saes={name: new_sae(c) for name, c in sweep.items()},
+    )
+    torch.manual_seed(0)  # the mixing buffer's shuffles
+    together = runner.run()
+    for name, sae_cfg in sweep.items():
+        single = LanguageModelSAETrainingRunner(
+            dataclasses.replace(cfg, sae=sae_cfg),
+            override_model=tiny_model(),
+            override_dataset=tiny_token_dataset(),
+            override_sae=new_sae(sae_cfg),
+        )
+        torch.manual_seed(0)
+        alone = single.run()
+        for key, value in alone.state_dict().items():
+            assert not torch.equal(value, initial[key]), (name, key)
+            torch.testing.assert_close(
+                together[name].state_dict()[key], value, atol=1e-12, rtol=0
+            )
+    low, high = together.values()
+    assert not torch.equal(low.W_dec, high.W_dec)  # two lambdas, two SAEs
+
+
+def test_the_multi_runner_from_cached_activations_needs_a_cache_of_its_hook(
+    tmp_path: Path,
+):
+    cfg = _runner_cfg(tmp_path)
+    multi = multi_config(cfg, {"a": _sae()})
+    with pytest.raises(ValueError, match="needs a config with use_cached_activations"):
+        CachedMultiSAETrainingRunner(multi, cfg, override_model=tiny_model())
