@@ -50,7 +50,6 @@ from sae_lens.constants import (
 from sae_lens.llm_sae_training_runner import LLMSaeEvaluator
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
-from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.types import DataProvider
 from safetensors.torch import load_file, save_file
 from transformer_lens.hook_points import HookedRootModule
@@ -69,7 +68,11 @@ from sae_lens_gated.distributed.latent_sharded import (
     shard_latents,
 )
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
-from sae_lens_gated.training.cached_activations import check_cached_activations
+from sae_lens_gated.training.cached_activations import (
+    CachePositionStore,
+    check_cached_activations,
+    keep_cache_position,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +359,7 @@ class DistributedRunner(LanguageModelSAETrainingRunner):
             shutil.rmtree(staged, ignore_errors=True)
 
 
-class RankActivationsStore(ActivationsStore):
+class RankActivationsStore(CachePositionStore):
     """SAELens's activation store, whose first ``gathered_batches`` batches are global.
 
     SAELens's trainer estimates the activation normalization from the first batches it
@@ -561,8 +564,10 @@ def run_training(
     """Train ``cfg`` with SAELens's runner, on every process of a torchrun launch.
 
     In a single process (no torchrun, or ``--nproc-per-node 1``) this is SAELens's
-    ``LanguageModelSAETrainingRunner(cfg).run()`` exactly. Under torchrun with several
-    processes each runs a :class:`DistributedRunner` in ``mode``.
+    ``LanguageModelSAETrainingRunner(cfg).run()``, whose store also checkpoints its place in
+    an activation cache (:func:`~sae_lens_gated.training.cached_activations.
+    keep_cache_position`). Under torchrun with several processes each runs a
+    :class:`DistributedRunner` in ``mode``.
 
     Args:
         cfg: The whole run's configuration.
@@ -573,7 +578,10 @@ def run_training(
         DistributedTrainingError: Another process failed or stopped answering.
     """
     if not launched_with_several_processes():
-        LanguageModelSAETrainingRunner(cfg=cfg).run()
+        runner = LanguageModelSAETrainingRunner(cfg=cfg)
+        if cfg.use_cached_activations:
+            keep_cache_position(runner)
+        runner.run()
         return
     try:
         ranks = init_distributed(timeout_s=timeout_s)

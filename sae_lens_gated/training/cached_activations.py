@@ -11,8 +11,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, load_from_disk
-from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens.config import HfDataset
+from sae_lens.training.activations_store import ActivationsStore
+from safetensors.torch import load_file
+from typing_extensions import override
 
 # The column SAELens's cache holds beside one column per hook.
 _TOKEN_IDS = "token_ids"
@@ -117,3 +122,52 @@ def check_cached_activations(
             f"{needed} (training_tokens, the normalization estimate and the mixing "
             "buffer's rest). Cache more activations or train on fewer tokens."
         )
+
+
+CACHE_ROW_KEY = "cached_activations_next_row"
+"""Key of the cache position in the activation store's checkpoint state."""
+
+
+class CachePositionStore(ActivationsStore):
+    """SAELens's activation store that also checkpoints its position in an activation cache.
+
+    SAELens's store checkpoints how many token-dataset sequences it has read, not the next
+    row of a cache, so a run resumed from a checkpoint reads the cache from its first row
+    again: rows trained on before the checkpoint twice, and as many at the end never. This
+    store resumes at the row after the last one read (the activations the mixing buffer held
+    at the checkpoint are lost, as SAELens loses them for token datasets).
+    """
+
+    @override
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.cached_activation_dataset is not None:
+            state[CACHE_ROW_KEY] = torch.tensor(self.current_row_idx)
+        return state
+
+    @override
+    def load(self, file_path: str) -> None:
+        super().load(file_path)
+        state = load_file(file_path)
+        if self.cached_activation_dataset is not None and CACHE_ROW_KEY in state:
+            self.current_row_idx = int(state[CACHE_ROW_KEY])
+
+
+def keep_cache_position(
+    runner: LanguageModelSAETrainingRunner, override_dataset: HfDataset | None = None
+) -> None:
+    """Give ``runner`` (built, not yet run) a :class:`CachePositionStore` if it trains from
+    an activation cache, so that resuming it continues where its checkpoint stopped.
+
+    Args:
+        runner: SAELens's runner.
+        override_dataset: The token dataset the runner was given, if any.
+    """
+    cfg = runner.cfg
+    if not cfg.use_cached_activations:
+        return
+    store = CachePositionStore.from_config(
+        runner.model, cfg, override_dataset=override_dataset
+    )
+    runner.activations_store = store
+    runner.evaluator.activations_store = store

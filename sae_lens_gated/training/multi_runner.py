@@ -23,10 +23,10 @@ from sae_lens.multi_sae_training_runner import (
     MultiSAETrainingRunnerConfig,
 )
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
-from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_gated.conversion import check_new_folder
+from sae_lens_gated.training.cached_activations import CachePositionStore
 
 SWEEP_OPTIONS: dict[str, type[float] | type[int]] = {
     "--l1_coefficient": float,
@@ -294,7 +294,7 @@ def check_memory(saes: list[TrainingSAEConfig], device: str) -> None:
     )
 
 
-class _CachedMultiHookStore(ActivationsStore):
+class _CachedMultiHookStore(CachePositionStore):
     """SAELens's activation store over a cache, serving one hook's batches the way the
     multi runner asks for them (a dict by hook name)."""
 

@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.cached_activations import (
+    CACHE_ROW_KEY,
     check_cached_activations,
+    keep_cache_position,
     tokens_needed,
 )
 from sae_lens_gated.training.conventions import RESAMPLER_STATE_FILENAME
@@ -194,3 +196,46 @@ def test_a_cached_activations_cache_too_small_for_the_run_is_refused(
 
 def test_a_run_without_cached_activations_is_not_checked(tmp_path: Path):
     check_cached_activations(_cfg(tmp_path, None, cached_activations_path="nowhere"))
+
+
+def _rows_read(store: Any) -> list[int]:
+    """Record the first cache row of every batch ``store`` reads."""
+    rows: list[int] = []
+    read = store._load_raw_llm_batch_from_cached
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        rows.append(store.current_row_idx)
+        return read(*args, **kwargs)
+
+    store._load_raw_llm_batch_from_cached = recording
+    return rows
+
+
+def test_cached_activations_resume_at_the_row_after_the_checkpoint(
+    tmp_path: Path, activation_cache: Path
+):
+    first_cfg = _cfg(tmp_path, activation_cache, n_checkpoints=1)
+    first = LanguageModelSAETrainingRunner(
+        first_cfg, override_model=tiny_model(), override_dataset=tiny_token_dataset()
+    )
+    keep_cache_position(first, tiny_token_dataset())
+    first_rows = _rows_read(first.activations_store)
+    first.run()
+    (mid,) = Path(first_cfg.checkpoint_path).iterdir()
+    state = load_file(mid / "activations_store_state.safetensors")
+    next_row = int(state[CACHE_ROW_KEY])
+    assert next_row in [r + 8 for r in first_rows]  # batches of 8 sequences
+    read_before = [r for r in first_rows if r < next_row]
+
+    resumed = LanguageModelSAETrainingRunner(
+        _cfg(tmp_path, activation_cache, resume_from_checkpoint=str(mid)),
+        override_model=tiny_model(),
+        override_dataset=tiny_token_dataset(),
+    )
+    keep_cache_position(resumed, tiny_token_dataset())
+    resumed_rows = _rows_read(resumed.activations_store)
+    resumed.run()
+    # It reads on from where the checkpoint stopped: no row of the epoch twice.
+    assert resumed_rows[0] == next_row
+    assert not set(read_before) & set(resumed_rows)
+    assert resumed_rows == list(range(next_row, next_row + 8 * len(resumed_rows), 8))
