@@ -696,6 +696,8 @@ def _multi_runner_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             logger=LoggingConfig(log_to_wandb=False),
             **shared,
         )
+        # SAELens 6.50 turns checkpoint_path=None into "None/<run id>" (6.54 keeps None).
+        runner_cfg.checkpoint_path = None
         LanguageModelSAETrainingRunner(
             runner_cfg,
             override_dataset=dataset,
