@@ -245,10 +245,11 @@ def _train(args: list[str]) -> int:
     try:
         if multi_cfg is None:
             run_training(cfg, options.distributed, options.distributed_timeout)
-        elif cfg.use_cached_activations:
-            CachedMultiSAETrainingRunner(multi_cfg, cfg).run()
         else:
-            MultiSAETrainingRunner(multi_cfg).run()
+            if cfg.use_cached_activations:
+                CachedMultiSAETrainingRunner(multi_cfg, cfg).run()
+            else:
+                MultiSAETrainingRunner(multi_cfg).run()
             path = multi_cfg.output_path
             where = f", saved to {path}" if path else ""
             sys.stdout.write(

@@ -783,8 +783,12 @@ def test_train_sweeps_from_cached_activations_without_running_the_model(
         "--cached_activations_path",
         str(cache),
     ]
-    code, _, err = _run([*argv, "--l1_coefficient", "0.1", "3"], capsys)
+    code, out, err = _run([*argv, "--l1_coefficient", "0.1", "3"], capsys)
     assert code == 0, err
+    assert out.splitlines()[-1] == (
+        f"Trained 2 SAEs from one activation stream, saved to {tmp_path / 'sweep'}: "
+        "d_sae-1024_l1-0.1, d_sae-1024_l1-3.0"
+    )
     assert lm_batches == []  # every activation came from the cache
     x = torch.randn(512, 32) * 3
     low, high = (
