@@ -60,14 +60,10 @@ def tokens_needed(cfg: LanguageModelSAERunnerConfig[Any], n_processes: int = 1) 
     needed = steps * local_batch
     if cfg.sae.normalize_activations in _ESTIMATED_NORMALIZATIONS:
         needed += cfg.n_batches_for_norm_estimate * local_batch
-    context = _training_context(cfg)
-    needed += int(cfg.n_batches_in_buffer * context * cfg.activations_mixing_fraction)
+    # The mixing buffer is sized in sequences of the sliced length (seqpos_slice).
+    sliced = len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
+    needed += int(cfg.n_batches_in_buffer * sliced * cfg.activations_mixing_fraction)
     return needed
-
-
-def _training_context(cfg: LanguageModelSAERunnerConfig[Any]) -> int:
-    # The tokens of a sequence that are trained on (as SAELens's store computes it).
-    return len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
 
 
 def check_cached_activations(
@@ -102,7 +98,8 @@ def check_cached_activations(
             f"the hook of this run, {cfg.hook_name!r} (hook_name)."
         )
     shape = tuple(getattr(cache.features[cfg.hook_name], "shape", ()))
-    context, d_in = _training_context(cfg), cfg.sae.d_in
+    # SAELens reads cached sequences whole, context_size tokens each (no seqpos_slice).
+    context, d_in = cfg.context_size, cfg.sae.d_in
     if shape != (context, d_in):
         raise ValueError(
             f"The activation cache at {path} holds {cfg.hook_name!r} activations of shape "

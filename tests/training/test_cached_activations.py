@@ -194,6 +194,16 @@ def test_a_cached_activations_cache_too_small_for_the_run_is_refused(
         check_cached_activations(fits, n_processes=2)
 
 
+def test_cached_activations_are_read_whole_sequences_with_a_seqpos_slice(
+    tmp_path: Path, small_cache: Path
+):
+    # SAELens checks and reads cached sequences at context_size, whatever seqpos_slice
+    # says; only its mixing buffer is sized in sliced sequences (8 x 12 x 0.5 = 48 tokens).
+    cfg = _cfg(tmp_path, small_cache, training_tokens=64 * 9, seqpos_slice=(2, 14))
+    assert tokens_needed(cfg) == 64 * 9 + 48
+    check_cached_activations(cfg)
+
+
 def test_a_run_without_cached_activations_is_not_checked(tmp_path: Path):
     check_cached_activations(_cfg(tmp_path, None, cached_activations_path="nowhere"))
 
