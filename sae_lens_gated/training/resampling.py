@@ -343,7 +343,9 @@ class DeadFeatureResampler:
         if self.fired_in_window is not None:
             state["fired_in_window"] = self.fired_in_window.detach().cpu().clone()
         if self.pool is not None:
-            state["pool"] = self.pool.detach().cpu().clone()
+            # The rows written so far: the rest of the buffer is uninitialized memory.
+            filled = min(self.pool_count, self.schedule.pool_size)
+            state["pool"] = self.pool[:filled].detach().cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: Any) -> None:
@@ -374,7 +376,22 @@ class DeadFeatureResampler:
             )
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
         pool = state.get("pool")
-        self.pool = None if pool is None else pool.to(device)
+        self.pool = None if pool is None else self._pool_buffer(pool.to(device))
+
+    def _pool_buffer(self, rows: torch.Tensor) -> torch.Tensor:
+        """The pool buffer holding a saved pool's rows (all of them, or the rows written)."""
+        size = self.schedule.pool_size
+        filled = min(self.pool_count, size)
+        if rows.ndim != 2 or rows.shape[0] not in (filled, size):
+            raise ValueError(
+                f"Resampler state has a pool of shape {tuple(rows.shape)}, expected "
+                f"{filled} rows (pool_count {self.pool_count}, resample_pool_size {size})."
+            )
+        if rows.shape[0] == size:
+            return rows
+        pool = rows.new_empty(size, rows.shape[1])
+        pool[:filled] = rows
+        return pool
 
 
 def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:

@@ -435,14 +435,33 @@ def test_resampler_state_round_trips_and_rejects_bad_state():
         resampler.observe(torch.randn(3, 16), torch.rand(3, 48))
         resampler.step_completed(sae, optimizer)
     state = resampler.state_dict()
+    # The pool fills over the last steps before the event at step 4 (the second step's 3
+    # rows): only the rows written are saved, never the buffer's uninitialized rest.
+    assert int(state["pool_count"]) == 3
+    assert resampler.pool is not None and resampler.pool.shape == (8, 16)
+    assert torch.equal(state["pool"], resampler.pool[:3])
     copy = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=48, seed=99)
     copy.load_state_dict(state, device="cpu")
     for key, value in copy.state_dict().items():
         assert torch.equal(value, state[key]), key
+    assert copy.pool is not None and copy.pool.shape == (8, 16)
+    # Resumed, it goes on as the original does.
+    batch, acts = torch.randn(3, 16), torch.rand(3, 48)
+    for each in (resampler, copy):
+        each.observe(batch, acts)
+    assert torch.equal(copy.state_dict()["pool"], resampler.state_dict()["pool"])
+    # A checkpoint holding the whole buffer (as saved before) still loads.
+    copy.load_state_dict(
+        dict(state, pool=torch.cat([state["pool"], torch.ones(5, 16)])), "cpu"
+    )
+    assert torch.equal(copy.state_dict()["pool"], state["pool"])
     with pytest.raises(ValueError, match="missing"):
         copy.load_state_dict({"n_events": torch.tensor(1)}, device="cpu")
     bad = dict(state, fired_in_window=torch.zeros(5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"fired_in_window of shape \(5,\)"):
+        copy.load_state_dict(bad, device="cpu")
+    bad = dict(state, pool=torch.zeros(5, 16))
+    with pytest.raises(ValueError, match=r"pool of shape \(5, 16\), expected 3 rows"):
         copy.load_state_dict(bad, device="cpu")
 
 
