@@ -6,7 +6,8 @@
 #
 # On the GPU machine (Python 3.12, PyTorch 2.11, no network) it first installs what that
 # machine lacks from the wheels in .whl/ (git-ignored; scripts/gpu_wheels.txt lists them,
-# scripts/gpu_wheels.sh downloads them), then runs scripts/gpu_check.py, which writes
+# scripts/gpu_wheels.sh downloads them; OUT_DIR/wheels_check.txt says whether they and the
+# machine's packages hold every requirement), then runs scripts/gpu_check.py, which writes
 # OUT_DIR/gpu_check.json and OUT_DIR/step_vs_gate_density.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,10 @@ if [[ ${#dry_run[@]} -eq 0 ]]; then
         echo "gpu_check: no wheels in $wheels: run scripts/gpu_wheels.sh first" >&2
         exit 2
     fi
+    # What the image and the wheels lack, if anything, named before the steps fail on it.
+    mkdir -p "$1"
+    "$python" scripts/gpu_wheels_check.py --installed "$wheels" 2>&1 |
+        tee "$1/wheels_check.txt" || true
     site=/tmp/gpu-check-site
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$site" "$wheels"/*.whl

@@ -16,3 +16,5 @@ for spec in $(grep -v '^#' scripts/gpu_wheels.txt | grep .); do
         { echo "gpu_wheels: no wheel for $spec" >&2; exit 1; }
 done
 du -sh .whl
+# Every requirement carried or in the GPU image (scripts/gpu_image.txt), at a version it admits.
+python3 scripts/gpu_wheels_check.py .whl

@@ -30,6 +30,11 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+def _with_path(folder: str) -> str:
+    """``folder`` first on the Python path, then whatever the caller's path holds."""
+    return os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+
+
 def _tiny_sae_model() -> HookedSAETransformer:
     return tiny_model(HookedSAETransformer)
 
@@ -216,7 +221,8 @@ def test_train_distributed_example_gives_the_same_sae_on_one_and_two_processes(
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
+        # Keep the caller's path: on the GPU machine the wheels are found through it.
+        env={**os.environ, "PYTHONPATH": _with_path(str(EXAMPLES.parent))},
     )
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert json.loads(launched.stdout.strip().splitlines()[-1])["processes"] == 2
