@@ -1,13 +1,18 @@
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+from sae_lens_gated.repro import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STEPS = {
     "cuda_tier",
+    "cuda_compile",
     "bench_fresh",
     "bench_0.003",
     "bench_0.01",
@@ -24,6 +29,19 @@ TARGETS = {
     "memory_1m_dense_vs_builtin",
     "memory_1m_sparse_vs_builtin",
 }
+
+
+def _gpu_check() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", ROOT / "scripts" / "gpu_check.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _gpu_check()
 
 
 def _run(*args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
@@ -47,9 +65,11 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     assert set(summary["steps"]) == STEPS and summary["all_steps_ok"] is True
     steps = {name: step["result"] for name, step in summary["steps"].items()}
     # The CUDA tier: collected and, without a GPU, every test skipped (none passed or hid).
-    tier = steps["cuda_tier"]
-    assert tier["tests"] >= 10 and tier["skipped"] == tier["tests"]
-    assert tier["failures"] == tier["errors"] == tier["passed"] == 0
+    tier, compiled = steps["cuda_tier"], steps["cuda_compile"]
+    assert tier["tests"] >= 10 and compiled["tests"] == 3  # torch.compile's CUDA tests
+    for counts in (tier, compiled):
+        assert counts["skipped"] == counts["tests"]
+        assert counts["failures"] == counts["errors"] == counts["passed"] == 0
     for name in ("bench_fresh", "bench_0.003", "bench_0.01"):
         assert steps[name]["auto_choice"] in ("sparse", "dense"), name
         assert steps[name]["auto_vs_best"] > 0, name
@@ -96,3 +116,72 @@ def test_the_wheel_list_pins_one_version_of_each_package():
     assert all(line.count("==") == 1 for line in lines)
     assert len(names) == len(set(names))
     assert {"sae-lens", "transformer-lens", "wandb", "datasets"} <= set(names)
+
+
+def test_a_step_out_of_time_keeps_what_it_printed_before(tmp_path: Path):
+    printing = (
+        "import time\n"
+        "print('tests/saes/test_a.py::test_one[cuda] PASSED   [ 33%]')\n"
+        "print('tests/saes/test_a.py::test_two[cuda] FAILED   [ 66%]')\n"
+        "print('tests/saes/test_a.py::test_six[cuda] SKIPPED (no CUDA device)', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    log = tmp_path / "pytest.log"
+    ok, output = gpu_check._run([sys.executable, "-c", printing], 3.0, log=log)
+    assert not ok and output.startswith("timed out after 3.0 s")
+    assert gpu_check.printed_counts(log.read_text()) == {
+        "tests": 3,
+        "failures": 1,
+        "errors": 0,
+        "skipped": 1,
+    }
+    # Lines that are not a test's result are not counted.
+    assert gpu_check.printed_counts(
+        "collected 3 items\nFAILED tests/a.py::x - boom\n"
+    ) == {
+        "tests": 0,
+        "failures": 0,
+        "errors": 0,
+        "skipped": 0,
+    }
+
+
+def test_the_memory_targets_count_a_builtin_out_of_memory_as_met_by_a_mode_that_fit():
+    names = gpu_check.MEMORY_VARIANTS
+    assert (names["dense"], names["sparse"], names["builtin"]) == (
+        bench.PAPER_DENSE,
+        bench.PAPER_SPARSE,
+        bench.BUILTIN,
+    )
+
+    def targets(memory: dict[str, object]) -> dict[str, dict[str, object]]:
+        steps = {"memory_1m": {"ok": True, "result": memory}}
+        found = gpu_check._targets(steps)
+        return {k: v for k, v in found.items() if k.startswith("memory_1m")}
+
+    measured = targets(
+        {
+            "dense_peak_mem_ratio_vs_builtin": 0.8,
+            "sparse_peak_mem_ratio_vs_builtin": 1.1,
+            "out_of_memory": [],
+        }
+    )
+    assert measured["memory_1m_dense_vs_builtin"]["met"] is True
+    assert measured["memory_1m_sparse_vs_builtin"]["met"] is False
+    both_out = [bench.BUILTIN, bench.PAPER_SPARSE]
+    out = targets(
+        {
+            "dense_peak_mem_ratio_vs_builtin": None,
+            "sparse_peak_mem_ratio_vs_builtin": None,
+            "out_of_memory": both_out,
+        }
+    )
+    assert out["memory_1m_dense_vs_builtin"] == {
+        "value": None,
+        "bound": 1.0,
+        "met": True,
+        "out_of_memory": both_out,
+    }
+    assert out["memory_1m_sparse_vs_builtin"]["met"] is False
+    # A failed step: nothing measured, nothing met.
+    assert gpu_check._targets({})["memory_1m_dense_vs_builtin"]["met"] is None

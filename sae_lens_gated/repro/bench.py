@@ -91,7 +91,9 @@ class BenchConfig:
         memory_only: Measure only the memory of one forward and backward pass of the plugin's
             dense and sparse steps and of the built-in gated SAE, one SAE at a time
             (``torch.cuda.max_memory_allocated`` on CUDA), for widths where six SAEs with
-            their optimizers do not fit on the device together (d_sae 1,048,576).
+            their optimizers do not fit on the device together (d_sae 1,048,576). A
+            variant that runs out of GPU memory is named in the summary's
+            ``out_of_memory``, and the others are still measured.
         multi_runner: Time only this: K gated SAEs (paper recipe) at K sparsity
             coefficients (a geometric series around 1, factor 2) trained from one random
             ``HookedTransformer``'s activations by SAELens's ``MultiSAETrainingRunner``,
@@ -331,7 +333,8 @@ def format_report(result: dict[str, Any]) -> str:
             f"d_in={cfg['d_in']}, d_sae={cfg['d_sae']}, {cfg['device']}, {cfg['dtype']} "
             f"({result['memory_measure']})",
             *(
-                f"{name:<30}{peak / 2**20:>10.0f} MiB"
+                f"{name:<30}"
+                + ("   out of memory" if peak is None else f"{peak / 2**20:>10.0f} MiB")
                 for name, peak in result["peak_memory_bytes"].items()
             ),
             json.dumps(result["summary"]),
@@ -536,34 +539,19 @@ def _memory_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             BuiltinGatedTrainingSAEConfig(**shape)
         ),
     }
-    peaks: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
+    out_of_memory: list[str] = []
     for name, make in tqdm(makers.items(), desc="memory", disable=not progress):
-        sae = make()
-        if cfg.gate_density is not None:
-            _open_gates(sae, x, cfg.gate_density)
-
-        def forward_backward(sae: TrainingSAE[Any] = sae) -> None:
-            with torch.autocast(
-                device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"
-            ):
-                out = sae.training_forward_pass(
-                    TrainStepInput(
-                        sae_in=x,
-                        coefficients={"l1": 1.0},
-                        dead_neuron_mask=None,
-                        n_training_steps=0,
-                        is_logging_step=False,
-                    )
-                )
-            out.loss.backward()
-
-        forward_backward()  # allocates the gradients, which all variants share
-        peaks[name] = _measure(forward_backward, device)[1]
-        del sae, forward_backward
+        try:
+            peaks[name] = _one_pass_peak(make, x, cfg, device)
+        except torch.cuda.OutOfMemoryError:
+            # At d_sae 2**20 a variant may not fit the GPU: that is a result, and the
+            # other variants are still measured.
+            peaks[name] = None
+            out_of_memory.append(name)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    builtin = peaks[BUILTIN]
     return {
         "memory_only": True,
         "config": {**asdict(cfg), "plot": str(cfg.plot)},
@@ -571,12 +559,9 @@ def _memory_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
         "peak_memory_bytes": peaks,
         "memory_measure": _memory_measure_name(device),
         "summary": {
-            "dense_peak_mem_ratio_vs_builtin": peaks[PAPER_DENSE] / builtin
-            if builtin > 0
-            else None,
-            "sparse_peak_mem_ratio_vs_builtin": peaks[PAPER_SPARSE] / builtin
-            if builtin > 0
-            else None,
+            "dense_peak_mem_ratio_vs_builtin": _memory_ratio(peaks, PAPER_DENSE),
+            "sparse_peak_mem_ratio_vs_builtin": _memory_ratio(peaks, PAPER_SPARSE),
+            "out_of_memory": out_of_memory,
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
             "batch": cfg.batch,
@@ -585,6 +570,45 @@ def _memory_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             "gate_density": cfg.gate_density,
         },
     }
+
+
+def _one_pass_peak(
+    make: Callable[[], TrainingSAE[Any]],
+    x: torch.Tensor,
+    cfg: BenchConfig,
+    device: torch.device,
+) -> float:
+    """The peak memory one forward and backward pass of a new SAE from ``make`` adds."""
+    sae = make()
+    if cfg.gate_density is not None:
+        _open_gates(sae, x, cfg.gate_density)
+
+    def forward_backward() -> None:
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"
+        ):
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients={"l1": 1.0},
+                    dead_neuron_mask=None,
+                    n_training_steps=0,
+                    is_logging_step=False,
+                )
+            )
+        out.loss.backward()
+
+    forward_backward()  # allocates the gradients, which all variants share
+    return _measure(forward_backward, device)[1]
+
+
+def _memory_ratio(peaks: dict[str, float | None], name: str) -> float | None:
+    """``name``'s peak over the built-in's; None where either ran out of memory, or where
+    the CPU's resident-set measure saw the built-in's pass add nothing."""
+    peak, builtin = peaks[name], peaks[BUILTIN]
+    if peak is None or builtin is None or builtin <= 0:
+        return None
+    return peak / builtin
 
 
 # The multi-runner comparison's language model: tokens per sequence, vocabulary (its

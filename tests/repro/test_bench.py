@@ -243,8 +243,38 @@ def test_memory_only_measures_one_pass_of_each_variant_alone():
     report = format_report(result)
     assert report.startswith("Peak memory of one forward and backward pass, batch=512")
     assert json.loads(report.splitlines()[-1]) == summary
+    assert summary["out_of_memory"] == []
     with pytest.raises(ValueError, match="memory_only measures no times"):
         BenchConfig(memory_only=True, auto_steps=20)
+
+
+def test_a_variant_out_of_gpu_memory_is_reported_and_the_others_still_measured(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    builtin = bench.BuiltinGatedTrainingSAE
+    real_pass = builtin.training_forward_pass
+
+    def no_room(self: Any, step_input: Any) -> Any:
+        if type(self) is builtin:  # the plugin's SAEs subclass it
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 4 GiB"
+            )
+        return real_pass(self, step_input)
+
+    monkeypatch.setattr(builtin, "training_forward_pass", no_room)
+    result = run_benchmark(
+        BenchConfig(memory_only=True, gate_density=0.01, **SMALL), progress=False
+    )
+    peaks = result["peak_memory_bytes"]
+    assert peaks["SAELens built-in gated"] is None
+    assert peaks[PAPER_DENSE] is not None and peaks[PAPER_SPARSE] is not None
+    summary = result["summary"]
+    assert summary["out_of_memory"] == ["SAELens built-in gated"]
+    assert summary["dense_peak_mem_ratio_vs_builtin"] is None
+    assert summary["sparse_peak_mem_ratio_vs_builtin"] is None
+    lines = format_report(result).splitlines()
+    assert lines[-2] == f"{'SAELens built-in gated':<30}   out of memory"
+    assert json.loads(lines[-1]) == summary
 
 
 # The multi-runner comparison at tiny shapes: 2 SAEs of 4 x 32 latents on a 2-layer model.
