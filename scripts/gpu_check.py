@@ -15,7 +15,7 @@ others' results (each step records ``ok``, its seconds, and its result or error)
 Then ``targets`` checks issue 21's numbers against the results. ``--dry-run`` runs the same
 steps on the CPU at small shapes, with the same JSON keys.
 
-usage: python scripts/gpu_check.py [--dry-run] OUT_DIR
+usage: python scripts/gpu_check.py [--dry-run] [--steps STEP,...] OUT_DIR
 """
 
 import argparse
@@ -27,9 +27,12 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from typing_extensions import override
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench's names of its memory variants (sae_lens_gated.repro.bench PAPER_DENSE ...), kept
@@ -254,13 +257,59 @@ def _targets(steps: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+STEPS = (
+    "cuda_tier",
+    "cuda_compile",
+    "bench_fresh",
+    "bench_0.003",
+    "bench_0.01",
+    "density_sweep",
+    "memory_1m",
+    "nccl",
+)
+
+
+def _steps(value: str) -> list[str]:
+    names = [name for name in value.split(",") if name]
+    unknown = [name for name in names if name not in STEPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown step {unknown[0]!r}" if unknown else "no step named"
+        )
+    return names
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A command-line mistake is one line, and exit status 2, before any work."""
+
+    @override
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gpu_check: {message}\n")
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = _OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
         "--dry-run", action="store_true", help="The CPU at small shapes."
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--steps",
+        type=_steps,
+        default=list(STEPS),
+        help=f"Comma-separated steps to run (default all: {','.join(STEPS)}), to rerun "
+        "some on a GPU with little time left.",
+    )
+    parser.add_argument(
+        "--check-args", action="store_true", help="Only check these arguments."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    if args.check_args:
+        return 0
     out: Path = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     shape = DRY_RUN if args.dry_run else GPU
@@ -275,42 +324,27 @@ def main(argv: list[str] | None = None) -> int:
         "steps": {},
     }
     common = ["--device", shape.device, "--dtype", shape.dtype]
-    common += ["--d-in", str(shape.d_in), "--batch", str(shape.batch)]
-    timed = [
-        *common,
-        "--d-sae",
-        str(shape.d_sae),
-        "--repeats",
-        str(shape.repeats),
-    ]
-    auto = ["--auto-steps", str(shape.auto_steps)]
+    common += ["--d-in", str(shape.d_in)]
+    base = [*common, "--batch", str(shape.batch), "--d-sae", str(shape.d_sae)]
+    base += ["--repeats", str(shape.repeats)]
+    timed = [*base, "--auto-steps", str(shape.auto_steps)]
+    sweep = [*base, "--density-sweep", *shape.sweep, "--plot", str(out / PLOT_NAME)]
+    memory = [*common, "--memory-only", "--d-sae", str(shape.memory_d_sae)]
+    memory += ["--batch", str(shape.memory_batch), "--gate-density", "0.01"]
     bench_s = shape.limits["bench"]
-
-    for tier in ("cuda_tier", "cuda_compile"):
-        _step(tier, summary, lambda t=tier: _cuda_tier(shape, t))
-    _step("bench_fresh", summary, lambda: _bench([*timed, *auto], bench_s))
-    for density in ("0.003", "0.01"):
-        _step(
-            f"bench_{density}",
-            summary,
-            lambda d=density: _bench([*timed, *auto, "--gate-density", d], bench_s),
-        )
-    sweep = ["--density-sweep", *shape.sweep, "--plot", str(out / PLOT_NAME)]
-    _step(
-        "density_sweep",
-        summary,
-        lambda: _bench([*timed, *sweep], shape.limits["sweep"]),
-    )
-    memory = [*common[:4], "--d-in", str(shape.d_in), "--memory-only"]
-    memory += [
-        "--d-sae",
-        str(shape.memory_d_sae),
-        "--batch",
-        str(shape.memory_batch),
-    ]
-    memory += ["--gate-density", "0.01"]
-    _step("memory_1m", summary, lambda: _bench(memory, shape.limits["memory"]))
-    _step("nccl", summary, lambda: _nccl(shape))
+    work: dict[str, Callable[[], tuple[bool, Any]]] = {
+        "cuda_tier": lambda: _cuda_tier(shape, "cuda_tier"),
+        "cuda_compile": lambda: _cuda_tier(shape, "cuda_compile"),
+        "bench_fresh": lambda: _bench(timed, bench_s),
+        "bench_0.003": lambda: _bench([*timed, "--gate-density", "0.003"], bench_s),
+        "bench_0.01": lambda: _bench([*timed, "--gate-density", "0.01"], bench_s),
+        "density_sweep": lambda: _bench(sweep, shape.limits["sweep"]),
+        "memory_1m": lambda: _bench(memory, shape.limits["memory"]),
+        "nccl": lambda: _nccl(shape),
+    }
+    for name in STEPS:
+        if name in args.steps:
+            _step(name, summary, work[name])
     summary["targets"] = _targets(summary["steps"])
     summary["all_steps_ok"] = all(step["ok"] for step in summary["steps"].values())
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))

@@ -91,10 +91,40 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     assert not (ROOT / "gpu-check").exists()
 
 
+def test_some_steps_alone_for_a_rerun(tmp_path: Path):
+    out = tmp_path / "rerun"
+    done = _run("--dry-run", "--steps", "nccl,memory_1m", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert list(summary["steps"]) == ["memory_1m", "nccl"]  # in the check's own order
+    assert summary["all_steps_ok"] is True
+    targets = summary["targets"]
+    assert (
+        targets["memory_1m_dense_vs_builtin"]["value"]
+        == (summary["steps"]["memory_1m"]["result"]["dense_peak_mem_ratio_vs_builtin"])
+    )
+    assert targets["step_vs_standard_at_1pct"] == {
+        "value": None,
+        "bound": 0.5,
+        "met": None,
+    }
+
+
 def test_usage_mistakes_are_one_line_and_exit_2(tmp_path: Path):
-    done = _run()
-    assert done.returncode == 2
-    assert done.stderr.strip() == "usage: scripts/gpu_check.sh [--dry-run] OUT_DIR"
+    usage = "usage: scripts/gpu_check.sh [--dry-run] [--steps STEP,...] OUT_DIR"
+    for args in ((), ("--dry-run",), ("a", "b"), ("--fast", "a"), ("a", "--steps")):
+        done = _run(*args)
+        assert done.returncode == 2, args
+        assert done.stderr.strip() == usage, args
+    out = tmp_path / "out"
+    for steps, error in (
+        ("bench_fresh,nope", "unknown step 'nope'"),
+        (",", "no step named"),
+    ):
+        done = _run("--dry-run", "--steps", steps, str(out))
+        assert done.returncode == 2
+        assert done.stderr.strip() == f"gpu_check: argument --steps: {error}"
+        assert done.stdout == "" and not out.exists()
     # The real run needs the wheels the GPU machine lacks (in .whl/ by default).
     wheels = tmp_path / "no-wheels"
     wheels.mkdir()
