@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -24,6 +25,19 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def cuda_tests_run_on_the_gpu(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test's ``cuda`` parameter must put work on the GPU (see ``uses_the_gpu``)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device") != "cuda":
+        yield
+        return
+    from tests.helpers import uses_the_gpu
+
+    with uses_the_gpu(request.node.name):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,9 @@
 """Builders and a plain reference implementation of the paper's loss, shared by tests."""
 
+import contextlib
 import functools
 import importlib.util
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,24 @@ DEVICES = [
         ],
     ),
 ]
+
+
+def gpu_allocations() -> int:
+    """How many allocations PyTorch's CUDA allocator has made in this process."""
+    return int(torch.cuda.memory_stats().get("allocation.all.allocated", 0))
+
+
+@contextlib.contextmanager
+def uses_the_gpu(
+    name: str, allocations: Callable[[], int] = gpu_allocations
+) -> Iterator[None]:
+    """Fail ``name`` if it allocated nothing on the GPU: a CUDA test that did ran on the
+    CPU (as when SAELens's trainer moved its SAE to its own config's device), and must not
+    pass silently."""
+    before = allocations()
+    yield
+    if allocations() == before:
+        pytest.fail(f"{name} allocated nothing on the GPU: it ran on the CPU")
 
 
 def float32_tolerance(device: str, cpu: float) -> float:
@@ -161,14 +181,19 @@ def make_trainer(
     """SAELens's ``SAETrainer`` as the harness configures it (``trainer_config``), with no
     learning-rate warm-up and dead-feature windows longer than the tests' runs.
 
-    ``lr`` (default 3e-3) and any other ``SAETrainerConfig`` field can be overridden.
+    ``lr`` (default 3e-3) and any other ``SAETrainerConfig`` field can be overridden. The
+    trainer runs on the SAE's device: SAELens's moves the SAE to its config's device, which
+    would otherwise run a CUDA test's SAE on the CPU.
     """
     from sae_lens.training.sae_trainer import SAETrainer
 
     from sae_lens_gated.repro.experiments import TrainingSettings, trainer_config
 
     settings = TrainingSettings(
-        steps=steps, batch_size=batch_size, lr=kwargs.pop("lr", 3e-3)
+        steps=steps,
+        batch_size=batch_size,
+        lr=kwargs.pop("lr", 3e-3),
+        device=str(kwargs.pop("device", sae.cfg.device)),
     )
     overrides: dict[str, Any] = {
         "lr_warm_up_steps": 0,
