@@ -87,6 +87,22 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     one = summary["targets"]["step_vs_standard_at_1pct"]
     assert one["value"] == steps["bench_0.01"]["step_ratio_vs_standard"]
     assert one["met"] is (one["value"] <= 0.5)
+    # The report for docs/performance.md: a row per step and per target.
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_report.py"),
+            str(out / "gpu_check.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name, step in summary["steps"].items():
+        assert f"| {name} | yes | {step['seconds']:.3g} |" in report
+    value = steps["bench_0.01"]["step_ratio_vs_standard"]
+    met = "yes" if value <= 0.5 else "**no**"
+    assert f"| step_vs_standard_at_1pct | {value:.3g} | 0.5 | {met} |" in report
     # The dry run writes nothing into the checkout.
     assert not (ROOT / "gpu-check").exists()
 
@@ -215,3 +231,68 @@ def test_the_memory_targets_count_a_builtin_out_of_memory_as_met_by_a_mode_that_
     assert out["memory_1m_sparse_vs_builtin"]["met"] is False
     # A failed step: nothing measured, nothing met.
     assert gpu_check._targets({})["memory_1m_dense_vs_builtin"]["met"] is None
+
+
+def _gpu_report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "gpu_report", ROOT / "scripts" / "gpu_report.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_report_shows_failures_and_a_tier_out_of_time():
+    summary = {
+        "dry_run": False,
+        "device": "cuda",
+        "torch": "2.11.0+cu130",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "shape": {"dtype": "bfloat16", "d_in": 2304, "d_sae": 65536, "batch": 4096},
+        "steps": {
+            "cuda_tier": {
+                "ok": False,
+                "seconds": 100.2,
+                "error": {
+                    "tests": 60,
+                    "failures": 1,
+                    "errors": 0,
+                    "skipped": 0,
+                    "passed": 59,
+                    "timed_out": True,
+                    "log": "timed out after 100 s",
+                },
+            },
+            "bench_0.01": {
+                "ok": True,
+                "seconds": 31.0,
+                "result": {
+                    "gate_density": 0.01,
+                    "step_ratio_vs_standard": 0.41234,
+                    "speedup_vs_builtin": 5.5,
+                    "peak_mem_ratio_vs_builtin": 0.25,
+                    "auto_choice": "sparse",
+                    "auto_vs_best": 1.01,
+                },
+            },
+            "nccl": {"ok": False, "seconds": 3.0, "error": "NCCL error"},
+        },
+        "targets": {
+            "step_vs_standard_at_1pct": {"value": 0.41234, "bound": 0.5, "met": True},
+            "step_vs_standard_fresh": {"value": None, "bound": 1.2, "met": None},
+        },
+    }
+    report = _gpu_report().report(summary)
+    assert report.startswith(
+        "GPU check on NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130): bfloat16, d_in 2304, "
+        "d_sae 65536, batch 4096.\n"
+    )
+    assert "| cuda_tier | **no** | 100 |" in report
+    assert "| nccl | **no** | 3 |" in report
+    assert "| bench_0.01 | 0.01 | 0.412 | 5.5 | 0.25 | sparse | 1.01 |" in report
+    assert (
+        "cuda_tier: 59 passed, 1 failed, 0 errors, 0 skipped (out of time)." in report
+    )
+    assert "| step_vs_standard_at_1pct | 0.412 | 0.5 | yes |" in report
+    assert "| step_vs_standard_fresh | - | 1.2 | - |" in report
