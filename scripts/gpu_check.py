@@ -180,8 +180,8 @@ def printed_counts(output: str) -> dict[str, int]:
 
 def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
     """The CUDA-marked tests: torch.compile's (``cuda_compile``, slow to compile on a GPU)
-    or all the others (``cuda_tier``). Counts come from pytest's JUnit report, or, if the
-    step ran out of time, from the results it printed before."""
+    or all the others (``cuda_tier``). Counts come from pytest's JUnit report, or, where
+    pytest wrote none (out of time), from the results it printed before."""
     with tempfile.TemporaryDirectory() as folder:
         report, log = Path(folder) / "junit.xml", Path(folder) / "pytest.log"
         command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs"]
@@ -197,7 +197,9 @@ def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
                 for k in ("tests", "failures", "errors", "skipped")
             }
         else:
-            counts = {**printed_counts(log.read_text()), "timed_out": True}
+            # Out of time, or pytest stopped before its report (a collection error).
+            timed_out = output.startswith("timed out after")
+            counts = {**printed_counts(log.read_text()), "timed_out": timed_out}
         counts["passed"] = (
             counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
         )

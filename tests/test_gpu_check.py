@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import os
@@ -189,6 +190,22 @@ def test_a_step_out_of_time_keeps_what_it_printed_before(tmp_path: Path):
         "failures": 0,
         "errors": 0,
         "skipped": 0,
+    }
+
+
+def test_a_test_tier_out_of_time_reports_what_it_counted():
+    # Half a second: pytest is stopped while it imports, before any result or report.
+    shape = dataclasses.replace(gpu_check.DRY_RUN, limits={"cuda_tier": 0.5})
+    ok, counts = gpu_check._cuda_tier(shape, "cuda_tier")
+    assert not ok
+    assert counts["log"].startswith("timed out after 0.5 s")
+    assert {k: v for k, v in counts.items() if k != "log"} == {
+        "tests": 0,
+        "failures": 0,
+        "errors": 0,
+        "skipped": 0,
+        "passed": 0,
+        "timed_out": True,
     }
 
 
