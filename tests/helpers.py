@@ -3,8 +3,10 @@
 import contextlib
 import functools
 import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -273,6 +275,17 @@ def tiny_runner_dict(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def load_module(path: Path, name: str | None = None) -> ModuleType:
+    """The Python file at ``path`` (a script or example, not a package module) imported
+    as ``name`` (default its stem) and registered in ``sys.modules``."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def dictionary_learning_module() -> Any:
     """dictionary_learning's own ``dictionary.py`` (``GatedAutoEncoder`` and friends).
@@ -287,13 +300,7 @@ def dictionary_learning_module() -> Any:
         "dictionary-learning is not installed: pip install --no-deps --group references"
     )
     path = Path(next(iter(spec.submodule_search_locations))) / "dictionary.py"
-    module_spec = importlib.util.spec_from_file_location(
-        "_dictionary_learning_dictionary", path
-    )
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return load_module(path, "_dictionary_learning_dictionary")
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """Every script in examples/ runs offline, with tiny random models and local files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,19 +14,19 @@ from sae_lens import SAE, HookedSAETransformer, JumpReLUSAE
 from sae_lens.saes.sae import SAEMetadata
 
 from sae_lens_gated import GatedSAE, GatedSAEConfig
-from tests.helpers import randomize_gated_params, tiny_model, tiny_token_dataset
+from tests.helpers import (
+    load_module,
+    randomize_gated_params,
+    tiny_model,
+    tiny_token_dataset,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HOOK = "blocks.0.hook_resid_post"
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLES / f"{name}.py")
 
 
 def _with_path(folder: str) -> str:

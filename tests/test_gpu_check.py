@@ -1,13 +1,12 @@
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 from sae_lens_gated.repro import bench
+from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -32,17 +31,7 @@ TARGETS = {
 }
 
 
-def _gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", ROOT / "scripts" / "gpu_check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _gpu_check()
+gpu_check = load_module(ROOT / "scripts" / "gpu_check.py")
 
 
 def _run(*args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
@@ -250,16 +239,6 @@ def test_the_memory_targets_count_a_builtin_out_of_memory_as_met_by_a_mode_that_
     assert gpu_check._targets({})["memory_1m_dense_vs_builtin"]["met"] is None
 
 
-def _gpu_report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "gpu_report", ROOT / "scripts" / "gpu_report.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_report_shows_failures_and_a_tier_out_of_time():
     summary = {
         "dry_run": False,
@@ -300,7 +279,7 @@ def test_the_report_shows_failures_and_a_tier_out_of_time():
             "step_vs_standard_fresh": {"value": None, "bound": 1.2, "met": None},
         },
     }
-    report = _gpu_report().report(summary)
+    report = load_module(ROOT / "scripts" / "gpu_report.py").report(summary)
     assert report.startswith(
         "GPU check on NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130): bfloat16, d_in 2304, "
         "d_sae 65536, batch 4096.\n"

@@ -1,27 +1,19 @@
-import importlib.util
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 
 import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from tests.helpers import load_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_wheels_check.py"
 
 
-def _checker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_wheels_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _checker()
+check = load_module(SCRIPT)
 
 
 def _wheel(folder: Path, name: str, version: str, *requires: str) -> Path:
