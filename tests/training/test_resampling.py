@@ -87,6 +87,41 @@ def test_every_resampled_feature_fires_in_the_steps_after_the_event(seed: int):
     assert not recorder.dead_over(100, 110)[event.resampled].any()
 
 
+def _crowded_run(resample: bool) -> FiringRecorder:
+    """128 true directions in 16 dimensions for 256 features at a high lambda: features keep
+    dying while there are still directions left to learn. The same init and data with and
+    without resampling (events at steps 400 and 800)."""
+    torch.manual_seed(0)
+    cfg = _resampling_cfg(
+        d_sae=256,
+        l1_coefficient=2.0,
+        resample_dead=resample,
+        resample_steps=[400, 800] if resample else None,
+        resample_every=None,
+        resample_window=200,
+        resample_pool_size=4096,
+        resample_lr_warmup_steps=80,
+    )
+    sae = GatedTrainingSAE(cfg)
+    recorder = FiringRecorder(sae)
+    data = SparseSyntheticData(d_in=16, n_features=128, p_fire=0.03, seed=100)
+    make_trainer(sae, data, steps=1200, lr=1e-2).fit()
+    return recorder
+
+
+def test_resampling_leaves_fewer_dead_features_than_the_same_run_without():
+    without, with_ = _crowded_run(resample=False), _crowded_run(resample=True)
+    # Until the first event the runs are the same run: resampling's bookkeeping (firing
+    # record, input pool) changes nothing in training.
+    assert torch.equal(torch.stack(without.steps[:400]), torch.stack(with_.steps[:400]))
+    assert without.dead_over(200, 400).sum() >= 20  # the first event has work to do
+    # Features die all through these runs; with two events, at least 10% fewer are dead
+    # over the last window (measured 113 against 148 for this seed, 0.76-0.87x on seeds 0-3).
+    dead_without = int(without.dead_over(1000, 1200).sum())
+    dead_with = int(with_.dead_over(1000, 1200).sum())
+    assert dead_with <= 0.9 * dead_without, (dead_with, dead_without)
+
+
 def _controlled_event(seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Drive one event by hand: features 2, 5 and 7 never fire; 3 marked pool inputs
     carry all the reconstruction loss. Random inputs are drawn on the CPU and moved."""
