@@ -101,6 +101,7 @@ def _crowded_run(resample: bool) -> FiringRecorder:
         resample_window=200,
         resample_pool_size=4096,
         resample_lr_warmup_steps=80,
+        sparse_step="never",  # `auto`'s timed choices would make the runs drift apart
     )
     sae = GatedTrainingSAE(cfg)
     recorder = FiringRecorder(sae)
