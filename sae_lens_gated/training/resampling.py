@@ -179,6 +179,7 @@ class DeadFeatureResampler:
         self.pool_count = 0  # rows written since the pool was allocated
         self.generator_state = torch.Generator().manual_seed(seed).get_state()
         self._batch_size_checked = False
+        self._rewarm_checked = False
 
     # ---- during the forward pass ----------------------------------------------------------
 
@@ -292,6 +293,7 @@ class DeadFeatureResampler:
             self.collectives,
         )
         _reset_optimizer_slices(optimizer, touched)
+        self._check_rewarm(optimizer)
 
         self.n_resampled += int(dead_idx.numel())
         self.last_event_step = step
@@ -304,6 +306,26 @@ class DeadFeatureResampler:
         return ResampleEvent(
             step=step, n_dead=int(dead_idx.numel()), resampled=dead_idx
         )
+
+    def _check_rewarm(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn once if the re-warm ends before Adam's zeroed moments have rebuilt."""
+        if self._rewarm_checked:
+            return
+        self._rewarm_checked = True
+        horizon = second_moment_horizon(optimizer)
+        warmup = self.schedule.lr_warmup_steps
+        if horizon is not None and warmup < round(horizon):
+            logger.warning(
+                "resample_lr_warmup_steps=%d is shorter than the optimizer's second-moment "
+                "horizon, 1 / (1 - beta2) = %d steps: the restarted features' Adam moments "
+                "are zeroed, so their updates are larger than usual (up to %.0fx at first) "
+                "for about that many steps, and a shorter re-warm lets more of them die "
+                "again (see the resampling docs). Consider resample_lr_warmup_steps >= %d.",
+                warmup,
+                round(horizon),
+                math.sqrt(horizon),
+                round(horizon),
+            )
 
     def _sample_inputs(
         self, sae: ResampleTarget, pool: torch.Tensor, n: int
@@ -447,6 +469,22 @@ def reinitialize_features(
         parameter.data[idx] = 0
         written.append((parameter, (idx,)))
     return written
+
+
+def second_moment_horizon(optimizer: torch.optim.Optimizer) -> float | None:
+    """``1 / (1 - beta2)``: the steps over which Adam's zeroed second moment rebuilds (its
+    bias correction counts the optimizer's steps, not the slice's), or None without betas.
+
+    Until then a restarted slice's update is larger than usual by up to ``sqrt`` of it.
+    """
+    beta2 = [
+        float(group["betas"][1])
+        for group in optimizer.param_groups
+        if isinstance(group.get("betas"), (tuple, list))
+    ]
+    if not beta2 or not 0 < max(beta2) < 1:
+        return None
+    return 1 / (1 - max(beta2))
 
 
 def _reset_optimizer_slices(

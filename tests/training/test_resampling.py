@@ -14,6 +14,7 @@ from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.resampling import (
     DeadFeatureResampler,
     reinitialize_features,
+    second_moment_horizon,
 )
 from tests.helpers import (
     DEVICES,
@@ -255,6 +256,39 @@ def test_inputs_are_drawn_with_probability_proportional_to_squared_loss():
     assert (draws == 0).sum() == 0
     frac_two = float((draws == 2).float().mean())
     assert frac_two == pytest.approx(0.8, abs=0.015)
+
+
+def test_a_rewarm_shorter_than_adams_second_moment_horizon_warns_once(
+    caplog: pytest.LogCaptureFixture,
+):
+    # Re-warm of 20 steps, Adam's beta2 0.999 in SAELens's trainer: two events, one warning.
+    sae = GatedTrainingSAE(_resampling_cfg())
+    with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
+        make_trainer(sae, _dying_data(), steps=200).fit()
+    assert sae.conventions.resampler is not None
+    assert sae.conventions.resampler.n_events == 2
+    assert sae.conventions.resampler.n_resampled > 0
+    warnings = [r.getMessage() for r in caplog.records if "re-warm" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "resample_lr_warmup_steps=20 is shorter" in warnings[0]
+    assert "1 / (1 - beta2) = 1000 steps" in warnings[0]
+    assert "up to 32x" in warnings[0]
+
+
+def test_the_papers_rewarm_does_not_warn(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.WARNING, logger="sae_lens_gated"):
+        event = _controlled_event()["event"]  # Adam beta2 0.999, re-warm 1000 steps
+    assert event.resampled.numel() == 3
+    assert "re-warm" not in caplog.text
+
+
+def test_second_moment_horizon():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    horizon = second_moment_horizon(torch.optim.Adam(params, betas=(0.0, 0.999)))
+    assert horizon == pytest.approx(1000.0)
+    adam_w = torch.optim.AdamW(params, betas=(0.9, 0.9999))
+    assert second_moment_horizon(adam_w) == pytest.approx(10000.0)
+    assert second_moment_horizon(torch.optim.SGD(params, lr=0.1)) is None
 
 
 def test_no_op_events_are_logged(caplog: pytest.LogCaptureFixture):
