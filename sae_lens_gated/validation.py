@@ -11,6 +11,8 @@ import math
 from collections.abc import Collection
 from typing import Any
 
+import torch
+
 
 class GatedConfigError(TypeError, ValueError):
     """A configuration field has the wrong type or an invalid value."""
@@ -69,6 +71,21 @@ def check_int_list(name: str, value: Any, minimum: int | None = None) -> None:
         )
     for index, item in enumerate(value):
         check_int(f"{name}[{index}]", item, minimum)
+
+
+def check_optional_device(name: str, value: Any) -> None:
+    """``value`` must be None or a torch device name such as ``"cpu"`` or ``"cuda:1"``."""
+    if value is None:
+        return
+    try:
+        if not isinstance(value, str):
+            raise TypeError
+        torch.device(value)
+    except (TypeError, RuntimeError):
+        raise GatedConfigError(
+            f"{name} must be a device name such as 'cpu' or 'cuda', or None, got "
+            f"{_describe(value)}."
+        ) from None
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> None:

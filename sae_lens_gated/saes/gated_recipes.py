@@ -24,6 +24,7 @@ from sae_lens_gated.validation import (
     check_int,
     check_int_list,
     check_optional_bool,
+    check_optional_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def warn_if_init_norm_ignored(decoder_init_norm: float | None) -> None:
 def _check_resampling(cfg: Any) -> None:
     check_int("resample_window", cfg.resample_window, minimum=1)
     check_int("resample_pool_size", cfg.resample_pool_size, minimum=1)
+    check_optional_device("resample_pool_device", cfg.resample_pool_device)
     check_int("resample_lr_warmup_steps", cfg.resample_lr_warmup_steps, minimum=0)
     check_float(
         "resample_encoder_scale",

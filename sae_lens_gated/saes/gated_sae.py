@@ -158,6 +158,10 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
         resample_pool_size: Recent training inputs kept to sample new directions from
             (Bricken et al.: 819,200). They are only held during the last
             ``ceil(pool / batch)`` steps before an event: ``pool x d_in`` values of memory.
+        resample_pool_device: Where those inputs are kept: ``"cpu"`` (default: host
+            memory, so an accelerator's memory holds none of them; they are copied to the
+            SAE's device in chunks when an event scores them), any other torch device, or
+            None for the SAE's own device.
         resample_encoder_scale: New encoder columns get this times the mean encoder column
             norm of the alive features (Bricken et al.: 0.2).
         resample_lr_warmup_steps: After an event the learning rate restarts at 0.1x its
@@ -182,6 +186,7 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     resample_every: int | None = None
     resample_window: int = 12_500
     resample_pool_size: int = 819_200
+    resample_pool_device: str | None = "cpu"
     resample_encoder_scale: float = 0.2
     resample_lr_warmup_steps: int = 1000
     sparse_step: SparseStep = "auto"
@@ -215,6 +220,7 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
             pool_size=self.resample_pool_size,
             encoder_scale=self.resample_encoder_scale,
             lr_warmup_steps=self.resample_lr_warmup_steps,
+            pool_device=self.resample_pool_device,
         )
 
     @override

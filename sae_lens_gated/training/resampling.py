@@ -123,6 +123,8 @@ class ResamplingSchedule:
         pool_size: Recent training inputs kept (only during the steps before an event).
         encoder_scale: New encoder columns get this times the mean alive column norm.
         lr_warmup_steps: Length of the cosine LR re-warm after an event (0: none).
+        pool_device: Where the pooled inputs are kept (None: where the training inputs
+            are). They are scored in chunks on the SAE's device.
     """
 
     event_steps: tuple[int, ...]
@@ -131,6 +133,7 @@ class ResamplingSchedule:
     pool_size: int
     encoder_scale: float
     lr_warmup_steps: int
+    pool_device: str | None = None
 
     def next_event(self, completed_steps: int) -> int | None:
         """The first event step strictly after ``completed_steps``."""
@@ -214,14 +217,19 @@ class DeadFeatureResampler:
                 self.schedule.pool_size,
             )
 
+    def _pool_device(self, inputs_device: torch.device) -> torch.device:
+        pool_device = self.schedule.pool_device
+        return inputs_device if pool_device is None else torch.device(pool_device)
+
     def _add_to_pool(self, batch: torch.Tensor) -> None:
         size = self.schedule.pool_size
+        device = self._pool_device(batch.device)
         if self.pool is None:
             self.pool = torch.empty(
-                size, batch.shape[1], dtype=batch.dtype, device=batch.device
+                size, batch.shape[1], dtype=batch.dtype, device=device
             )
             self.pool_count = 0
-        batch = batch[-size:]
+        batch = batch[-size:].to(device)
         start = self.pool_count % size
         first = min(size - start, batch.shape[0])
         self.pool[start : start + first] = batch[:first]
@@ -330,9 +338,10 @@ class DeadFeatureResampler:
     def _sample_inputs(
         self, sae: ResampleTarget, pool: torch.Tensor, n: int
     ) -> torch.Tensor:
+        device = sae.W_dec.device
         losses = torch.cat(
             [
-                sae.per_example_reconstruction_error(chunk).double()
+                sae.per_example_reconstruction_error(chunk.to(device)).double()
                 for chunk in pool.split(_LOSS_CHUNK)
             ]
         )
@@ -346,7 +355,7 @@ class DeadFeatureResampler:
         )
         chosen = self.collectives.agree(chosen)
         self.generator_state = generator.get_state()
-        return pool[chosen.to(pool.device)]
+        return pool[chosen.to(pool.device)].to(device)
 
     # ---- checkpointing ---------------------------------------------------------------------
 
@@ -398,7 +407,9 @@ class DeadFeatureResampler:
             )
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
         pool = state.get("pool")
-        self.pool = None if pool is None else self._pool_buffer(pool.to(device))
+        if pool is not None:
+            pool = pool.to(self._pool_device(torch.device(device)))
+        self.pool = None if pool is None else self._pool_buffer(pool)
 
     def _pool_buffer(self, rows: torch.Tensor) -> torch.Tensor:
         """The pool buffer holding a saved pool's rows (all of them, or the rows written)."""

@@ -53,6 +53,12 @@ from tests.helpers import (
         ({"decoder_init_norm": -0.1}, "decoder_init_norm must be > 0.0"),
         ({"decoder_init_norm": "0.1"}, "decoder_init_norm must be a number"),
         ({"d_sae": 0}, "d_sae must be >= 1"),
+        (
+            {"resample_pool_device": "gpu"},
+            "resample_pool_device must be a device name such as 'cpu' or 'cuda', or "
+            "None, got 'gpu'",
+        ),
+        ({"resample_pool_device": 0}, "resample_pool_device must be a device name"),
         ({"d_in": 16.0}, "d_in must be an integer"),
         ({"recipe": 3}, "Unknown recipe 3"),
     ],

@@ -124,7 +124,9 @@ def test_resampling_leaves_fewer_dead_features_than_the_same_run_without():
     assert dead_with <= 0.9 * dead_without, (dead_with, dead_without)
 
 
-def _controlled_event(seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+def _controlled_event(
+    seed: int = 0, device: str = "cpu", pool_device: str | None = "cpu"
+) -> dict[str, Any]:
     """Drive one event by hand: features 2, 5 and 7 never fire; 3 marked pool inputs
     carry all the reconstruction loss. Random inputs are drawn on the CPU and moved."""
     cfg = build_gated_training_cfg(
@@ -133,6 +135,7 @@ def _controlled_event(seed: int = 0, device: str = "cpu") -> dict[str, Any]:
         resample_every=5,
         resample_window=5,
         resample_pool_size=20,
+        resample_pool_device=pool_device,
         device=device,
     )
     sae = GatedTrainingSAE(cfg)
@@ -166,6 +169,8 @@ def _controlled_event(seed: int = 0, device: str = "cpu") -> dict[str, Any]:
         for n, p in sae.named_parameters()
     }
     alive_norm = sae.W_enc.detach().norm(dim=0)[[0, 1, 3, 4, 6, 8, 9]].mean()
+    assert resampler.pool is not None
+    pool = resampler.pool
     event = resampler.step_completed(sae, optimizer)
     return {
         "sae": sae,
@@ -176,6 +181,7 @@ def _controlled_event(seed: int = 0, device: str = "cpu") -> dict[str, Any]:
         "params_before": params_before,
         "state_before": state_before,
         "alive_norm": alive_norm,
+        "pool": pool,
     }
 
 
@@ -244,6 +250,64 @@ def test_untouched_weights_and_optimizer_state_are_bit_identical(device: str):
             ), name
             assert take(state_before[key], dead).abs().sum() > 0
         assert torch.equal(optimizer.state[param]["step"], state_before["step"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_pool_is_kept_where_configured_with_the_same_event(device: str):
+    torch.manual_seed(0)  # the same random inputs and gradients for both
+    on_host = _controlled_event(device=device)  # the default: host memory
+    torch.manual_seed(0)
+    on_sae = _controlled_event(device=device, pool_device=None)
+    assert on_host["pool"].device == torch.device("cpu")
+    assert on_sae["pool"].device == on_host["sae"].W_dec.device
+    assert torch.equal(on_host["pool"], on_sae["pool"].cpu())
+    assert torch.equal(on_host["event"].resampled, on_sae["event"].resampled)
+    for key, value in on_host["sae"].state_dict().items():
+        assert torch.equal(value, on_sae["sae"].state_dict()[key]), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool_device", ["cpu", None])
+def test_a_restored_pool_goes_back_where_configured(
+    device: str, pool_device: str | None
+):
+    cfg = build_gated_training_cfg(
+        resample_every=4,
+        resample_window=4,
+        resample_pool_size=16,
+        resample_pool_device=pool_device,
+    )
+    saved = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=48, seed=0)
+    inputs = torch.randn(3, 16).to(device)
+    # 4 steps to the event, 3 inputs per step: the pool of 16 takes this step's inputs.
+    saved.observe(inputs, torch.ones(3, 48, device=device))
+    restored = DeadFeatureResampler(cfg.resampling_schedule(), d_sae=48, seed=0)
+    restored.load_state_dict(saved.state_dict(), device=device)
+    expected = torch.device("cpu") if pool_device else inputs.device
+    assert saved.pool is not None and restored.pool is not None
+    assert saved.pool.device == restored.pool.device == expected
+    assert torch.equal(restored.pool[:3], inputs.to(expected))
+
+
+def test_the_pool_follows_its_setting_not_the_inputs():
+    # The meta device holds no data, but shows even on a CPU-only machine that both
+    # pooling and restoring put the pool on the configured device, not the inputs'.
+    def resampler(pool_device: str | None) -> DeadFeatureResampler:
+        cfg = build_gated_training_cfg(
+            resample_every=4,
+            resample_window=4,
+            resample_pool_size=16,
+            resample_pool_device=pool_device,
+        )
+        return DeadFeatureResampler(cfg.resampling_schedule(), d_sae=48, seed=0)
+
+    pooling, saved = resampler("meta"), resampler(None)
+    for each in (pooling, saved):
+        each.observe(torch.randn(3, 16), torch.ones(3, 48))
+    restored = resampler("meta")
+    restored.load_state_dict(saved.state_dict(), device="cpu")
+    assert pooling.pool is not None and restored.pool is not None
+    assert pooling.pool.device.type == restored.pool.device.type == "meta"
 
 
 def test_inputs_are_drawn_with_probability_proportional_to_squared_loss():
