@@ -42,6 +42,7 @@ from sae_lens.saes.sae import (
 )
 from typing_extensions import override
 
+from sae_lens_gated.saes import gated_sparse
 from sae_lens_gated.saes.gated_encoder import (
     GatedEncoding,
     decode_gated,
@@ -372,7 +373,19 @@ class GatedTrainingSAE(_BuiltinGatedTrainingSAE):
 
     @torch.no_grad()
     def per_example_reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
-        """``||x - x_hat||^2`` per example, in the space the losses are computed in."""
+        """``||x - x_hat||^2`` per example, in the space the losses are computed in.
+
+        The rows of ``x`` go through in slices whose ``(rows, d_sae)`` activations each
+        stay within :data:`~sae_lens_gated.saes.gated_sparse.SCRATCH_BUDGET_BYTES`: scoring
+        a resampling pool (8192 inputs at a time) would otherwise allocate several
+        ``(8192, d_sae)`` tensors, 32 GiB each at ``d_sae`` 2**20 in float32.
+        """
+        row_bytes = self.cfg.d_sae * self.W_enc.element_size()
+        rows = max(1, gated_sparse.SCRATCH_BUDGET_BYTES // row_bytes)
+        return torch.cat([self._reconstruction_error(part) for part in x.split(rows)])
+
+    def _reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        # Its own frame, so that one slice's activations are freed before the next's.
         encoding = self.encode_for_loss(x, decode=True)
         reconstruction = self.reconstruction(encoding)
         self.run_time_activation_norm_fn_out(reconstruction)  # releases the norm state

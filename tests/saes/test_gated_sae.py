@@ -817,3 +817,36 @@ def test_auto_tries_sparse_steps_once_few_gates_open_and_trains_alike():
         torch.testing.assert_close(
             runs["auto"].state_dict()[name], value, rtol=0, atol=1e-9
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_per_example_errors_are_computed_in_slices_within_the_scratch_budget(
+    device: str, normalize: str, monkeypatch: pytest.MonkeyPatch
+):
+    cfg = build_gated_training_cfg(normalize_activations=normalize, device=device)
+    sae = GatedTrainingSAE(cfg)
+    randomize_gated_params(sae, seed=8, unit_decoder=True)
+    sae.to(device)
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(8)).to(device)
+    slices: list[int] = []
+    encode_for_loss = sae.encode_for_loss
+
+    def recording(part: torch.Tensor, **kwargs: Any) -> Any:
+        slices.append(part.shape[0])
+        return encode_for_loss(part, **kwargs)
+
+    monkeypatch.setattr(sae, "encode_for_loss", recording)
+    with torch.no_grad():
+        whole = sae.per_example_reconstruction_error(x)  # 1 GiB: one slice
+        assert slices == [200]
+        if normalize == "none":  # by hand: the inference encoder and decoder
+            by_hand = (x - sae.decode(sae.encode(x))).pow(2).sum(dim=-1)
+            torch.testing.assert_close(whole, by_hand)
+        # 30 rows of 48 float32 features per slice: 7 slices, the same errors.
+        monkeypatch.setattr(gated_sparse, "SCRATCH_BUDGET_BYTES", 30 * 48 * 4)
+        slices.clear()
+        sliced = sae.per_example_reconstruction_error(x)
+    assert slices == [30] * 6 + [20]
+    assert whole.shape == (200,) and float(whole.min()) > 0
+    torch.testing.assert_close(sliced, whole)
