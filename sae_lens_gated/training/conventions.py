@@ -338,14 +338,19 @@ class TrainingConventions:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
-    """Project each ``W_dec`` row's gradient onto the tangent space of its row sphere."""
-    if W_dec.grad is None:
+    """Project each ``W_dec`` row's gradient onto the tangent space of its row sphere.
+
+    Row dot products as a batched matmul and an in-place update: no ``(d_sae, d_in)``
+    temporary, which would be 9 GiB at ``d_sae`` 2**20 and ``d_in`` 2304 in float32.
+    """
+    grad = W_dec.grad
+    if grad is None:
         return
-    parallel = (W_dec.grad * W_dec).sum(dim=1, keepdim=True) / (
-        W_dec.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
-    )
-    W_dec.grad.sub_(parallel * W_dec)
+    dots = torch.bmm(grad.unsqueeze(1), W_dec.unsqueeze(2)).flatten()
+    norms_sq = torch.linalg.vector_norm(W_dec, dim=1).square().clamp_min(1e-12)
+    grad.addcmul_(W_dec, (dots / norms_sq).unsqueeze(1), value=-1)
 
 
 @torch.no_grad()

@@ -5,8 +5,12 @@ import pytest
 import torch
 
 from sae_lens_gated import GatedTrainingSAE
-from sae_lens_gated.training.conventions import listeners_of
+from sae_lens_gated.training.conventions import (
+    listeners_of,
+    remove_parallel_decoder_grad,
+)
 from tests.helpers import (
+    DEVICES,
     SparseSyntheticData,
     build_gated_training_cfg,
     make_trainer,
@@ -288,3 +292,29 @@ def test_the_next_step_follows_the_setting_and_auto_probes_once_few_gates_open(
     else:
         assert policy.density is None
     assert (policy.probe_position == 0) is (setting == "auto" and open_fraction < 0.1)
+
+
+def test_parallel_decoder_gradient_is_removed_by_hand():
+    W_dec = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    W_dec.grad = torch.tensor([[1.0, 0.0], [5.0, 7.0]])
+    remove_parallel_decoder_grad(W_dec)
+    # Row 0: 1*3/25 of (3, 4) removed; row 1: 14/4 of (0, 2) removed.
+    expected = torch.tensor([[16 / 25, -12 / 25], [5.0, 0.0]])
+    torch.testing.assert_close(W_dec.grad, expected)
+    assert W_dec.grad_fn is None and not W_dec.grad.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parallel_decoder_gradient_is_removed_row_by_row(device: str):
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 24, generator=gen, dtype=torch.float64)
+    grad = torch.randn(300, 24, generator=gen, dtype=torch.float64)
+    W_dec = torch.nn.Parameter(W.to(device))
+    W_dec.grad = grad.to(device, copy=True)
+    remove_parallel_decoder_grad(W_dec)
+    tangent = W_dec.grad.cpu()
+    # What is left is orthogonal to each row, and what was removed is along it.
+    assert (tangent * W).sum(dim=1).abs().max() < 1e-12
+    removed = grad - tangent
+    cosine = (removed * W).sum(dim=1) / (removed.norm(dim=1) * W.norm(dim=1))
+    torch.testing.assert_close(cosine.abs(), torch.ones(300, dtype=torch.float64))
