@@ -77,15 +77,16 @@ def check_optional_device(name: str, value: Any) -> None:
     """``value`` must be None or a torch device name such as ``"cpu"`` or ``"cuda:1"``."""
     if value is None:
         return
-    try:
-        if not isinstance(value, str):
-            raise TypeError
-        torch.device(value)
-    except (TypeError, RuntimeError):
-        raise GatedConfigError(
-            f"{name} must be a device name such as 'cpu' or 'cuda', or None, got "
-            f"{_describe(value)}."
-        ) from None
+    if isinstance(value, str):
+        try:
+            torch.device(value)
+            return
+        except RuntimeError:
+            pass
+    raise GatedConfigError(
+        f"{name} must be a device name such as 'cpu' or 'cuda', or None, got "
+        f"{_describe(value)}."
+    )
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> None:

@@ -417,6 +417,7 @@ def test_a_usage_error_is_one_line_from_the_installed_entry_point():
         (["--l1_coefficient", "nan"], ["l1_coefficient", "nan"]),
         (["--d_sae", "many"], ["--d_sae", "invalid int value: 'many'"]),
         (["--no_such_field", "1"], ["unrecognized arguments: --no_such_field 1"]),
+        (["--resample_pool_device", "gpu"], ["resample_pool_device", "'gpu'"]),
     ],
 )
 def test_train_rejects_an_invalid_field_before_loading_any_model(
@@ -448,6 +449,28 @@ def test_train_runs_the_runner_with_the_parsed_config_and_reports_its_failure(
     (cfg,) = configs
     assert cfg.sae.architecture() == "gated"
     assert (cfg.sae.recipe, cfg.sae.d_in, cfg.sae.d_sae) == ("april_update", 16, 64)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "cpu"),
+        (["--resample_pool_device", "None"], None),
+        (["--resample_pool_device", "cuda:1"], "cuda:1"),
+    ],
+)
+def test_train_sets_where_the_resampling_pool_is_kept(
+    argv: list[str],
+    expected: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    configs: list[Any] = []
+    monkeypatch.setattr(cli, "run_training", lambda cfg, *_: configs.append(cfg))
+    code, _, _ = _run(["train", "--architecture", "gated", *argv], capsys)
+    assert code == 0
+    (cfg,) = configs
+    assert cfg.sae.resample_pool_device == expected
 
 
 def test_convert_dictionary_learning_folder_to_jumprelu(

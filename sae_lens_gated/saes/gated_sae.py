@@ -162,7 +162,7 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
         resample_pool_device: Where those inputs are kept: ``"cpu"`` (default: host
             memory, so an accelerator's memory holds none of them; they are copied to the
             SAE's device in chunks when an event scores them), any other torch device, or
-            None for the SAE's own device.
+            None (``"None"`` on a command line) for the SAE's own device.
         resample_encoder_scale: New encoder columns get this times the mean encoder column
             norm of the alive features (Bricken et al.: 0.2).
         resample_lr_warmup_steps: After an event the learning rate restarts at 0.1x its
@@ -194,6 +194,10 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
 
     @override
     def __post_init__(self) -> None:
+        if (
+            str(self.resample_pool_device).lower() == "none"
+        ):  # "None" from a command line
+            self.resample_pool_device = None
         check_training_config(self, RECIPES)
         warn_if_from_builtin_config(self)
         recipe = RECIPES[self.recipe]

@@ -338,7 +338,6 @@ class TrainingConventions:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
     """Project each ``W_dec`` row's gradient onto the tangent space of its row sphere.
 
