@@ -32,6 +32,7 @@ from sae_lens_gated.repro.experiments import (
     evaluate,
     prepare_output_folder,
 )
+from sae_lens_gated.training.resampling import fired_features
 
 # 256 directions in 32 dimensions, each firing on 1-10% of inputs.
 CROWDED = SyntheticModelConfig(
@@ -110,7 +111,7 @@ def train_pair_member(
 
     def record(acts: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
         if torch.is_grad_enabled():  # training passes, not the resampler's scoring
-            fired.append((acts > 0).any(dim=0))
+            fired.append(fired_features(acts))
 
     sae.hook_sae_acts_post.add_hook(record)  # type: ignore[arg-type]
     settings = TrainingSettings(

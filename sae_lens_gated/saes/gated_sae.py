@@ -194,9 +194,8 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
 
     @override
     def __post_init__(self) -> None:
-        if (
-            str(self.resample_pool_device).lower() == "none"
-        ):  # "None" from a command line
+        # A command line hands over None as the string "None".
+        if str(self.resample_pool_device).lower() == "none":
             self.resample_pool_device = None
         check_training_config(self, RECIPES)
         warn_if_from_builtin_config(self)

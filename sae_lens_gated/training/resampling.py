@@ -407,9 +407,11 @@ class DeadFeatureResampler:
             )
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
         pool = state.get("pool")
-        if pool is not None:
-            pool = pool.to(self._pool_device(torch.device(device)))
-        self.pool = None if pool is None else self._pool_buffer(pool)
+        self.pool = (
+            None
+            if pool is None
+            else self._pool_buffer(pool.to(self._pool_device(torch.device(device))))
+        )
 
     def _pool_buffer(self, rows: torch.Tensor) -> torch.Tensor:
         """The pool buffer holding a saved pool's rows (all of them, or the rows written)."""
