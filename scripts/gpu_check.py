@@ -6,11 +6,15 @@ others' results (each step records ``ok``, its seconds, and its result or error)
 - ``cuda_tier``: ``pytest -m cuda`` on the equivalence tests (counts from a JUnit report,
   or from the results printed before a time-out), but for torch.compile's;
 - ``cuda_compile``: torch.compile's CUDA tests, slow to compile, under their own limit;
+- ``cuda_paths``: ``pytest -m cuda`` on the users' paths beyond the math: two processes on
+  the GPU (latent-sharded and data-parallel, through gloo), SAELens's runners, loading and
+  exports;
 - ``bench_fresh``, ``bench_0.003``, ``bench_0.01``: ``sae-lens-gated bench`` at the fresh
   SAEs' density and at 0.3% and 1% open gates, each with ``--auto-steps``;
 - ``density_sweep``: step time against gate density, the PNG written into OUT_DIR;
 - ``memory_1m``: ``bench --memory-only`` at d_sae 1,048,576;
-- ``nccl``: ``examples/train_distributed.py`` under torchrun, one process (NCCL on a GPU).
+- ``nccl``: ``examples/train_distributed.py`` under torchrun, one process (NCCL on a GPU),
+  in each mode (``data`` and ``latent``).
 
 Then ``targets`` checks issue 21's numbers against the results. ``--dry-run`` runs the same
 steps on the CPU at small shapes, with the same JSON keys.
@@ -76,13 +80,14 @@ GPU = Shape(
     sweep=("0.001", "0.003", "0.01", "0.03", "0.1"),
     memory_d_sae=1_048_576,
     memory_batch=1024,
-    nccl_steps=300,
+    nccl_steps=150,
     limits={
-        "cuda_tier": 100,
-        "cuda_compile": 60,
-        "bench": 50,
-        "sweep": 80,
-        "memory": 50,
+        "cuda_tier": 85,
+        "cuda_compile": 55,
+        "cuda_paths": 50,
+        "bench": 45,
+        "sweep": 70,
+        "memory": 45,
         "nccl": 40,
     },
 )
@@ -97,10 +102,11 @@ DRY_RUN = Shape(
     sweep=("0.01", "0.1"),
     memory_d_sae=1024,
     memory_batch=256,
-    nccl_steps=20,
+    nccl_steps=150,
     limits={
         "cuda_tier": 120,
         "cuda_compile": 60,
+        "cuda_paths": 120,
         "bench": 120,
         "sweep": 120,
         "memory": 60,
@@ -179,15 +185,19 @@ def printed_counts(output: str) -> dict[str, int]:
 
 
 def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
-    """The CUDA-marked tests: torch.compile's (``cuda_compile``, slow to compile on a GPU)
-    or all the others (``cuda_tier``). Counts come from pytest's JUnit report, or, where
-    pytest wrote none (out of time), from the results it printed before."""
+    """CUDA-marked tests: of the math and the training conventions, torch.compile's
+    (``cuda_compile``, slow to compile on a GPU) or all the others (``cuda_tier``); or
+    those of every other part (``cuda_paths``). Counts come from pytest's JUnit report,
+    or, where pytest wrote none (out of time), from the results it printed before."""
     with tempfile.TemporaryDirectory() as folder:
         report, log = Path(folder) / "junit.xml", Path(folder) / "pytest.log"
         command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs"]
-        command += ["-k", "compiled" if step == "cuda_compile" else "not compiled"]
         command += ["-p", "no:cacheprovider", f"--junitxml={report}"]
-        command += ["tests/saes", "tests/training"]
+        if step == "cuda_paths":
+            command += ["tests", "--ignore=tests/saes", "--ignore=tests/training"]
+        else:
+            command += ["-k", "compiled" if step == "cuda_compile" else "not compiled"]
+            command += ["tests/saes", "tests/training"]
         ok, output = _run(command, shape.limits[step], log=log)
         if report.exists():
             suite = ElementTree.parse(report).getroot()
@@ -206,17 +216,30 @@ def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
         return ok and counts["tests"] > 0, counts if ok else {**counts, "log": output}
 
 
+# Small batches and a strong penalty: features die, so the run goes through a resampling
+# event (and, latent-sharded, its collectives) on the device.
+NCCL_SETTINGS = ["--batch-size", "64", "--l1", "5", "--lr", "1e-2"]
+
+
 def _nccl(shape: Shape) -> tuple[bool, Any]:
-    with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command += ["--nproc-per-node", "1", "examples/train_distributed.py"]
-        command += ["--mode", "data", "--steps", str(shape.nccl_steps)]
-        command += ["--out", str(Path(folder) / "sae")]
-        ok, output = _run(command, shape.limits["nccl"])
-        if not ok:
-            return False, output
-        lines = [line for line in output.splitlines() if line.startswith("{")]
-        return True, json.loads(lines[-1])
+    """The example in each mode, within the step's limit together; its JSON line each. A
+    mode that resampled nothing fails: its event path did not run."""
+    results: dict[str, Any] = {}
+    deadline = time.monotonic() + shape.limits["nccl"]
+    for mode in ("data", "latent"):
+        with tempfile.TemporaryDirectory() as folder:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            command += ["--nproc-per-node", "1", "examples/train_distributed.py"]
+            command += ["--mode", mode, "--steps", str(shape.nccl_steps)]
+            command += [*NCCL_SETTINGS, "--out", str(Path(folder) / "sae")]
+            ok, output = _run(command, max(1.0, deadline - time.monotonic()))
+            if not ok:
+                return False, {**results, mode: output}
+            lines = [line for line in output.splitlines() if line.startswith("{")]
+            results[mode] = json.loads(lines[-1])
+            if results[mode]["resampled"] == 0:
+                return False, {**results, "error": f"{mode}: no feature resampled"}
+    return True, results
 
 
 def _targets(steps: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +285,7 @@ def _targets(steps: dict[str, Any]) -> dict[str, Any]:
 STEPS = (
     "cuda_tier",
     "cuda_compile",
+    "cuda_paths",
     "bench_fresh",
     "bench_0.003",
     "bench_0.01",
@@ -308,6 +332,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _write_summary(summary: dict[str, Any], out: Path) -> None:
+    summary["targets"] = _targets(summary["steps"])
+    summary["all_steps_ok"] = all(step["ok"] for step in summary["steps"].values())
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     if args.check_args:
@@ -337,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     work: dict[str, Callable[[], tuple[bool, Any]]] = {
         "cuda_tier": lambda: _cuda_tier(shape, "cuda_tier"),
         "cuda_compile": lambda: _cuda_tier(shape, "cuda_compile"),
+        "cuda_paths": lambda: _cuda_tier(shape, "cuda_paths"),
         "bench_fresh": lambda: _bench(timed, bench_s),
         "bench_0.003": lambda: _bench([*timed, "--gate-density", "0.003"], bench_s),
         "bench_0.01": lambda: _bench([*timed, "--gate-density", "0.01"], bench_s),
@@ -347,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in STEPS:
         if name in args.steps:
             _step(name, summary, work[name])
-    summary["targets"] = _targets(summary["steps"])
-    summary["all_steps_ok"] = all(step["ok"] for step in summary["steps"].values())
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+            _write_summary(summary, out)  # so far: a run stopped from outside keeps it
     sys.stdout.write(json.dumps(summary["targets"]) + "\n")
     return 0 if summary["all_steps_ok"] else 1
 

@@ -67,7 +67,7 @@ def report(summary: dict[str, Any]) -> str:
         ]
     if benches:
         lines += ["", *_table(["bench", *BENCH_COLUMNS.values()], benches)]
-    for tier in ("cuda_tier", "cuda_compile"):
+    for tier in ("cuda_tier", "cuda_compile", "cuda_paths"):
         step = steps.get(tier)
         if step is not None:
             counts = step.get("result") or step.get("error")

@@ -17,18 +17,14 @@ from sae_lens_gated import GatedTrainingSAEConfig
 
 GATED_PARAM_NAMES = ["W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"]
 
-# The devices the equivalence tests run on: the CPU always, CUDA where there is one (select
-# those with ``pytest -m cuda``).
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
+# What a test's CUDA variant carries: the ``cuda`` marker (select those with ``pytest -m
+# cuda``), and a skip with its reason on a machine without a GPU.
+CUDA = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
 ]
+# The devices the equivalence tests run on: the CPU always, CUDA where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def gpu_allocations() -> int:

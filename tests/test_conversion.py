@@ -37,6 +37,7 @@ from sae_lens_gated import (
 )
 from sae_lens_gated.conversion import export_sae
 from tests.helpers import (
+    DEVICES,
     build_gated_training_cfg,
     dictionary_learning_module,
     file_hashes,
@@ -144,6 +145,32 @@ def test_jumprelu_features_equal_gated_on_random_inputs(
         tol = 1e-12 if dtype == "float64" else 1e-5
         torch.testing.assert_close(features, expected, rtol=tol, atol=tol)
         torch.testing.assert_close(jumprelu(x), sae(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("to", conversion.EXPORT_FORMATS)
+def test_every_export_of_an_sae_on_a_device_equals_the_cpu_sae(
+    tmp_path: Path, device: str, to: Any
+):
+    cpu = _random_gated("training", apply_b_dec_to_input=False, dtype="float64", seed=3)
+    sae = _random_gated("training", apply_b_dec_to_input=False, dtype="float64", seed=3)
+    sae.to(device)
+    if to == "jumprelu":
+        jumprelu = to_jumprelu(sae)
+        assert jumprelu.W_enc.device.type == device
+    export_sae(sae, tmp_path / to, to=to)
+    # Every format loads back on the CPU as the same SAE (the JumpReLU folder in SAELens).
+    if to == "jumprelu":
+        exported: SAE[Any] = SAE.load_from_disk(tmp_path / to, dtype="float64")
+        assert type(exported) is JumpReLUSAE
+    else:
+        exported = load_gated_sae(tmp_path / to, dtype="float64")
+    x = _inputs(dtype=torch.float64)
+    with torch.no_grad():
+        expected = cpu.encode(x)
+        assert 0.2 < (expected > 0).float().mean() < 0.8
+        torch.testing.assert_close(exported.encode(x), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(exported(x), cpu(x), rtol=1e-12, atol=1e-12)
 
 
 def _plugin_gated(seed: int) -> GatedSAE:

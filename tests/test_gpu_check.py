@@ -13,6 +13,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STEPS = {
     "cuda_tier",
     "cuda_compile",
+    "cuda_paths",
     "bench_fresh",
     "bench_0.003",
     "bench_0.01",
@@ -56,8 +57,10 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     steps = {name: step["result"] for name, step in summary["steps"].items()}
     # The CUDA tier: collected and, without a GPU, every test skipped (none passed or hid).
     tier, compiled = steps["cuda_tier"], steps["cuda_compile"]
+    paths = steps["cuda_paths"]
     assert tier["tests"] >= 10 and compiled["tests"] == 3  # torch.compile's CUDA tests
-    for counts in (tier, compiled):
+    assert paths["tests"] >= 8  # two processes, runners, loading and exports
+    for counts in (tier, compiled, paths):
         assert counts["skipped"] == counts["tests"]
         assert counts["failures"] == counts["errors"] == counts["passed"] == 0
     for name in ("bench_fresh", "bench_0.003", "bench_0.01"):
@@ -72,7 +75,10 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     assert len(densities) == 2 and densities == sorted(densities)
     assert (out / "step_vs_gate_density.png").read_bytes()[:4] == b"\x89PNG"
     assert steps["memory_1m"]["d_sae"] == summary["shape"]["memory_d_sae"]
-    assert steps["nccl"]["steps"] == summary["shape"]["nccl_steps"]
+    for mode in ("data", "latent"):
+        run = steps["nccl"][mode]
+        assert run["mode"] == mode and run["steps"] == summary["shape"]["nccl_steps"]
+        assert run["resampled"] > 0, mode  # the event ran on the device
     assert set(summary["targets"]) == TARGETS
     one = summary["targets"]["step_vs_standard_at_1pct"]
     assert one["value"] == steps["bench_0.01"]["step_ratio_vs_standard"]
@@ -140,6 +146,22 @@ def test_usage_mistakes_are_one_line_and_exit_2(tmp_path: Path):
         f"gpu_check: no wheels in {wheels}: run scripts/gpu_wheels.sh first"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_steps_fit_in_eight_minutes_and_a_stopped_run_keeps_its_summary(
+    tmp_path: Path,
+):
+    limits = gpu_check.GPU.limits
+    assert set(limits) == set(gpu_check.DRY_RUN.limits)
+    # The three benches share one limit each.
+    assert sum(limits.values()) + 2 * limits["bench"] <= 8 * 60
+    # The summary is written after each step: a run stopped during the next keeps it.
+    summary: dict[str, object] = {"steps": {}}
+    gpu_check._step("nccl", summary, lambda: (True, {"data": {}}))
+    gpu_check._write_summary(summary, tmp_path)
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert written["all_steps_ok"] is True and list(written["steps"]) == ["nccl"]
+    assert set(written["targets"]) == TARGETS
 
 
 def test_the_wheel_list_pins_one_version_of_each_package():

@@ -19,6 +19,7 @@ from sae_lens_gated import (
     load_gated_sae,
 )
 from tests.helpers import (
+    DEVICES,
     GATED_PARAM_NAMES,
     GATED_RELEASE,
     GATED_RELEASE_FOLDER,
@@ -93,7 +94,8 @@ def test_saelens_folder_written_by_the_builtin_class_loads_unregistered(
         torch.testing.assert_close(loaded.encode(x), builtin.encode(x))
 
 
-def test_dtype_and_device_are_respected(tmp_path: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dtype_and_device_are_respected(tmp_path: Path, device: str):
     ae = random_dictionary_learning_ae(seed=6)
     write_dictionary_learning_folder(tmp_path / "dl", ae)
     saved = write_saelens_folder(tmp_path / "sl", seed=6)
@@ -101,12 +103,19 @@ def test_dtype_and_device_are_respected(tmp_path: Path):
         (tmp_path / "dl", ae.encoder.weight.T),
         (tmp_path / "sl", saved.W_enc),
     ):
-        sae = load_gated_sae(path, device="cpu", dtype="float64")
-        assert sae.cfg.dtype == "float64" and sae.cfg.device == "cpu"
-        assert all(getattr(sae, n).dtype == torch.float64 for n in GATED_PARAM_NAMES)
-        torch.testing.assert_close(sae.W_enc, expected.double(), rtol=0, atol=0)
-        half = load_gated_sae(path, dtype=torch.bfloat16)
+        sae = load_gated_sae(path, device=device, dtype="float64")
+        assert sae.cfg.dtype == "float64" and sae.cfg.device == device
+        for name in GATED_PARAM_NAMES:
+            param = getattr(sae, name)
+            assert param.dtype == torch.float64 and param.device.type == device, name
+        torch.testing.assert_close(sae.W_enc.cpu(), expected.double(), rtol=0, atol=0)
+        x = torch.randn(8, sae.cfg.d_in, dtype=torch.float64)
+        with torch.no_grad():
+            on_device = sae(x.to(device)).cpu()
+            torch.testing.assert_close(on_device, sae.to("cpu")(x))
+        half = load_gated_sae(path, device=device, dtype=torch.bfloat16)
         assert half.cfg.dtype == "bfloat16" and half.W_dec.dtype == torch.bfloat16
+        assert half.W_dec.device.type == device
 
 
 def test_loading_never_modifies_the_source_files(tmp_path: Path):

@@ -23,6 +23,7 @@ from torch.optim.optimizer import (
 from sae_lens_gated import GatedSAE, GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.conventions import RESAMPLER_STATE_FILENAME
 from tests.helpers import (
+    DEVICES,
     SparseSyntheticData,
     history_of,
     max_norm_error,
@@ -70,7 +71,7 @@ def _runner(
 ) -> MultiSAETrainingRunner:
     return MultiSAETrainingRunner(
         cfg,
-        override_model=tiny_model(),
+        override_model=tiny_model().to(cfg.device),
         override_dataset=tiny_token_dataset(),
         override_saes=saes,
     )
@@ -87,12 +88,14 @@ def _sweep_saes() -> dict[str, TrainingSAEConfig]:
 
 
 @pytest.mark.usefixtures("offline_wandb")
+@pytest.mark.parametrize("device", DEVICES)
 def test_multi_runner_trains_gated_saes_beside_a_standard_one_with_prefixed_metrics(
-    tmp_path: Path, wandb_log_calls: list[dict[str, Any]]
+    tmp_path: Path, wandb_log_calls: list[dict[str, Any]], device: str
 ):
     cfg = _multi_cfg(
         tmp_path,
         _sweep_saes(),
+        device=device,
         lr=1e-2,
         training_tokens=64 * 60,
         n_checkpoints=1,
@@ -109,6 +112,7 @@ def test_multi_runner_trains_gated_saes_beside_a_standard_one_with_prefixed_metr
     assert type(saes["standard"]) is StandardTrainingSAE
     for name, sae in gated.items():
         assert max_norm_error(sae.W_dec) <= 1e-5, name
+        assert sae.W_dec.device.type == device, name
     assert gated["gated_wide"].W_dec.shape == (192, 32)
     events = {
         name: sae.conventions.resampler.n_events
@@ -149,7 +153,9 @@ def test_multi_runner_trains_gated_saes_beside_a_standard_one_with_prefixed_metr
         loaded = SAE.load_from_disk(Path(cfg.output_path or "") / name)
         assert type(loaded) is GatedSAE and loaded.cfg.d_sae == sae.cfg.d_sae
         x = torch.randn(20, 32)
-        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            on_device = sae(x.to(device)).cpu()
+        torch.testing.assert_close(loaded(x), on_device, rtol=1e-5, atol=1e-5)
 
     # The mid-run checkpoint holds each resampling SAE's own resampler state.
     (checkpoint,) = Path(cfg.checkpoint_path or "").iterdir()

@@ -17,6 +17,7 @@ from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
 from sae_lens_gated import GatedSAE, GatedTrainingSAE
 from tests.helpers import (
+    DEVICES,
     history_of,
     max_norm_error,
     tiny_model,
@@ -27,7 +28,9 @@ from tests.helpers import (
 
 def _run(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
     runner = LanguageModelSAETrainingRunner(
-        cfg, override_model=tiny_model(), override_dataset=tiny_token_dataset()
+        cfg,
+        override_model=tiny_model().to(cfg.device),
+        override_dataset=tiny_token_dataset(),
     )
     assert type(runner.sae) is GatedTrainingSAE
     return runner.run()
@@ -217,15 +220,25 @@ def _resampled_in_checkpoint(checkpoint: Path) -> int:
     )
 
 
-def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path, device: str):
+    # On CUDA: the model, the activation store and the SAE on the GPU, the resampling
+    # pool in host memory (the default), as users train.
     first = LanguageModelSAERunnerConfig.from_dict(
         tiny_runner_dict(
-            tmp_path, sae=_RESAMPLING, training_tokens=64 * 50, n_checkpoints=1
+            tmp_path,
+            sae=_RESAMPLING,
+            lr=1e-2,
+            training_tokens=64 * 50,
+            n_checkpoints=1,
+            device=device,
         )
     )
     sae = _run(first)
+    assert sae.W_dec.device.type == device
     assert sae.conventions.resampler is not None
     assert sae.conventions.resampler.n_events == 2
+    assert sae.conventions.resampler.n_resampled > 0
     mid = sorted(
         Path(first.checkpoint_path or "").iterdir(), key=lambda p: int(p.name)
     )[0]
@@ -239,9 +252,11 @@ def test_runner_resamples_and_resumes_from_a_checkpoint(tmp_path: Path):
             training_tokens=64 * 70,
             resume_from_checkpoint=str(mid),
             output_path=str(tmp_path / "resumed"),
+            device=device,
         )
     )
     resumed = _run(resumed_cfg)
+    assert resumed.W_dec.device.type == device
     assert resumed.conventions.resampler is not None
     # 26 steps before the checkpoint, 44 after: events at steps 20, 40 and 60.
     assert resumed.conventions.resampler.completed_steps == 70

@@ -426,18 +426,19 @@ class LatentShardedResampling:
         return self.features
 
     def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Every statistic on the values' device: torch.stack refuses to mix devices.
         wide = values.double()
         stats = torch.stack(
             [
-                wide[mask].sum(),
+                wide.where(mask, 0).sum(),
                 mask.sum().double(),
                 wide.sum(),
-                torch.tensor(float(values.numel()), dtype=torch.float64),
+                wide.new_tensor(float(values.numel())),
             ]
         )
         self.ranks.all_reduce(stats, "averaging the alive features' encoder norms")
-        mean = stats[0] / stats[1] if stats[1] > 0 else stats[2] / stats[3]
-        return mean.to(values.dtype)
+        alive_sum, n_alive, total, n = stats.unbind()
+        return torch.where(n_alive > 0, alive_sum / n_alive, total / n).to(values.dtype)
 
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")

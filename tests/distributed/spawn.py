@@ -3,6 +3,8 @@
 The processes are forked from the test process (no re-import: each starts in well under a
 second) with one CPU thread each, and join the group through the same environment
 variables torchrun sets, so the code under test calls ``init_distributed()`` itself.
+Processes that use CUDA are spawned instead: a forked child cannot use CUDA once its
+parent has, and the parent of a CUDA test has.
 """
 
 import multiprocessing
@@ -61,8 +63,9 @@ def run_on_ranks(
     world_size: int = 2,
     timeout_s: float = 120.0,
     expect_errors: bool = False,
+    device: str = "cpu",
 ) -> dict[int, Any]:
-    """``fn(rank, *args)`` on ``world_size`` forked processes; their return values by rank.
+    """``fn(rank, *args)`` on ``world_size`` local processes; their return values by rank.
 
     Args:
         fn: Runs in each process; its return value must be picklable.
@@ -71,8 +74,15 @@ def run_on_ranks(
         timeout_s: The test fails if the processes take longer.
         expect_errors: Return ``("error", type name, message)`` for processes that raised
             (and None for processes that died without reporting) instead of failing.
+        device: Where ``fn`` computes: ``"cuda"`` spawns the processes (every one on the
+            current GPU, their collectives through gloo on the CPU), and ``fn`` must then
+            be importable from its module.
     """
-    context = multiprocessing.get_context("fork")
+    context = (
+        multiprocessing.get_context("spawn")
+        if device == "cuda"
+        else multiprocessing.get_context("fork")
+    )
     results = context.Queue()
     port = free_port()
     processes = [

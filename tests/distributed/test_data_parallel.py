@@ -25,6 +25,7 @@ from tests.distributed.common import (
     trainer_for,
 )
 from tests.distributed.spawn import run_on_ranks
+from tests.helpers import CUDA
 
 HALF = BATCH // 2
 
@@ -46,8 +47,9 @@ def _train(rank: int, overrides: dict[str, Any], checkpoint: str) -> dict[str, A
     resampler = sae.conventions.resampler
     assert resampler is not None and resampler.last_event is not None
     result: dict[str, Any] = {
+        "device": sae.W_dec.device.type,
         "state": state_of(sae),
-        "resampled": resampler.last_event.resampled.clone(),
+        "resampled": resampler.last_event.resampled.cpu(),
     }
 
     # The same run stopped at step 30 and resumed by both processes from the first
@@ -70,26 +72,40 @@ def _train(rank: int, overrides: dict[str, Any], checkpoint: str) -> dict[str, A
     return result
 
 
-@pytest.mark.parametrize("clip_grad_norm", [True, False])
+@pytest.mark.parametrize(
+    ("clip_grad_norm", "device"),
+    [
+        (True, "cpu"),
+        (False, "cpu"),
+        # Both processes on the one GPU, their collectives through gloo on the CPU.
+        pytest.param(False, "cuda", marks=CUDA),
+    ],
+)
 def test_two_processes_with_half_batches_match_one_process_with_the_batch(
-    tmp_path: Path, clip_grad_norm: bool
+    tmp_path: Path, clip_grad_norm: bool, device: str
 ):
-    reference, max_grad_norm = reference_run(clip_grad_norm=clip_grad_norm)
+    reference, max_grad_norm = reference_run(
+        clip_grad_norm=clip_grad_norm, device=device
+    )
     # SAELens clips to norm 1: above it, clipping (and, without clip_grad_norm, the clip
     # undo, whose hooks must run after the averaging ones) changes the steps.
     assert max_grad_norm > 2.0
     resampler = reference.conventions.resampler
     assert resampler is not None and resampler.last_event is not None
     assert resampler.last_event.step == EVENT
-    expected_resampled = resampler.last_event.resampled
+    expected_resampled = resampler.last_event.resampled.cpu()
     assert expected_resampled.numel() >= 5
 
     out = run_on_ranks(
-        _train, {"clip_grad_norm": clip_grad_norm}, str(tmp_path / "checkpoints" / "30")
+        _train,
+        {"clip_grad_norm": clip_grad_norm, "device": device},
+        str(tmp_path / "checkpoints" / "30"),
+        device=device,
     )
 
     expected = state_of(reference)
     for rank in (0, 1):
+        assert out[rank]["device"] == device
         assert_states_close(out[rank]["state"], expected)
         assert torch.equal(out[rank]["resampled"], expected_resampled)
         assert_states_close(out[rank]["resumed"], expected)

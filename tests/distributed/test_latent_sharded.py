@@ -12,6 +12,7 @@ from sae_lens import SAE
 import sae_lens_gated
 from sae_lens_gated.distributed import init_distributed, shard_latents
 from sae_lens_gated.distributed.latent_sharded import (
+    LatentShardedResampling,
     check_shardable,
     clip_grad_norm_across_shards,
     rank_checkpoint_folder,
@@ -29,7 +30,7 @@ from tests.distributed.common import (
     trainer_for,
 )
 from tests.distributed.spawn import run_on_ranks
-from tests.helpers import build_gated_training_cfg, step_input
+from tests.helpers import CUDA, DEVICES, build_gated_training_cfg, step_input
 
 HALF_FEATURES = SETTINGS["d_sae"] // 2
 
@@ -59,11 +60,12 @@ def _train(
     resampler = sae.conventions.resampler
     assert resampler is not None and resampler.last_event is not None
     result: dict[str, Any] = {
+        "device": sae.W_dec.device.type,
         "whole": sae.gather_state_dict(),
         "local": state_of(sae),
         "d_sae": sae.cfg.d_sae,
         "firing_stats": tuple(trainer.act_freq_scores.shape),
-        "resampled": resampler.last_event.resampled.clone(),
+        "resampled": resampler.last_event.resampled.cpu(),
     }
     sae.save_inference_model(Path(folder) / "inference")
 
@@ -92,23 +94,33 @@ def _train(
     data, _ = _data(rank, gather_batch)
     result["planned_sparse"] = sae.conventions.sparse_step()
     result["decided"] = sae.conventions.sparse_policy.decision is not None
-    step = sae.training_forward_pass(step_input(next(data)))
+    step = sae.training_forward_pass(step_input(next(data).to(sae.W_dec.device)))
     result["sparse_acts"] = step.feature_acts.is_sparse
     result["acts_shape"] = tuple(step.feature_acts.shape)
     return result
 
 
 @pytest.mark.parametrize(
-    ("clip_grad_norm", "gather_batch", "sparse_step"),
-    [(True, False, "auto"), (False, True, "auto"), (True, True, "always")],
+    ("clip_grad_norm", "gather_batch", "sparse_step", "device"),
+    [
+        (True, False, "auto", "cpu"),
+        (False, True, "auto", "cpu"),
+        (True, True, "always", "cpu"),
+        # Both processes on the one GPU, their collectives through gloo on the CPU.
+        pytest.param(True, True, "auto", "cuda", marks=CUDA),
+    ],
 )
 def test_two_shards_match_one_process_holding_every_feature(
-    tmp_path: Path, clip_grad_norm: bool, gather_batch: bool, sparse_step: str
+    tmp_path: Path,
+    clip_grad_norm: bool,
+    gather_batch: bool,
+    sparse_step: str,
+    device: str,
 ):
     # "always": sparse steps on both shards against dense steps in one process.
     reference_step = "never" if sparse_step == "always" else sparse_step
     reference, max_grad_norm = reference_run(
-        clip_grad_norm=clip_grad_norm, sparse_step=reference_step
+        clip_grad_norm=clip_grad_norm, sparse_step=reference_step, device=device
     )
     # Above norm 1 SAELens clips; each shard alone would clip by its own smaller norm.
     assert max_grad_norm > 2.0
@@ -121,9 +133,14 @@ def test_two_shards_match_one_process_holding_every_feature(
 
     out = run_on_ranks(
         _train,
-        {"clip_grad_norm": clip_grad_norm, "sparse_step": sparse_step},
+        {
+            "clip_grad_norm": clip_grad_norm,
+            "sparse_step": sparse_step,
+            "device": device,
+        },
         gather_batch,
         str(tmp_path),
+        device=device,
     )
 
     expected = state_of(reference)
@@ -131,6 +148,7 @@ def test_two_shards_match_one_process_holding_every_feature(
     assert_states_close(out[0]["resumed"], expected)
     assert out[1]["whole"] is None
     for rank in (0, 1):
+        assert out[rank]["device"] == device
         # Each shard takes the kind of step its policy chose: with "auto", timed on this
         # machine once few gates were open.
         assert out[rank]["sparse_acts"] is out[rank]["planned_sparse"]
@@ -143,7 +161,7 @@ def test_two_shards_match_one_process_holding_every_feature(
         assert out[rank]["acts_shape"] == (rows, HALF_FEATURES)
         assert out[rank]["d_sae"] == HALF_FEATURES
         assert out[rank]["firing_stats"] == (HALF_FEATURES,)
-        assert torch.equal(out[rank]["resampled"], event.resampled)
+        assert torch.equal(out[rank]["resampled"], event.resampled.cpu())
         shard = slice(rank * HALF_FEATURES, (rank + 1) * HALF_FEATURES)
         local = out[rank]["local"]
         assert torch.equal(local["W_enc"], out[0]["whole"]["W_enc"][:, shard])
@@ -167,7 +185,8 @@ def test_two_shards_match_one_process_holding_every_feature(
         sae_lens_gated.register()
     x = torch.randn(32, SETTINGS["d_in"], dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(vanilla(x), reference(x), rtol=0, atol=1e-10)
+        expected_out = reference(x.to(device)).cpu()
+        torch.testing.assert_close(vanilla(x), expected_out, rtol=0, atol=1e-10)
     assert not (
         tmp_path / "checkpoints" / "rank1" / "30" / "sae_weights.safetensors"
     ).exists()
@@ -230,6 +249,52 @@ def test_clipping_uses_the_whole_models_norm_counting_replicated_gradients_once(
         torch.testing.assert_close(
             out[rank]["replicated"], torch.tensor([12.0]) * coefficient
         )
+
+
+class _OtherShard:
+    """Ranks whose all-reduce adds a second process's statistics: its two features,
+    norms 5 and 6, are both alive."""
+
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        del what
+        other = torch.tensor([11.0, 2.0, 11.0, 2.0], dtype=tensor.dtype)
+        return tensor.add_(other.to(tensor.device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_mean_alive_norm_is_over_every_shard(device: str):
+    collectives = LatentShardedResampling(_OtherShard(), slice(0, 4))  # type: ignore[arg-type]
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0], device=device)
+    alive = torch.tensor([True, False, True, False], device=device)
+    # (1 + 3 + 5 + 6) / 4 alive features.
+    mean = collectives.masked_mean(values, alive)
+    assert mean.device == values.device and mean.dtype == torch.float32
+    assert float(mean) == 3.75
+    # None alive here: the other process's, (5 + 6) / 2.
+    none_here = collectives.masked_mean(values, torch.zeros_like(alive))
+    assert float(none_here) == 5.5
+
+    # None alive anywhere: the mean of all, (1 + 2 + 3 + 4 + 11) / 6.
+    class NoneAliveThere(_OtherShard):
+        def all_reduce(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+            del what
+            other = torch.tensor([0.0, 0.0, 11.0, 2.0], dtype=tensor.dtype)
+            return tensor.add_(other.to(tensor.device))
+
+    collectives = LatentShardedResampling(NoneAliveThere(), slice(0, 4))  # type: ignore[arg-type]
+    nothing = collectives.masked_mean(values, torch.zeros_like(alive))
+    assert float(nothing) == pytest.approx(21.0 / 6)
+
+
+def test_the_mean_alive_norm_stays_on_the_values_device():
+    # The meta device stands in for a GPU on this CPU: a statistic made on the CPU
+    # cannot be stacked with the others there, as on CUDA.
+    collectives = LatentShardedResampling(_OtherShard(), slice(0, 4))  # type: ignore[arg-type]
+    values = torch.ones(4, device="meta")
+    mean = collectives.masked_mean(
+        values, torch.ones(4, dtype=torch.bool, device="meta")
+    )
+    assert mean.device.type == "meta"
 
 
 def test_checkpoint_folders_of_each_process():
