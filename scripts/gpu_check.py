@@ -84,9 +84,9 @@ GPU = Shape(
     limits={
         "cuda_tier": 85,
         "cuda_compile": 55,
-        "cuda_paths": 50,
-        "bench": 45,
-        "sweep": 70,
+        "cuda_paths": 70,
+        "bench": 40,
+        "sweep": 65,
         "memory": 45,
         "nccl": 40,
     },
@@ -199,13 +199,20 @@ def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
             command += ["-k", "compiled" if step == "cuda_compile" else "not compiled"]
             command += ["tests/saes", "tests/training"]
         ok, output = _run(command, shape.limits[step], log=log)
+        slowest: list[tuple[str, float]] = []
         if report.exists():
             suite = ElementTree.parse(report).getroot()
             suite = suite if suite.tag == "testsuite" else suite[0]
-            counts = {
+            counts: dict[str, Any] = {
                 k: int(suite.get(k, "0"))
                 for k in ("tests", "failures", "errors", "skipped")
             }
+            # The slowest tests, to size the next check's limits.
+            times = [
+                (case.get("name", "?"), float(case.get("time", "0")))
+                for case in suite.iter("testcase")
+            ]
+            slowest = sorted(times, key=lambda t: -t[1])[:5]
         else:
             # Out of time, or pytest stopped before its report (a collection error).
             timed_out = output.startswith("timed out after")
@@ -213,6 +220,8 @@ def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
         counts["passed"] = (
             counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
         )
+        if slowest:
+            counts["slowest_s"] = [[name, round(t, 2)] for name, t in slowest]
         return ok and counts["tests"] > 0, counts if ok else {**counts, "log": output}
 
 

@@ -63,6 +63,10 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     for counts in (tier, compiled, paths):
         assert counts["skipped"] == counts["tests"]
         assert counts["failures"] == counts["errors"] == counts["passed"] == 0
+        seconds = [t for _, t in counts["slowest_s"]]  # to size the next limits
+        assert (
+            len(seconds) == min(5, counts["tests"]) and seconds == sorted(seconds)[::-1]
+        )
     for name in ("bench_fresh", "bench_0.003", "bench_0.01"):
         assert steps[name]["auto_choice"] in ("sparse", "dense"), name
         assert steps[name]["auto_vs_best"] > 0, name

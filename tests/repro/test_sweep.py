@@ -24,7 +24,7 @@ from sae_lens_gated.repro.sweep import (
     frontier_margins,
     run_sweep,
 )
-from tests.helpers import tiny_model, tiny_token_dataset
+from tests.helpers import DEVICES, tiny_model, tiny_token_dataset
 
 
 def _point(
@@ -125,7 +125,29 @@ def test_quick_sweep_writes_results_claims_and_plots(tmp_path: Path):
         assert (cfg.out / name).stat().st_size > 10_000
 
 
-def test_sweep_runs_on_language_model_activations(tmp_path: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_quick_synthetic_sweep_on_each_device(tmp_path: Path, device: str):
+    cfg = SweepConfig(
+        out=tmp_path / "sweep",
+        quick=True,
+        steps=40,
+        eval_samples=2_000,
+        variants=(PAPER,),
+        device=device,
+    )
+    runs = run_sweep(cfg, progress=False)["runs"]
+    assert len(runs) == 4 and {r["variant"] for r in runs} == {PAPER}
+    # Sparser with more lambda (L0 about 50 at the least, 6 at the most on the CPU).
+    l0s = [r["l0"] for r in sorted(runs, key=lambda r: r["l1_coefficient"])]
+    assert all(math.isfinite(v) for v in l0s) and l0s[0] > 3 * l0s[-1]
+    assert all(0 < r["ground_truth_mcc"] <= 1 for r in runs)
+    assert (
+        json.loads((cfg.out / "results.json").read_text())["config"]["device"] == device
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sweep_runs_on_language_model_activations(tmp_path: Path, device: str):
     cfg = SweepConfig(
         out=tmp_path / "lm",
         quick=True,
@@ -136,10 +158,11 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
         hook="blocks.0.hook_resid_post",
         context_size=16,
         expansion=2.0,
+        device=device,
     )
     results = run_sweep(
         cfg,
-        override_model=tiny_model(),
+        override_model=tiny_model().to(device),
         override_dataset=tiny_token_dataset(),
         progress=False,
     )
@@ -147,6 +170,7 @@ def test_sweep_runs_on_language_model_activations(tmp_path: Path):
     assert all(
         r["d_sae"] == 64 and r["ground_truth_mcc"] is None for r in results["runs"]
     )
+    assert all(math.isfinite(r["l0"]) for r in results["runs"])
     assert results["config"]["synthetic_model"] is None
     assert (cfg.out / "pareto.png").exists()
 

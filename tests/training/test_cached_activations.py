@@ -17,6 +17,7 @@ from sae_lens_gated.training.cached_activations import (
 )
 from sae_lens_gated.training.conventions import RESAMPLER_STATE_FILENAME
 from tests.helpers import (
+    DEVICES,
     max_norm_error,
     tiny_model,
     tiny_runner_dict,
@@ -43,7 +44,7 @@ def _train(cfg: Any, sae: GatedTrainingSAE | None = None) -> GatedTrainingSAE:
     torch.manual_seed(0)  # the same shuffles in SAELens's mixing buffer
     runner = LanguageModelSAETrainingRunner(
         cfg,
-        override_model=tiny_model(),
+        override_model=tiny_model().to(cfg.device),
         # SAELens wants the token dataset with a cache too (its evaluations read it).
         override_dataset=tiny_token_dataset(),
         override_sae=sae,
@@ -88,7 +89,10 @@ _RESAMPLING = {
 }
 
 
-def test_cached_activations_resample_and_resume(tmp_path: Path, activation_cache: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_activations_resample_and_resume(
+    tmp_path: Path, activation_cache: Path, device: str
+):
     first = _cfg(
         tmp_path,
         activation_cache,
@@ -96,8 +100,10 @@ def test_cached_activations_resample_and_resume(tmp_path: Path, activation_cache
         lr=1e-2,
         training_tokens=64 * 50,
         n_checkpoints=1,
+        device=device,
     )
     sae = _train(first)
+    assert sae.W_dec.device.type == device
     assert sae.conventions.resampler is not None
     assert sae.conventions.resampler.n_events == 2
     assert sae.conventions.resampler.n_resampled > 0
@@ -114,8 +120,10 @@ def test_cached_activations_resample_and_resume(tmp_path: Path, activation_cache
             training_tokens=64 * 70,
             resume_from_checkpoint=str(mid),
             output_path=str(tmp_path / "resumed"),
+            device=device,
         )
     )
+    assert resumed.W_dec.device.type == device
     assert resumed.conventions.resampler is not None
     # 26 steps before the checkpoint, 44 after: events at steps 20, 40 and 60.
     assert resumed.conventions.resampler.completed_steps == 70
