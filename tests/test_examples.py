@@ -220,8 +220,13 @@ def test_train_distributed_example_gives_the_same_sae_on_one_and_two_processes(
         capture_output=True,
         text=True,
         timeout=300,
-        # Keep the caller's path: on the GPU machine the wheels are found through it.
-        env={**os.environ, "PYTHONPATH": _with_path(str(EXAMPLES.parent))},
+        # Keep the caller's path: on the GPU machine the wheels are found through it. No
+        # GPU: two processes there would both want the one GPU for NCCL.
+        env={
+            **os.environ,
+            "PYTHONPATH": _with_path(str(EXAMPLES.parent)),
+            "CUDA_VISIBLE_DEVICES": "",
+        },
     )
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert json.loads(launched.stdout.strip().splitlines()[-1])["processes"] == 2

@@ -2,7 +2,8 @@
 
 The processes are forked from the test process (no re-import: each starts in well under a
 second) with one CPU thread each, and join the group through the same environment
-variables torchrun sets, so the code under test calls ``init_distributed()`` itself.
+variables torchrun sets, so the code under test calls ``init_distributed()`` itself (which
+joins through gloo in these processes, also where CUDA is available).
 Processes that use CUDA are spawned instead: a forked child cannot use CUDA once its
 parent has, and the parent of a CUDA test has.
 """
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sae_lens_gated.distributed import collectives
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -36,6 +39,10 @@ def _child(
     results: Any,
 ) -> None:
     torch.set_num_threads(1)
+    # The processes join through gloo on every machine: init_distributed() would choose NCCL
+    # where CUDA is available, which wants a GPU per process (and the CPU variants' forked
+    # processes must not touch CUDA).
+    collectives.init_distributed.__defaults__ = (collectives.DEFAULT_TIMEOUT_S, "gloo")
     os.environ.update(
         {
             "RANK": str(rank),

@@ -103,3 +103,18 @@ def test_init_outside_torchrun_names_what_is_missing(monkeypatch: pytest.MonkeyP
         Ranks()
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_with_several_processes()
+
+
+def _backend_where_cuda_is_available(rank: int) -> tuple[str, str]:
+    del rank
+    # As on a GPU machine: init_distributed() alone would pick NCCL and a GPU per process.
+    torch.cuda.is_available = lambda: True
+    ranks = init_distributed(timeout_s=60)
+    return torch.distributed.get_backend(), str(ranks.device)
+
+
+def test_the_test_processes_join_through_gloo_where_cuda_is_available():
+    assert run_on_ranks(_backend_where_cuda_is_available) == {
+        0: ("gloo", "cpu"),
+        1: ("gloo", "cpu"),
+    }
