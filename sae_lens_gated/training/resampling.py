@@ -18,10 +18,13 @@ one process's view differs from the whole go through :class:`ResamplingCollectiv
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +265,7 @@ class DeadFeatureResampler:
     def _run_event(
         self, sae: ResampleTarget, optimizer: torch.optim.Optimizer
     ) -> ResampleEvent:
+        start = time.perf_counter()
         step = self.completed_steps
         self.n_events += 1
         fired, pool, n_pooled = (
@@ -306,10 +310,13 @@ class DeadFeatureResampler:
         self.n_resampled += int(dead_idx.numel())
         self.last_event_step = step
         logger.info(
-            "Resampling event %d at step %d: resampled %d dead features.",
+            "Resampling event %d at step %d: resampled %d dead features, choosing among "
+            "%d pooled inputs (%.1f s).",
             self.n_events,
             step,
             dead_idx.numel(),
+            n_pooled,
+            time.perf_counter() - start,
         )
         return ResampleEvent(
             step=step, n_dead=int(dead_idx.numel()), resampled=dead_idx
@@ -339,10 +346,19 @@ class DeadFeatureResampler:
         self, sae: ResampleTarget, pool: torch.Tensor, n: int
     ) -> torch.Tensor:
         device = sae.W_dec.device
+        chunks = pool.split(_LOSS_CHUNK)
+        # Scoring Bricken's 819,200 inputs is 100 forward passes: minutes at d_sae 2**20.
+        scoring = tqdm(
+            chunks,
+            desc="Resampling: scoring the pooled inputs",
+            unit="chunk",
+            leave=False,
+            disable=len(chunks) < 2 or not _first_process(),
+        )
         losses = torch.cat(
             [
                 sae.per_example_reconstruction_error(chunk.to(device)).double()
-                for chunk in pool.split(_LOSS_CHUNK)
+                for chunk in scoring
             ]
         )
         weights = losses.pow(2).cpu()
@@ -427,6 +443,11 @@ class DeadFeatureResampler:
         pool = rows.new_empty(size, rows.shape[1])
         pool[:filled] = rows
         return pool
+
+
+def _first_process() -> bool:
+    """Whether this process shows progress: the only one, or the first of a run."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def fired_features(feature_acts: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch.optim.optimizer import (
 )
 
 from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
+from sae_lens_gated.training import resampling
 from sae_lens_gated.training.resampling import (
     DeadFeatureResampler,
     reinitialize_features,
@@ -320,6 +322,47 @@ def test_inputs_are_drawn_with_probability_proportional_to_squared_loss():
     assert (draws == 0).sum() == 0
     frac_two = float((draws == 2).float().mean())
     assert frac_two == pytest.approx(0.8, abs=0.015)
+
+
+def test_scoring_a_pool_of_several_chunks_shows_progress(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    bars: list[dict[str, Any]] = []
+
+    def recording_tqdm(chunks: Any, **kwargs: Any) -> Any:
+        bars.append({"chunks": len(chunks), **kwargs})
+        return chunks
+
+    monkeypatch.setattr(resampling, "tqdm", recording_tqdm)
+    monkeypatch.setattr(resampling, "_LOSS_CHUNK", 2)
+    sae = GatedTrainingSAE(build_gated_training_cfg(d_in=4, d_sae=6))
+    resampler = DeadFeatureResampler(sae.cfg.resampling_schedule(), d_sae=6, seed=0)
+    scored: list[int] = []
+
+    def error(x: torch.Tensor) -> torch.Tensor:
+        scored.append(x.shape[0])
+        return x[:, 0].double() + 1
+
+    sae.per_example_reconstruction_error = error  # type: ignore[method-assign]
+    resampler._sample_inputs(sae, torch.randn(5, 4), 2)
+    assert scored == [2, 2, 1]
+    (bar,) = bars
+    assert bar["chunks"] == 3 and bar["disable"] is False and bar["leave"] is False
+    assert "scoring the pooled inputs" in bar["desc"]
+    # One chunk: no bar.
+    resampler._sample_inputs(sae, torch.randn(2, 4), 1)
+    assert bars[-1]["chunks"] == 1 and bars[-1]["disable"] is True
+
+    # The event's log line says how many inputs it chose among, and how long it took.
+    monkeypatch.setattr(resampling, "_LOSS_CHUNK", 8192)
+    with caplog.at_level(logging.INFO, logger="sae_lens_gated"):
+        event = _controlled_event()["event"]
+    assert event is not None and event.n_dead == 3
+    assert re.search(
+        r"Resampling event 1 at step 5: resampled 3 dead features, choosing among "
+        r"20 pooled inputs \(\d+\.\d s\)\.",
+        caplog.text,
+    )
 
 
 def test_a_rewarm_shorter_than_adams_second_moment_horizon_warns_once(
