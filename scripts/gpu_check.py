@@ -47,6 +47,7 @@ MEMORY_VARIANTS = {
     "builtin": "SAELens built-in gated",
 }
 SUMMARY_NAME = "gpu_check.json"
+LOG_NAME = "gpu_check.log"
 PLOT_NAME = "step_vs_gate_density.png"
 
 
@@ -115,12 +116,28 @@ DRY_RUN = Shape(
 )
 
 
+# Where every command's whole output is appended (OUT_DIR/gpu_check.log): the summary keeps
+# only the end of a failure's output, and a lent GPU is gone before a second look.
+_full_log: Path | None = None
+_LOG_BYTES_PER_COMMAND = 2 * 2**20
+
+
+def _keep(command: list[str], status: str, output: str) -> None:
+    if _full_log is None:
+        return
+    if len(output) > _LOG_BYTES_PER_COMMAND:
+        output = "[... start cut ...]\n" + output[-_LOG_BYTES_PER_COMMAND:]
+    with open(_full_log, "a") as log:
+        log.write(f"\n===== {' '.join(command)}\n===== {status}\n{output}\n")
+
+
 def _run(
     command: list[str], limit_s: float, cwd: Path = ROOT, log: Path | None = None
 ) -> tuple[bool, str]:
     """Run ``command``; True and its standard output if it exits 0 within ``limit_s``,
     else False and the end of everything it wrote. With ``log``, its standard output goes
-    to that file as it is written, so that what came before a time-out is kept."""
+    to that file as it is written, so that what came before a time-out is kept. Either
+    way all of it is kept in the check's log."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     with open(log or os.devnull, "w") as sink:
         try:
@@ -137,8 +154,11 @@ def _run(
         except subprocess.TimeoutExpired as error:
             out = log.read_text() if log else error.stdout
             out = out.decode() if isinstance(out, bytes) else out
+            err = error.stderr.decode() if isinstance(error.stderr, bytes) else ""
+            _keep(command, f"timed out after {limit_s} s", (out or "") + err)
             return False, f"timed out after {limit_s} s\n{(out or '')[-2000:]}"
     stdout = log.read_text() if log else done.stdout
+    _keep(command, f"exit status {done.returncode}", stdout + done.stderr)
     if done.returncode == 0:
         return True, stdout
     return False, (stdout + done.stderr)[-3000:]
@@ -348,11 +368,14 @@ def _write_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _full_log
     args = _arguments(argv)
     if args.check_args:
         return 0
     out: Path = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _full_log = out / LOG_NAME
+    _full_log.write_text("")
     shape = DRY_RUN if args.dry_run else GPU
     import torch
 

@@ -9,7 +9,8 @@
 # machine lacks from the wheels in .whl/ (git-ignored; scripts/gpu_wheels.txt lists them,
 # scripts/gpu_wheels.sh downloads them; OUT_DIR/wheels_check.txt says whether they and the
 # machine's packages hold every requirement), then runs scripts/gpu_check.py, which writes
-# OUT_DIR/gpu_check.json and OUT_DIR/step_vs_gate_density.png.
+# OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.log (every command's whole output) and
+# OUT_DIR/step_vs_gate_density.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

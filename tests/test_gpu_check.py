@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sae_lens_gated.repro import bench
 from tests.helpers import load_module
 
@@ -114,6 +116,14 @@ def test_some_steps_alone_for_a_rerun(tmp_path: Path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert list(summary["steps"]) == ["memory_1m", "nccl"]  # in the check's own order
     assert summary["all_steps_ok"] is True
+    # Every command's whole output, in order, in the log that comes back with the JSON.
+    log = (out / "gpu_check.log").read_text()
+    headers = [line for line in log.splitlines() if line.startswith("===== ")]
+    assert len(headers) == 2 * 3 and headers.count("===== exit status 0") == 3
+    commands = [h for h in headers if "exit status" not in h]
+    assert "--memory-only" in commands[0]
+    assert "--mode data" in commands[1] and "--mode latent" in commands[2]
+    assert '"mode": "latent"' in log
     targets = summary["targets"]
     assert (
         targets["memory_1m_dense_vs_builtin"]["value"]
@@ -206,6 +216,19 @@ def test_a_step_out_of_time_keeps_what_it_printed_before(tmp_path: Path):
         "errors": 0,
         "skipped": 0,
     }
+
+
+def test_a_failing_command_is_kept_whole_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    log = tmp_path / "gpu_check.log"
+    log.write_text("")
+    monkeypatch.setattr(gpu_check, "_full_log", log)
+    failing = "import sys; print('x' * 5000 + 'END'); sys.exit('boom')"
+    ok, output = gpu_check._run([sys.executable, "-c", failing], 30.0)
+    assert not ok and len(output) == 3000 and output.endswith("END\nboom\n")
+    kept = log.read_text()
+    assert "x" * 5000 + "END" in kept and "===== exit status 1" in kept
 
 
 def test_a_test_tier_out_of_time_reports_what_it_counted():
