@@ -110,9 +110,9 @@ def test_dtype_and_device_are_respected(tmp_path: Path, device: str):
             assert param.dtype == torch.float64 and param.device.type == device, name
         torch.testing.assert_close(sae.W_enc.cpu(), expected.double(), rtol=0, atol=0)
         x = torch.randn(8, sae.cfg.d_in, dtype=torch.float64)
+        on_cpu = load_gated_sae(path, dtype="float64")
         with torch.no_grad():
-            on_device = sae(x.to(device)).cpu()
-            torch.testing.assert_close(on_device, sae.to("cpu")(x))
+            torch.testing.assert_close(sae(x.to(device)).cpu(), on_cpu(x))
         half = load_gated_sae(path, device=device, dtype=torch.bfloat16)
         assert half.cfg.dtype == "bfloat16" and half.W_dec.dtype == torch.bfloat16
         assert half.W_dec.device.type == device
