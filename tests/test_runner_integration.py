@@ -26,14 +26,19 @@ from tests.helpers import (
 )
 
 
-def _run(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
+def _runner(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
+    """SAELens's runner over the tiny model (on the config's device), training the plugin."""
     runner = LanguageModelSAETrainingRunner(
         cfg,
         override_model=tiny_model().to(cfg.device),
         override_dataset=tiny_token_dataset(),
     )
     assert type(runner.sae) is GatedTrainingSAE
-    return runner.run()
+    return runner
+
+
+def _run(cfg: LanguageModelSAERunnerConfig[Any]) -> Any:
+    return _runner(cfg).run()
 
 
 @pytest.mark.usefixtures("offline_wandb")
@@ -230,11 +235,7 @@ def test_bf16_autocast_trains_the_sae_that_float32_trains(tmp_path: Path, device
                 device=device,
             )
         )
-        runner = LanguageModelSAETrainingRunner(
-            cfg,
-            override_model=tiny_model().to(device),
-            override_dataset=tiny_token_dataset(),
-        )
+        runner = _runner(cfg)
         sae = runner.sae
         dtypes: set[torch.dtype] = set()
         forward = sae.training_forward_pass
