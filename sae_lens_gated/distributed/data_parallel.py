@@ -12,6 +12,7 @@ docs/distributed.md says why this is done with hooks rather than ``DistributedDa
 ``replicate`` or FSDP2.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,6 +112,20 @@ class DataParallelResampling:
 
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")
+
+    def score_rows(
+        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        # Every replica holds the whole pool and SAE: each scores its contiguous share of
+        # the rows, so an event takes 1/N of the time (rows in order: the draw is unchanged).
+        rows, world = pool.shape[0], self.ranks.world_size
+        share = -(-rows // world)
+        start = min(self.ranks.rank * share, rows)
+        own = score(pool[start : start + share])
+        padded = own.new_zeros(share)
+        padded[: own.shape[0]] = own
+        losses = self.ranks.all_gather(padded, "gathering the pooled inputs' losses")
+        return losses[:rows]
 
 
 @torch.no_grad()

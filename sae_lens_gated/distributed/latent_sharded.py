@@ -28,6 +28,7 @@ loading reads each process's features from such a folder.
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +443,12 @@ class LatentShardedResampling:
 
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")
+
+    def score_rows(
+        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        # Each row's forward pass needs every process's features: all score every row.
+        return score(pool)
 
 
 def check_shardable(cfg: GatedTrainingSAEConfig, ranks: Ranks) -> None:

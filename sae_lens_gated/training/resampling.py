@@ -19,6 +19,7 @@ one process's view differs from the whole go through :class:`ResamplingCollectiv
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -89,6 +90,13 @@ class ResamplingCollectives(Protocol):
         """The first process's ``tensor``, on every process."""
         ...
 
+    def score_rows(
+        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``score(pool)``, one value per row, where every process holds the same
+        ``pool``: the processes may share the rows out and gather the values."""
+        ...
+
 
 class SingleProcess:
     """:class:`ResamplingCollectives` of a process that trains alone."""
@@ -110,6 +118,11 @@ class SingleProcess:
 
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def score_rows(
+        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        return score(pool)
 
 
 SINGLE_PROCESS = SingleProcess()
@@ -345,22 +358,7 @@ class DeadFeatureResampler:
     def _sample_inputs(
         self, sae: ResampleTarget, pool: torch.Tensor, n: int
     ) -> torch.Tensor:
-        device = sae.W_dec.device
-        chunks = pool.split(_LOSS_CHUNK)
-        # Scoring Bricken's 819,200 inputs is 100 forward passes: minutes at d_sae 2**20.
-        scoring = tqdm(
-            chunks,
-            desc="Resampling: scoring the pooled inputs",
-            unit="chunk",
-            leave=False,
-            disable=len(chunks) < 2 or not _first_process(),
-        )
-        losses = torch.cat(
-            [
-                sae.per_example_reconstruction_error(chunk.to(device)).double()
-                for chunk in scoring
-            ]
-        )
+        losses = self.collectives.score_rows(pool, lambda rows: _losses(sae, rows))
         weights = losses.pow(2).cpu()
         if not weights.sum() > 0:
             weights = torch.ones_like(weights)
@@ -371,7 +369,7 @@ class DeadFeatureResampler:
         )
         chosen = self.collectives.agree(chosen)
         self.generator_state = generator.get_state()
-        return pool[chosen.to(pool.device)].to(device)
+        return pool[chosen.to(pool.device)].to(sae.W_dec.device)
 
     # ---- checkpointing ---------------------------------------------------------------------
 
@@ -443,6 +441,28 @@ class DeadFeatureResampler:
         pool = rows.new_empty(size, rows.shape[1])
         pool[:filled] = rows
         return pool
+
+
+def _losses(sae: ResampleTarget, rows: torch.Tensor) -> torch.Tensor:
+    """Each row's reconstruction loss (float64), scored in chunks on the SAE's device."""
+    device = sae.W_dec.device
+    if rows.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64, device=device)
+    chunks = rows.split(_LOSS_CHUNK)
+    # Scoring Bricken's 819,200 inputs is 100 forward passes: minutes at d_sae 2**20.
+    scoring = tqdm(
+        chunks,
+        desc="Resampling: scoring the pooled inputs",
+        unit="chunk",
+        leave=False,
+        disable=len(chunks) < 2 or not _first_process(),
+    )
+    return torch.cat(
+        [
+            sae.per_example_reconstruction_error(chunk.to(device)).double()
+            for chunk in scoring
+        ]
+    )
 
 
 def _first_process() -> bool:

@@ -11,6 +11,7 @@ from sae_lens_gated.distributed import (
     enable_data_parallel,
     init_distributed,
 )
+from sae_lens_gated.distributed.data_parallel import DataParallelResampling
 from sae_lens_gated.training.batch_guard import NonFiniteBatchError
 from tests.distributed.common import (
     BATCH,
@@ -157,3 +158,32 @@ def _steps_of_rank(rank: int) -> int:
 def test_each_process_counts_the_global_steps():
     # Each process sees STEPS batches of HALF rows: SAELens's schedules run in steps.
     assert run_on_ranks(_steps_of_rank) == {0: STEPS, 1: STEPS}
+
+
+def _score_in_shares(rank: int) -> dict[int, Any]:
+    del rank
+    collectives = DataParallelResampling(init_distributed(timeout_s=60))
+    out: dict[int, Any] = {}
+    for rows in (5, 1, 6):
+        scored: list[float] = []
+
+        def score(part: torch.Tensor) -> torch.Tensor:
+            scored.extend(part[:, 0].tolist())
+            return part[:, 0].double() * 10 + 1
+
+        pool = torch.arange(rows, dtype=torch.float32)[:, None].repeat(1, 3)
+        out[rows] = (scored, collectives.score_rows(pool, score).tolist())
+    return out
+
+
+def test_each_process_scores_its_share_of_the_pool_and_all_get_every_loss():
+    out = run_on_ranks(_score_in_shares, world_size=3)
+    expected_shares = {
+        5: [[0, 1], [2, 3], [4]],
+        1: [[0], [], []],
+        6: [[0, 1], [2, 3], [4, 5]],
+    }
+    for rows, shares in expected_shares.items():
+        assert [out[rank][rows][0] for rank in range(3)] == shares, rows
+        for rank in range(3):  # every loss, in the pool's order, on every process
+            assert out[rank][rows][1] == [10.0 * i + 1 for i in range(rows)]

@@ -1,6 +1,7 @@
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -664,6 +665,11 @@ class _HalfOfTwoProcesses:
 
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def score_rows(
+        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        return score(pool)
 
 
 def test_resampler_state_covers_every_process_through_its_collectives():
