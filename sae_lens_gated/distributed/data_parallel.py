@@ -5,8 +5,9 @@ gradients are averaged across processes while the backward pass accumulates them
 all-reduce per parameter, from a post-accumulate-grad hook), so SAELens's gradient
 clipping, the plugin's clip undo and the unit-norm projection all see the gradient of the
 global batch, and the replicas take identical optimizer steps. The dead-feature resampler
-combines the firing flags of all processes every step and pools the global batch, so its
-state, and every resampling decision, is the same everywhere.
+combines the firing flags of all processes every step, and the first process pools the
+global batch for all; at an event each process scores a share of the pool. Every
+resampling decision is the same everywhere.
 
 docs/distributed.md says why this is done with hooks rather than ``DistributedDataParallel``,
 ``replicate`` or FSDP2.
@@ -22,6 +23,10 @@ from sae_lens_gated.distributed.collectives import Ranks
 from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE
 from sae_lens_gated.training.resampling import SINGLE_PROCESS
+
+_SCATTER_ROWS = (
+    8192  # pooled inputs per message when sharing the pool out (75 MB at 2304)
+)
 
 
 class DataParallelPlan:
@@ -74,6 +79,11 @@ class DataParallelPlan:
 class DataParallelResampling:
     """The resampler's collectives when every process holds all features and some rows.
 
+    The first process keeps the pool of recent inputs for all (one copy per run, not one
+    per process). At an event it sends each process a contiguous share of the pool, in
+    pieces of bounded size; each scores its share, and the losses are gathered in the
+    pool's order, so the draw is the one a single process would make.
+
     Args:
         ranks: The processes of the run; each holds the same number of rows per step.
     """
@@ -85,7 +95,10 @@ class DataParallelResampling:
     def global_rows(self, rows: int) -> int:
         return rows * self.ranks.world_size
 
-    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+    def keeps_pool(self) -> bool:
+        return self.ranks.is_first
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
         if not self._rows_checked:
             rows = self.ranks.all_gather(
                 torch.tensor([batch.shape[0]]), "comparing the processes' batch sizes"
@@ -96,7 +109,8 @@ class DataParallelResampling:
                     "each must take the same share of the global batch."
                 )
             self._rows_checked = True
-        return self.ranks.all_gather(batch, "gathering the resampling pool's inputs")
+        parts = self.ranks.gather(batch, "gathering the resampling pool's inputs")
+        return None if parts is None else torch.cat(parts)
 
     def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
         flags = fired.to(torch.uint8)
@@ -114,18 +128,61 @@ class DataParallelResampling:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")
 
     def score_rows(
-        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        pool: torch.Tensor | None,
+        rows: int,
+        score: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        # Every replica holds the whole pool and SAE: each scores its contiguous share of
-        # the rows, so an event takes 1/N of the time (rows in order: the draw is unchanged).
-        rows, world = pool.shape[0], self.ranks.world_size
+        world, rank = self.ranks.world_size, self.ranks.rank
         share = -(-rows // world)
-        start = min(self.ranks.rank * share, rows)
-        own = score(pool[start : start + share])
-        padded = own.new_zeros(share)
-        padded[: own.shape[0]] = own
+        dtype, d_in = self._pool_layout(pool)
+        own = torch.empty(share, d_in, dtype=dtype)
+        for start in range(0, share, _SCATTER_ROWS):
+            stop = min(start + _SCATTER_ROWS, share)
+            pieces = (
+                None
+                if pool is None
+                else [
+                    _padded_rows(pool, r * share + start, r * share + stop, rows)
+                    for r in range(world)
+                ]
+            )
+            self.ranks.scatter(
+                pieces, own[start:stop], "sending each process its share of the pool"
+            )
+        held = min(share, max(rows - rank * share, 0))
+        scores = score(own[:held])
+        padded = scores.new_zeros(share)
+        padded[:held] = scores
         losses = self.ranks.all_gather(padded, "gathering the pooled inputs' losses")
         return losses[:rows]
+
+    def take_rows(
+        self, pool: torch.Tensor | None, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        dtype, d_in = self._pool_layout(pool)
+        taken = (
+            torch.empty(chosen.numel(), d_in, dtype=dtype)
+            if pool is None
+            else pool[chosen.to(pool.device)]
+        )
+        return self.ranks.broadcast(taken, "sending the chosen inputs")
+
+    def _pool_layout(self, pool: torch.Tensor | None) -> tuple[torch.dtype, int]:
+        """The pool's dtype and width, which the processes that do not keep it lack."""
+        layout = None if pool is None else (pool.dtype, pool.shape[1])
+        layout = self.ranks.broadcast_object(layout, "sharing the pool's layout")
+        assert layout is not None  # the first process keeps the pool
+        return layout
+
+
+def _padded_rows(pool: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the ``rows`` pooled inputs, zero rows past the end."""
+    part = pool[min(start, rows) : min(stop, rows)]
+    missing = stop - start - part.shape[0]
+    return (
+        torch.cat([part, part.new_zeros(missing, pool.shape[1])]) if missing else part
+    )
 
 
 @torch.no_grad()
@@ -151,11 +208,15 @@ def enable_data_parallel(
         ranks.broadcast(tensor.data, f"copying the first process's {name}")
     resampler = sae.conventions.resampler
     if resampler is not None:
-        state: dict[str, Any] = ranks.broadcast_object(
-            resampler.state_dict(), "copying the first process's resampler state"
-        )
-        resampler.load_state_dict(state, device=sae.W_dec.device)
         resampler.collectives = DataParallelResampling(ranks)
+        # The first process keeps its pool; the others take the rest of its state.
+        state: dict[str, Any] | None = ranks.broadcast_object(
+            resampler.state_dict(include_pool=False) if ranks.is_first else None,
+            "copying the first process's resampler state",
+        )
+        if not ranks.is_first:
+            assert state is not None
+            resampler.load_state_dict(state, device=sae.W_dec.device)
     plan = DataParallelPlan(sae, ranks)
     sae.conventions.use_parallel(plan)
     return plan

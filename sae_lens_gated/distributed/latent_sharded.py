@@ -48,7 +48,7 @@ from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
 from sae_lens_gated.saes.gated_encoder import GatedEncoding, encode_gated
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.grad_clip import GradientClipUndo
-from sae_lens_gated.training.resampling import DeadFeatureResampler
+from sae_lens_gated.training.resampling import SINGLE_PROCESS, DeadFeatureResampler
 
 SHARDED_DIMS: dict[str, int] = {
     "W_enc": 1,
@@ -414,7 +414,11 @@ class LatentShardedResampling:
     def global_rows(self, rows: int) -> int:
         return rows
 
-    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+    def keeps_pool(self) -> bool:
+        # Each process scores every pooled input with its own features.
+        return True
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
         return batch
 
     def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
@@ -445,10 +449,18 @@ class LatentShardedResampling:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")
 
     def score_rows(
-        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        pool: torch.Tensor | None,
+        rows: int,
+        score: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         # Each row's forward pass needs every process's features: all score every row.
-        return score(pool)
+        return SINGLE_PROCESS.score_rows(pool, rows, score)
+
+    def take_rows(
+        self, pool: torch.Tensor | None, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        return SINGLE_PROCESS.take_rows(pool, chosen)
 
 
 def check_shardable(cfg: GatedTrainingSAEConfig, ranks: Ranks) -> None:

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import torch
 from numpy.typing import NDArray
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -313,8 +314,15 @@ class TrainingConventions:
                 RESAMPLER_STATE_FILENAME,
             )
             return
+        # A process that does not keep the pool (data-parallel) does not read it.
+        keeps_pool = self.resampler.collectives.keeps_pool()
         try:
-            state = load_file(state_path)
+            with safe_open(state_path, "pt") as saved:
+                state = {
+                    key: saved.get_tensor(key)
+                    for key in saved.keys()  # noqa: SIM118 (not iterable)
+                    if key != "pool" or keeps_pool
+                }
         except Exception as error:
             raise ValueError(
                 f"Could not read resampler state {state_path}: {error}"

@@ -12,8 +12,9 @@ The state (step count, firing history, input pool, random generator, event count
 plain tensor dict saved next to SAELens's checkpoints, so resuming is exact.
 
 In a run of several processes (:mod:`sae_lens_gated.distributed`) every process keeps the
-same resampler state, over all the SAE's features and the global batch: the few places where
-one process's view differs from the whole go through :class:`ResamplingCollectives`.
+same resampler state, over all the SAE's features and the global batch (in data-parallel
+training only the first process keeps the pooled inputs): the few places where one
+process's view differs from the whole go through :class:`ResamplingCollectives`.
 """
 
 import logging
@@ -69,8 +70,14 @@ class ResamplingCollectives(Protocol):
         """Rows of the global batch when this process holds ``rows`` of it."""
         ...
 
-    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
-        """The global batch, from this process's ``(rows, d_in)`` part of it."""
+    def keeps_pool(self) -> bool:
+        """Whether this process keeps the pooled inputs (where the processes hold the same
+        SAE, one keeps them for all)."""
+        ...
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The global batch, from this process's ``(rows, d_in)`` part of it, where
+        :meth:`keeps_pool` (None elsewhere)."""
         ...
 
     def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
@@ -91,10 +98,25 @@ class ResamplingCollectives(Protocol):
         ...
 
     def score_rows(
-        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        pool: torch.Tensor | None,
+        rows: int,
+        score: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """``score(pool)``, one value per row, where every process holds the same
-        ``pool``: the processes may share the rows out and gather the values."""
+        """``score`` of each of the ``rows`` pooled inputs, one value per row, on every
+        process; the processes may share the rows out and gather the values.
+
+        Args:
+            pool: The ``(rows, d_in)`` pooled inputs where :meth:`keeps_pool`, else None.
+            rows: How many inputs are pooled.
+            score: One value per row of a ``(n, d_in)`` tensor.
+        """
+        ...
+
+    def take_rows(
+        self, pool: torch.Tensor | None, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        """``pool[chosen]``, on every process (``pool`` as in :meth:`score_rows`)."""
         ...
 
 
@@ -104,7 +126,10 @@ class SingleProcess:
     def global_rows(self, rows: int) -> int:
         return rows
 
-    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+    def keeps_pool(self) -> bool:
+        return True
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
         return batch
 
     def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
@@ -120,9 +145,24 @@ class SingleProcess:
         return tensor
 
     def score_rows(
-        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        pool: torch.Tensor | None,
+        rows: int,
+        score: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        return score(pool)
+        return score(_kept(pool)[:rows])
+
+    def take_rows(
+        self, pool: torch.Tensor | None, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        pool = _kept(pool)
+        return pool[chosen.to(pool.device)]
+
+
+def _kept(pool: torch.Tensor | None) -> torch.Tensor:
+    if pool is None:
+        raise RuntimeError("This process keeps the resampling pool, but has none.")
+    return pool
 
 
 SINGLE_PROCESS = SingleProcess()
@@ -218,7 +258,8 @@ class DeadFeatureResampler:
         rows = self.collectives.global_rows(batch.shape[0])
         self._check_batch_size(rows)
         if (steps_left - 1) * rows < self.schedule.pool_size:
-            self._add_to_pool(self.collectives.gather_rows(batch))
+            gathered = self.collectives.gather_rows(batch)
+            self._add_to_pool(gathered, rows, batch.device)
 
     def _check_batch_size(self, batch_size: int) -> None:
         if self._batch_size_checked:
@@ -237,20 +278,25 @@ class DeadFeatureResampler:
         pool_device = self.schedule.pool_device
         return inputs_device if pool_device is None else torch.device(pool_device)
 
-    def _add_to_pool(self, batch: torch.Tensor) -> None:
+    def _add_to_pool(
+        self, batch: torch.Tensor | None, rows: int, inputs_device: torch.device
+    ) -> None:
+        """Write the global ``batch`` of ``rows`` rows into the ring buffer, or only count
+        its rows where another process keeps the pool (``batch`` None)."""
         size = self.schedule.pool_size
-        device = self._pool_device(batch.device)
-        if self.pool is None:
-            self.pool = torch.empty(
-                size, batch.shape[1], dtype=batch.dtype, device=device
-            )
-            self.pool_count = 0
-        batch = batch[-size:].to(device)
-        start = self.pool_count % size
-        first = min(size - start, batch.shape[0])
-        self.pool[start : start + first] = batch[:first]
-        self.pool[: batch.shape[0] - first] = batch[first:]
-        self.pool_count += batch.shape[0]
+        added = min(rows, size)
+        if batch is not None:
+            device = self._pool_device(inputs_device)
+            if self.pool is None:
+                self.pool = torch.empty(
+                    size, batch.shape[1], dtype=batch.dtype, device=device
+                )
+            batch = batch[-size:].to(device)
+            start = self.pool_count % size
+            first = min(size - start, added)
+            self.pool[start : start + first] = batch[:first]
+            self.pool[: added - first] = batch[first:]
+        self.pool_count += added
 
     # ---- around the optimizer step ------------------------------------------------------------
 
@@ -290,7 +336,7 @@ class DeadFeatureResampler:
         dead = torch.zeros(self.d_sae, dtype=torch.bool) if fired is None else ~fired
         dead_idx = dead.nonzero().flatten().to(sae.W_dec.device)
         empty = torch.empty(0, dtype=torch.long)
-        if dead_idx.numel() == 0 or pool is None or n_pooled == 0:
+        if dead_idx.numel() == 0 or n_pooled == 0:
             reason = (
                 "no dead features"
                 if dead_idx.numel() == 0
@@ -306,7 +352,7 @@ class DeadFeatureResampler:
                 step=step, n_dead=int(dead_idx.numel()), resampled=empty
             )
 
-        inputs = self._sample_inputs(sae, pool[:n_pooled], int(dead_idx.numel()))
+        inputs = self._sample_inputs(sae, pool, n_pooled, int(dead_idx.numel()))
         directions = sae.process_sae_in(inputs)
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         touched = reinitialize_features(
@@ -356,9 +402,13 @@ class DeadFeatureResampler:
             )
 
     def _sample_inputs(
-        self, sae: ResampleTarget, pool: torch.Tensor, n: int
+        self, sae: ResampleTarget, pool: torch.Tensor | None, rows: int, n: int
     ) -> torch.Tensor:
-        losses = self.collectives.score_rows(pool, lambda rows: _losses(sae, rows))
+        """``n`` of the ``rows`` pooled inputs, drawn with probability proportional to their
+        squared loss (``pool`` is None where this process does not keep the pool)."""
+        losses = self.collectives.score_rows(
+            pool, rows, lambda part: _losses(sae, part)
+        )
         weights = losses.pow(2).cpu()
         if not weights.sum() > 0:
             weights = torch.ones_like(weights)
@@ -369,12 +419,16 @@ class DeadFeatureResampler:
         )
         chosen = self.collectives.agree(chosen)
         self.generator_state = generator.get_state()
-        return pool[chosen.to(pool.device)].to(sae.W_dec.device)
+        return self.collectives.take_rows(pool, chosen).to(sae.W_dec.device)
 
     # ---- checkpointing ---------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """All resampler state as tensors (for a safetensors file)."""
+    def state_dict(self, include_pool: bool = True) -> dict[str, torch.Tensor]:
+        """All resampler state as tensors (for a safetensors file).
+
+        Args:
+            include_pool: Include the pooled inputs (if this process keeps any).
+        """
         state: dict[str, torch.Tensor] = {
             "completed_steps": torch.tensor(self.completed_steps),
             "n_events": torch.tensor(self.n_events),
@@ -387,7 +441,7 @@ class DeadFeatureResampler:
         }
         if self.fired_in_window is not None:
             state["fired_in_window"] = self.fired_in_window.detach().cpu().clone()
-        if self.pool is not None:
+        if self.pool is not None and include_pool:
             # The rows written so far: the rest of the buffer is uninitialized memory.
             filled = min(self.pool_count, self.schedule.pool_size)
             state["pool"] = self.pool[:filled].detach().cpu().clone()
@@ -421,11 +475,19 @@ class DeadFeatureResampler:
             )
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
         pool = state.get("pool")
-        self.pool = (
-            None
-            if pool is None
-            else self._pool_buffer(pool.to(self._pool_device(torch.device(device))))
-        )
+        if not self.collectives.keeps_pool():  # another process keeps it for all
+            self.pool = None
+        elif pool is None:
+            if self.pool_count > 0:
+                raise ValueError(
+                    f"Resampler state counts {self.pool_count} pooled inputs but holds "
+                    "none: it was saved by a process that does not keep the pool (not "
+                    "the first of a data-parallel run)."
+                )
+            self.pool = None
+        else:
+            device = self._pool_device(torch.device(device))
+            self.pool = self._pool_buffer(pool.to(device))
 
     def _pool_buffer(self, rows: torch.Tensor) -> torch.Tensor:
         """The pool buffer holding a saved pool's rows (all of them, or the rows written)."""

@@ -16,6 +16,7 @@ from sae_lens_gated.training.batch_guard import NonFiniteBatchError
 from tests.distributed.common import (
     BATCH,
     EVENT,
+    SETTINGS,
     STEPS,
     Rows,
     assert_states_close,
@@ -29,6 +30,14 @@ from tests.distributed.spawn import run_on_ranks
 from tests.helpers import CUDA
 
 HALF = BATCH // 2
+CHECKPOINT = EVENT - 2
+
+
+def _pool_of(sae: Any) -> tuple[int, int | None]:
+    """The resampler's count of pooled inputs, and the rows it keeps (None: no pool)."""
+    resampler = sae.conventions.resampler
+    pool = resampler.pool
+    return resampler.pool_count, None if pool is None else pool.shape[0]
 
 
 def _replica(rank: int, **overrides: Any) -> tuple[Any, Rows]:
@@ -53,21 +62,26 @@ def _train(rank: int, overrides: dict[str, Any], checkpoint: str) -> dict[str, A
         "resampled": resampler.last_event.resampled.cpu(),
     }
 
-    # The same run stopped at step 30 and resumed by both processes from the first
-    # process's checkpoint (the resampling window is open at the checkpoint).
+    # The same run stopped at step 38 and resumed by both processes from the first
+    # process's checkpoint (the window is open and half of the pool filled: 2 of the 4
+    # steps that fill it). Only the first process keeps the pool.
     sae, data = _replica(rank, **overrides)
-    trainer = trainer_for(sae, data, HALF, steps=30)
+    trainer = trainer_for(sae, data, HALF, steps=CHECKPOINT)
     trainer.fit()
+    result["pool_at_checkpoint"] = _pool_of(sae)
     folder = Path(checkpoint)
     if rank == 0:
         trainer.cfg.checkpoint_path = str(folder.parent)
         trainer.save_checkpoint(folder.name)
     sae.conventions.parallel.ranks.barrier("waiting for the checkpoint")  # type: ignore[union-attr]
     sae, _ = _replica(rank, **overrides)
-    data = Rows(global_batches(), slice(rank * HALF, (rank + 1) * HALF), skip=30)
+    data = Rows(
+        global_batches(), slice(rank * HALF, (rank + 1) * HALF), skip=CHECKPOINT
+    )
     trainer = trainer_for(sae, data, HALF)
     trainer.load_trainer_state(folder)
     sae.load_weights_from_checkpoint(folder)
+    result["pool_resumed"] = _pool_of(sae)
     trainer.fit()
     result["resumed"] = state_of(sae)
     return result
@@ -100,11 +114,16 @@ def test_two_processes_with_half_batches_match_one_process_with_the_batch(
     out = run_on_ranks(
         _train,
         {"clip_grad_norm": clip_grad_norm, "device": device},
-        str(tmp_path / "checkpoints" / "30"),
+        str(tmp_path / "checkpoints" / str(CHECKPOINT)),
         device=device,
     )
 
     expected = state_of(reference)
+    pool_size = SETTINGS["resample_pool_size"]
+    assert pool_size > 2 * BATCH
+    for key in ("pool_at_checkpoint", "pool_resumed"):  # 2 steps of BATCH rows pooled
+        assert out[0][key] == (2 * BATCH, pool_size), key
+        assert out[1][key] == (2 * BATCH, None), key
     for rank in (0, 1):
         assert out[rank]["device"] == device
         assert_states_close(out[rank]["state"], expected)
@@ -161,7 +180,6 @@ def test_each_process_counts_the_global_steps():
 
 
 def _score_in_shares(rank: int) -> dict[int, Any]:
-    del rank
     collectives = DataParallelResampling(init_distributed(timeout_s=60))
     out: dict[int, Any] = {}
     for rows in (5, 1, 6):
@@ -171,12 +189,16 @@ def _score_in_shares(rank: int) -> dict[int, Any]:
             scored.extend(part[:, 0].tolist())
             return part[:, 0].double() * 10 + 1
 
-        pool = torch.arange(rows, dtype=torch.float32)[:, None].repeat(1, 3)
-        out[rows] = (scored, collectives.score_rows(pool, score).tolist())
+        # The first process keeps the pool: 2 rows past the pooled ones, never scored.
+        pool = torch.arange(rows + 2, dtype=torch.float64)[:, None].repeat(1, 3)
+        kept = pool if rank == 0 else None
+        losses = collectives.score_rows(kept, rows, score)
+        taken = collectives.take_rows(kept, torch.tensor([rows - 1, 0, rows - 1]))
+        out[rows] = (scored, losses.tolist(), taken)
     return out
 
 
-def test_each_process_scores_its_share_of_the_pool_and_all_get_every_loss():
+def test_each_process_scores_its_share_of_the_first_processs_pool():
     out = run_on_ranks(_score_in_shares, world_size=3)
     expected_shares = {
         5: [[0, 1], [2, 3], [4]],
@@ -186,4 +208,8 @@ def test_each_process_scores_its_share_of_the_pool_and_all_get_every_loss():
     for rows, shares in expected_shares.items():
         assert [out[rank][rows][0] for rank in range(3)] == shares, rows
         for rank in range(3):  # every loss, in the pool's order, on every process
-            assert out[rank][rows][1] == [10.0 * i + 1 for i in range(rows)]
+            _, losses, taken = out[rank][rows]
+            assert losses == [10.0 * i + 1 for i in range(rows)], (rank, rows)
+            # The chosen rows, from the first process, with the pool's dtype.
+            assert taken.dtype == torch.float64
+            assert taken.tolist() == [[rows - 1.0] * 3, [0.0] * 3, [rows - 1.0] * 3]

@@ -15,6 +15,7 @@ from torch.optim.optimizer import (
 from sae_lens_gated import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training import resampling
 from sae_lens_gated.training.resampling import (
+    SINGLE_PROCESS,
     DeadFeatureResampler,
     reinitialize_features,
     second_moment_horizon,
@@ -319,7 +320,7 @@ def test_inputs_are_drawn_with_probability_proportional_to_squared_loss():
     pool = torch.zeros(3, 4)
     pool[:, 0] = torch.tensor([0.0, 1.0, 2.0])  # losses 0, 1, 2 -> weights 0, 1, 4
     sae.per_example_reconstruction_error = lambda x: x[:, 0].double()  # type: ignore[method-assign]
-    draws = resampler._sample_inputs(sae, pool, 20_000)[:, 0]
+    draws = resampler._sample_inputs(sae, pool, 3, 20_000)[:, 0]
     assert (draws == 0).sum() == 0
     frac_two = float((draws == 2).float().mean())
     assert frac_two == pytest.approx(0.8, abs=0.015)
@@ -345,13 +346,13 @@ def test_scoring_a_pool_of_several_chunks_shows_progress(
         return x[:, 0].double() + 1
 
     sae.per_example_reconstruction_error = error  # type: ignore[method-assign]
-    resampler._sample_inputs(sae, torch.randn(5, 4), 2)
+    resampler._sample_inputs(sae, torch.randn(5, 4), 5, 2)
     assert scored == [2, 2, 1]
     (bar,) = bars
     assert bar["chunks"] == 3 and bar["disable"] is False and bar["leave"] is False
     assert "scoring the pooled inputs" in bar["desc"]
     # One chunk: no bar.
-    resampler._sample_inputs(sae, torch.randn(2, 4), 1)
+    resampler._sample_inputs(sae, torch.randn(2, 4), 2, 1)
     assert bars[-1]["chunks"] == 1 and bars[-1]["disable"] is True
 
     # The event's log line says how many inputs it chose among, and how long it took.
@@ -641,6 +642,15 @@ def test_resampler_state_round_trips_and_rejects_bad_state():
     bad = dict(state, pool=torch.zeros(5, 16))
     with pytest.raises(ValueError, match=r"pool of shape \(5, 16\), expected 3 rows"):
         copy.load_state_dict(bad, device="cpu")
+    # A state without its pool (saved by a data-parallel process that keeps none).
+    without_pool, whole = (
+        resampler.state_dict(include_pool=False),
+        resampler.state_dict(),
+    )
+    assert set(whole) - set(without_pool) == {"pool"}
+    assert int(without_pool["pool_count"]) == 6
+    with pytest.raises(ValueError, match="counts 6 pooled inputs but holds none"):
+        copy.load_state_dict(without_pool, device="cpu")
 
 
 class _HalfOfTwoProcesses:
@@ -650,7 +660,10 @@ class _HalfOfTwoProcesses:
     def global_rows(self, rows: int) -> int:
         return 2 * rows
 
-    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor:
+    def keeps_pool(self) -> bool:
+        return True
+
+    def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
         return torch.cat([batch + 100, batch])
 
     def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
@@ -667,9 +680,17 @@ class _HalfOfTwoProcesses:
         return tensor
 
     def score_rows(
-        self, pool: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        pool: torch.Tensor | None,
+        rows: int,
+        score: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        return score(pool)
+        return SINGLE_PROCESS.score_rows(pool, rows, score)
+
+    def take_rows(
+        self, pool: torch.Tensor | None, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        return SINGLE_PROCESS.take_rows(pool, chosen)
 
 
 def test_resampler_state_covers_every_process_through_its_collectives():
