@@ -132,8 +132,10 @@ def test_bench_sets_the_gate_density_and_times_the_limit():
     assert summary["step_ratio_vs_limit"] == pytest.approx(
         steps["plugin (paper)"] / summary["limit_s"]
     )
-    # The limit is one matmul and one pass: at least a matmul, well under a step.
-    assert result["gemm_seconds"] / 3 < summary["limit_s"] < steps["SAELens standard"]
+    # The limit is one matmul and one pass: about a matmul, well under a step. Loosely
+    # above: the two are timed at different moments, and on a busy machine the median
+    # matmul once took 4x the limit (a unit slip would be 1000x).
+    assert result["gemm_seconds"] / 30 < summary["limit_s"] < steps["SAELens standard"]
     # A sparse step costs about one matmul's FLOPs, a dense one 7. "auto" decided before
     # it was timed (on this machine's clock) and then took the steps it chose.
     matmuls = result["matmuls_per_step"]
