@@ -136,7 +136,8 @@ class DataParallelResampling:
         world, rank = self.ranks.world_size, self.ranks.rank
         share = -(-rows // world)
         dtype, d_in = self._pool_layout(pool)
-        own = torch.empty(share, d_in, dtype=dtype)
+        # The first process's share is the head of its pool (share <= rows): no copy.
+        own = torch.empty(share, d_in, dtype=dtype) if pool is None else pool[:share]
         for start in range(0, share, _SCATTER_ROWS):
             stop = min(start + _SCATTER_ROWS, share)
             pieces = (
