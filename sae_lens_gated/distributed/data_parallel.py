@@ -13,7 +13,7 @@ docs/distributed.md says why this is done with hooks rather than ``DistributedDa
 ``replicate`` or FSDP2.
 """
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,12 +21,9 @@ from torch.utils.hooks import RemovableHandle
 
 from sae_lens_gated.distributed.collectives import Ranks
 from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
+from sae_lens_gated.distributed.pool import FirstProcessPool
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE
 from sae_lens_gated.training.resampling import SINGLE_PROCESS
-
-_SCATTER_ROWS = (
-    8192  # pooled inputs per message when sharing the pool out (75 MB at 2304)
-)
 
 
 class DataParallelPlan:
@@ -76,27 +73,24 @@ class DataParallelPlan:
         """Nothing: identical gradients gave identical steps."""
 
 
-class DataParallelResampling:
+class DataParallelResampling(FirstProcessPool):
     """The resampler's collectives when every process holds all features and some rows.
 
     The first process keeps the pool of recent inputs for all (one copy per run, not one
-    per process). At an event it sends each process a contiguous share of the pool, in
-    pieces of bounded size; each scores its share, and the losses are gathered in the
-    pool's order, so the draw is the one a single process would make.
+    per process). At an event it sends each process a contiguous share of the pool, a
+    chunk at a time; each scores its share, and the losses are gathered in the pool's
+    order, so the draw is the one a single process would make.
 
     Args:
         ranks: The processes of the run; each holds the same number of rows per step.
     """
 
     def __init__(self, ranks: Ranks) -> None:
-        self.ranks = ranks
+        super().__init__(ranks)
         self._rows_checked = False
 
     def global_rows(self, rows: int) -> int:
         return rows * self.ranks.world_size
-
-    def keeps_pool(self) -> bool:
-        return self.ranks.is_first
 
     def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
         if not self._rows_checked:
@@ -127,54 +121,42 @@ class DataParallelResampling:
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")
 
-    def score_rows(
-        self,
-        pool: torch.Tensor | None,
-        rows: int,
-        score: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
+    def pool_chunks(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> tuple[int, Iterator[torch.Tensor]]:
+        share = -(-rows // self.ranks.world_size)
+        return -(-share // chunk_rows), self._share(pool, rows, chunk_rows)
+
+    def _share(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> Iterator[torch.Tensor]:
+        """This process's contiguous share of the rows, sent by the first process one
+        chunk at a time (its own share is the head of its pool: ``share <= rows``)."""
         world, rank = self.ranks.world_size, self.ranks.rank
         share = -(-rows // world)
-        dtype, d_in = self._pool_layout(pool)
-        # The first process's share is the head of its pool (share <= rows): no copy.
-        own = torch.empty(share, d_in, dtype=dtype) if pool is None else pool[:share]
-        for start in range(0, share, _SCATTER_ROWS):
-            stop = min(start + _SCATTER_ROWS, share)
-            pieces = (
-                None
-                if pool is None
-                else [
+        held = min(share, max(rows - rank * share, 0))
+        dtype, d_in = self.pool_layout(pool)
+        for start in range(0, share, chunk_rows):
+            stop = min(start + chunk_rows, share)
+            if pool is None:
+                chunk, pieces = torch.empty(stop - start, d_in, dtype=dtype), None
+            else:
+                chunk = pool[start:stop]
+                pieces = [
                     _padded_rows(pool, r * share + start, r * share + stop, rows)
                     for r in range(world)
                 ]
-            )
             self.ranks.scatter(
-                pieces, own[start:stop], "sending each process its share of the pool"
+                pieces, chunk, "sending each process its share of the pool"
             )
-        held = min(share, max(rows - rank * share, 0))
-        scores = score(own[:held])
+            yield chunk[: max(0, min(stop, held) - start)]
+
+    def gather_scores(self, scores: torch.Tensor, rows: int) -> torch.Tensor:
+        share = -(-rows // self.ranks.world_size)
         padded = scores.new_zeros(share)
-        padded[:held] = scores
+        padded[: scores.shape[0]] = scores
         losses = self.ranks.all_gather(padded, "gathering the pooled inputs' losses")
         return losses[:rows]
-
-    def take_rows(
-        self, pool: torch.Tensor | None, chosen: torch.Tensor
-    ) -> torch.Tensor:
-        dtype, d_in = self._pool_layout(pool)
-        taken = (
-            torch.empty(chosen.numel(), d_in, dtype=dtype)
-            if pool is None
-            else pool[chosen.to(pool.device)]
-        )
-        return self.ranks.broadcast(taken, "sending the chosen inputs")
-
-    def _pool_layout(self, pool: torch.Tensor | None) -> tuple[torch.dtype, int]:
-        """The pool's dtype and width, which the processes that do not keep it lack."""
-        layout = None if pool is None else (pool.dtype, pool.shape[1])
-        layout = self.ranks.broadcast_object(layout, "sharing the pool's layout")
-        assert layout is not None  # the first process keeps the pool
-        return layout
 
 
 def _padded_rows(pool: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:

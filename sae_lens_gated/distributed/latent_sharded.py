@@ -28,7 +28,7 @@ loading reads each process's features from such a folder.
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,12 @@ from sae_lens_gated.distributed.collectives import (
     sum_across_ranks,
 )
 from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
+from sae_lens_gated.distributed.pool import FirstProcessPool
 from sae_lens_gated.saes.gated_encoder import GatedEncoding, encode_gated
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+from sae_lens_gated.training.conventions import has_conventions_state
 from sae_lens_gated.training.grad_clip import GradientClipUndo
-from sae_lens_gated.training.resampling import SINGLE_PROCESS, DeadFeatureResampler
+from sae_lens_gated.training.resampling import DeadFeatureResampler
 
 SHARDED_DIMS: dict[str, int] = {
     "W_enc": 1,
@@ -242,17 +244,22 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
         for name, value in metadata.items():
             setattr(whole.cfg.metadata, name, value)
         whole.conventions.resampler = self.conventions.resampler
+        whole.conventions.sparse_policy = self.conventions.sparse_policy
         return whole
 
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """Write the whole SAE as an ordinary SAELens training folder (first process).
 
-        Collective; the other processes write nothing.
+        Collective. The other processes write only their own training conventions'
+        state (resampler without the pool, sparse-step policy) into ``path``, their part
+        of a checkpoint (see :func:`rank_checkpoint_folder`).
         """
         whole = self.gathered()
         if whole is not None:
             return whole.save_model(path)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.conventions.save(path)
         return Path(path) / SAE_WEIGHTS_FILENAME, Path(path) / SAE_CFG_FILENAME
 
     @override
@@ -274,11 +281,14 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
         ``checkpoint_path`` is the first process's folder, or this process's part of a
         latent-sharded checkpoint (see :func:`rank_checkpoint_folder`).
         """
-        folder = Path(checkpoint_path)
+        own = Path(checkpoint_path)
+        folder = own
         if not (folder / SAE_WEIGHTS_FILENAME).exists():
             folder = whole_checkpoint_folder(folder, self.ranks.rank)
         self.load_state_dict(self.read_shard(folder / SAE_WEIGHTS_FILENAME))
-        self.conventions.load(folder)
+        # Each process's conventions state is in its own part (the first process's, with
+        # the pool, in the whole folder); older checkpoints kept only the first's.
+        self.conventions.load(own if has_conventions_state(own) else folder)
 
     def read_shard(self, weights_path: str | Path) -> dict[str, torch.Tensor]:
         """This process's features from a whole SAE's ``sae_weights.safetensors`` (only
@@ -399,8 +409,12 @@ def clip_grad_norm_across_shards(
     return total
 
 
-class LatentShardedResampling:
+class LatentShardedResampling(FirstProcessPool):
     """The resampler's collectives when each process holds some features and every row.
+
+    The first process keeps the pool of recent inputs for all (one copy per run, not one
+    per process). Scoring a pooled input takes every process's features, so at an event
+    it sends every process each chunk of the pool in turn.
 
     Args:
         ranks: The processes of the run.
@@ -408,18 +422,15 @@ class LatentShardedResampling:
     """
 
     def __init__(self, ranks: Ranks, features: slice) -> None:
-        self.ranks = ranks
+        super().__init__(ranks)
         self.features = features
 
     def global_rows(self, rows: int) -> int:
         return rows
 
-    def keeps_pool(self) -> bool:
-        # Each process scores every pooled input with its own features.
-        return True
-
     def gather_rows(self, batch: torch.Tensor) -> torch.Tensor | None:
-        return batch
+        # Every process holds the global batch; the first one pools it.
+        return batch if self.ranks.is_first else None
 
     def combine_fired(self, fired: torch.Tensor) -> torch.Tensor:
         return self.ranks.all_gather(
@@ -448,19 +459,27 @@ class LatentShardedResampling:
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ranks.broadcast(tensor.clone(), "agreeing on the resampled inputs")
 
-    def score_rows(
-        self,
-        pool: torch.Tensor | None,
-        rows: int,
-        score: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        # Each row's forward pass needs every process's features: all score every row.
-        return SINGLE_PROCESS.score_rows(pool, rows, score)
+    def pool_chunks(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> tuple[int, Iterator[torch.Tensor]]:
+        return -(-rows // chunk_rows), self._every_chunk(pool, rows, chunk_rows)
 
-    def take_rows(
-        self, pool: torch.Tensor | None, chosen: torch.Tensor
-    ) -> torch.Tensor:
-        return SINGLE_PROCESS.take_rows(pool, chosen)
+    def _every_chunk(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> Iterator[torch.Tensor]:
+        dtype, d_in = self.pool_layout(pool)
+        for start in range(0, rows, chunk_rows):
+            stop = min(start + chunk_rows, rows)
+            chunk = (
+                torch.empty(stop - start, d_in, dtype=dtype)
+                if pool is None
+                else pool[start:stop]
+            )
+            yield self.ranks.broadcast(chunk, "sending the pooled inputs")
+
+    def gather_scores(self, scores: torch.Tensor, rows: int) -> torch.Tensor:
+        # Every process scored every row (summing the reconstructions of all features).
+        return scores
 
 
 def check_shardable(cfg: GatedTrainingSAEConfig, ranks: Ranks) -> None:
@@ -511,10 +530,14 @@ def shard_latents(
     resampler = shard.conventions.resampler
     if resampler is not None:
         whole_resampler = sae.conventions.resampler if sae is not None else None
+        # The first process keeps the pool; the others take the rest of its state.
+        whole = None if whole_resampler is None else whole_resampler.state_dict()
         state = ranks.broadcast_object(
-            None if whole_resampler is None else whole_resampler.state_dict(),
+            None if whole is None else {k: v for k, v in whole.items() if k != "pool"},
             "copying the first process's resampler state",
         )
+        if ranks.is_first:
+            state = whole
         if state is not None:
             resampler.load_state_dict(state, device=shard.W_dec.device)
     return shard

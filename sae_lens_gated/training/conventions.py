@@ -41,11 +41,23 @@ from sae_lens_gated.saes.gated_encoder import GatedEncoding
 from sae_lens_gated.training.batch_guard import BatchGuard
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTarget
-from sae_lens_gated.training.sparse_policy import SparseStepPolicy
+from sae_lens_gated.training.sparse_policy import (
+    SPARSE_POLICY_STATE_FILENAME,
+    SparseStepPolicy,
+)
 
 logger = logging.getLogger(__name__)
 
 RESAMPLER_STATE_FILENAME = "gated_resampler_state.safetensors"
+
+
+def has_conventions_state(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a resampler or sparse-step policy state."""
+    folder = Path(folder)
+    return any(
+        (folder / name).exists()
+        for name in (RESAMPLER_STATE_FILENAME, SPARSE_POLICY_STATE_FILENAME)
+    )
 
 
 class ConventionsConfig(Protocol):

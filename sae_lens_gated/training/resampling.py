@@ -20,7 +20,7 @@ process's view differs from the whole go through :class:`ResamplingCollectives`.
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,26 +97,31 @@ class ResamplingCollectives(Protocol):
         """The first process's ``tensor``, on every process."""
         ...
 
-    def score_rows(
-        self,
-        pool: torch.Tensor | None,
-        rows: int,
-        score: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """``score`` of each of the ``rows`` pooled inputs, one value per row, on every
-        process; the processes may share the rows out and gather the values.
+    def pool_chunks(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> tuple[int, Iterator[torch.Tensor]]:
+        """The pooled inputs this process scores, in chunks of at most ``chunk_rows``.
 
         Args:
             pool: The ``(rows, d_in)`` pooled inputs where :meth:`keeps_pool`, else None.
             rows: How many inputs are pooled.
-            score: One value per row of a ``(n, d_in)`` tensor.
+            chunk_rows: Most rows in one chunk.
+
+        Returns:
+            How many chunks there are (the same on every process, each of which must
+            take every chunk: they may be sent as they are taken), and the chunks.
         """
+        ...
+
+    def gather_scores(self, scores: torch.Tensor, rows: int) -> torch.Tensor:
+        """One score per pooled input, in the pool's order, on every process, from this
+        process's ``scores`` of the rows of its :meth:`pool_chunks`."""
         ...
 
     def take_rows(
         self, pool: torch.Tensor | None, chosen: torch.Tensor
     ) -> torch.Tensor:
-        """``pool[chosen]``, on every process (``pool`` as in :meth:`score_rows`)."""
+        """``pool[chosen]``, on every process (``pool`` as in :meth:`pool_chunks`)."""
         ...
 
 
@@ -144,13 +149,14 @@ class SingleProcess:
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def score_rows(
-        self,
-        pool: torch.Tensor | None,
-        rows: int,
-        score: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        return score(_kept(pool)[:rows])
+    def pool_chunks(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> tuple[int, Iterator[torch.Tensor]]:
+        chunks = _kept(pool)[:rows].split(chunk_rows)
+        return len(chunks), iter(chunks)
+
+    def gather_scores(self, scores: torch.Tensor, rows: int) -> torch.Tensor:
+        return scores
 
     def take_rows(
         self, pool: torch.Tensor | None, chosen: torch.Tensor
@@ -406,9 +412,24 @@ class DeadFeatureResampler:
     ) -> torch.Tensor:
         """``n`` of the ``rows`` pooled inputs, drawn with probability proportional to their
         squared loss (``pool`` is None where this process does not keep the pool)."""
-        losses = self.collectives.score_rows(
-            pool, rows, lambda part: _losses(sae, part)
+        n_chunks, chunks = self.collectives.pool_chunks(pool, rows, _LOSS_CHUNK)
+        # Scoring Bricken's 819,200 inputs is 100 forward passes: minutes at d_sae 2**20.
+        scoring = tqdm(
+            chunks,
+            total=n_chunks,
+            desc="Resampling: scoring the pooled inputs",
+            unit="chunk",
+            leave=False,
+            disable=n_chunks < 2 or not _first_process(),
         )
+        device = sae.W_dec.device
+        scores = [
+            sae.per_example_reconstruction_error(chunk.to(device)).double()
+            for chunk in scoring
+            if chunk.shape[0]
+        ]
+        own = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+        losses = self.collectives.gather_scores(own, rows)
         weights = losses.pow(2).cpu()
         if not weights.sum() > 0:
             weights = torch.ones_like(weights)
@@ -503,28 +524,6 @@ class DeadFeatureResampler:
         pool = rows.new_empty(size, rows.shape[1])
         pool[:filled] = rows
         return pool
-
-
-def _losses(sae: ResampleTarget, rows: torch.Tensor) -> torch.Tensor:
-    """Each row's reconstruction loss (float64), scored in chunks on the SAE's device."""
-    device = sae.W_dec.device
-    if rows.shape[0] == 0:
-        return torch.empty(0, dtype=torch.float64, device=device)
-    chunks = rows.split(_LOSS_CHUNK)
-    # Scoring Bricken's 819,200 inputs is 100 forward passes: minutes at d_sae 2**20.
-    scoring = tqdm(
-        chunks,
-        desc="Resampling: scoring the pooled inputs",
-        unit="chunk",
-        leave=False,
-        disable=len(chunks) < 2 or not _first_process(),
-    )
-    return torch.cat(
-        [
-            sae.per_example_reconstruction_error(chunk.to(device)).double()
-            for chunk in scoring
-        ]
-    )
 
 
 def _first_process() -> bool:

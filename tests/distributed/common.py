@@ -16,6 +16,7 @@ from tests.helpers import SparseSyntheticData, build_gated_training_cfg, make_tr
 BATCH = 64
 STEPS = 60
 EVENT = 40  # a resampling event inside the run
+CHECKPOINT = EVENT - 2  # window open, pool half filled (2 of the 4 steps that fill it)
 SETTINGS: dict[str, Any] = {
     "d_in": 16,
     "d_sae": 128,
@@ -96,3 +97,10 @@ def assert_states_close(
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=atol, msg=name)
+
+
+def pool_of(sae: Any) -> tuple[int, int | None]:
+    """The resampler's count of pooled inputs, and the rows it keeps (None: no pool)."""
+    resampler = sae.conventions.resampler
+    pool = resampler.pool
+    return resampler.pool_count, None if pool is None else pool.shape[0]

@@ -11,10 +11,10 @@ from sae_lens_gated.distributed import (
     enable_data_parallel,
     init_distributed,
 )
-from sae_lens_gated.distributed.data_parallel import DataParallelResampling
 from sae_lens_gated.training.batch_guard import NonFiniteBatchError
 from tests.distributed.common import (
     BATCH,
+    CHECKPOINT,
     EVENT,
     SETTINGS,
     STEPS,
@@ -22,6 +22,7 @@ from tests.distributed.common import (
     assert_states_close,
     fresh_sae,
     global_batches,
+    pool_of,
     reference_run,
     state_of,
     trainer_for,
@@ -30,14 +31,6 @@ from tests.distributed.spawn import run_on_ranks
 from tests.helpers import CUDA
 
 HALF = BATCH // 2
-CHECKPOINT = EVENT - 2
-
-
-def _pool_of(sae: Any) -> tuple[int, int | None]:
-    """The resampler's count of pooled inputs, and the rows it keeps (None: no pool)."""
-    resampler = sae.conventions.resampler
-    pool = resampler.pool
-    return resampler.pool_count, None if pool is None else pool.shape[0]
 
 
 def _replica(rank: int, **overrides: Any) -> tuple[Any, Rows]:
@@ -62,13 +55,12 @@ def _train(rank: int, overrides: dict[str, Any], checkpoint: str) -> dict[str, A
         "resampled": resampler.last_event.resampled.cpu(),
     }
 
-    # The same run stopped at step 38 and resumed by both processes from the first
-    # process's checkpoint (the window is open and half of the pool filled: 2 of the 4
-    # steps that fill it). Only the first process keeps the pool.
+    # The same run stopped at CHECKPOINT and resumed by both processes from the first
+    # process's checkpoint. Only the first process keeps the pool.
     sae, data = _replica(rank, **overrides)
     trainer = trainer_for(sae, data, HALF, steps=CHECKPOINT)
     trainer.fit()
-    result["pool_at_checkpoint"] = _pool_of(sae)
+    result["pool_at_checkpoint"] = pool_of(sae)
     folder = Path(checkpoint)
     if rank == 0:
         trainer.cfg.checkpoint_path = str(folder.parent)
@@ -81,7 +73,7 @@ def _train(rank: int, overrides: dict[str, Any], checkpoint: str) -> dict[str, A
     trainer = trainer_for(sae, data, HALF)
     trainer.load_trainer_state(folder)
     sae.load_weights_from_checkpoint(folder)
-    result["pool_resumed"] = _pool_of(sae)
+    result["pool_resumed"] = pool_of(sae)
     trainer.fit()
     result["resumed"] = state_of(sae)
     return result
@@ -177,39 +169,3 @@ def _steps_of_rank(rank: int) -> int:
 def test_each_process_counts_the_global_steps():
     # Each process sees STEPS batches of HALF rows: SAELens's schedules run in steps.
     assert run_on_ranks(_steps_of_rank) == {0: STEPS, 1: STEPS}
-
-
-def _score_in_shares(rank: int) -> dict[int, Any]:
-    collectives = DataParallelResampling(init_distributed(timeout_s=60))
-    out: dict[int, Any] = {}
-    for rows in (5, 1, 6):
-        scored: list[float] = []
-
-        def score(part: torch.Tensor) -> torch.Tensor:
-            scored.extend(part[:, 0].tolist())
-            return part[:, 0].double() * 10 + 1
-
-        # The first process keeps the pool: 2 rows past the pooled ones, never scored.
-        pool = torch.arange(rows + 2, dtype=torch.float64)[:, None].repeat(1, 3)
-        kept = pool if rank == 0 else None
-        losses = collectives.score_rows(kept, rows, score)
-        taken = collectives.take_rows(kept, torch.tensor([rows - 1, 0, rows - 1]))
-        out[rows] = (scored, losses.tolist(), taken)
-    return out
-
-
-def test_each_process_scores_its_share_of_the_first_processs_pool():
-    out = run_on_ranks(_score_in_shares, world_size=3)
-    expected_shares = {
-        5: [[0, 1], [2, 3], [4]],
-        1: [[0], [], []],
-        6: [[0, 1], [2, 3], [4, 5]],
-    }
-    for rows, shares in expected_shares.items():
-        assert [out[rank][rows][0] for rank in range(3)] == shares, rows
-        for rank in range(3):  # every loss, in the pool's order, on every process
-            _, losses, taken = out[rank][rows]
-            assert losses == [10.0 * i + 1 for i in range(rows)], (rank, rows)
-            # The chosen rows, from the first process, with the pool's dtype.
-            assert taken.dtype == torch.float64
-            assert taken.tolist() == [[rows - 1.0] * 3, [0.0] * 3, [rows - 1.0] * 3]

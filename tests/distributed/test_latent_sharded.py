@@ -18,13 +18,17 @@ from sae_lens_gated.distributed.latent_sharded import (
     rank_checkpoint_folder,
     whole_checkpoint_folder,
 )
+from sae_lens_gated.training.conventions import RESAMPLER_STATE_FILENAME
+from sae_lens_gated.training.sparse_policy import SPARSE_POLICY_STATE_FILENAME
 from tests.distributed.common import (
     BATCH,
+    CHECKPOINT,
     SETTINGS,
     Rows,
     assert_states_close,
     fresh_sae,
     global_batches,
+    pool_of,
     reference_run,
     state_of,
     trainer_for,
@@ -69,34 +73,48 @@ def _train(
     }
     sae.save_inference_model(Path(folder) / "inference")
 
-    # Stopped at step 30 and resumed: the whole SAE from the first process's folder,
-    # each process's optimizer state from its own.
+    # Stopped at CHECKPOINT and resumed: the whole SAE and the resampler's state (its
+    # pool on the first process only) from the first process's folder, each process's
+    # optimizer state from its own.
     sae = _shard(rank, gather_batch, **overrides)
     data, rows = _data(rank, gather_batch)
-    trainer = trainer_for(sae, data, rows, steps=30)
+    trainer = trainer_for(sae, data, rows, steps=CHECKPOINT)
     trainer.fit()
-    checkpoint = rank_checkpoint_folder(Path(folder) / "checkpoints" / "30", rank)
+    checkpoint = rank_checkpoint_folder(
+        Path(folder) / "checkpoints" / str(CHECKPOINT), rank
+    )
     trainer.cfg.checkpoint_path = str(checkpoint.parent)
     trainer.save_checkpoint(checkpoint.name)
     result["saved_local"] = state_of(sae)
+    result["pool_at_checkpoint"] = pool_of(sae)
+    result["saved_policy"] = sae.conventions.sparse_policy.state_dict()
 
     sae = _shard(rank, gather_batch, **overrides)
     sae.load_weights_from_checkpoint(
         checkpoint
     )  # this process's part of the checkpoint
     result["loaded_local"] = state_of(sae)
-    data, rows = _data(rank, gather_batch, skip=30)
+    result["loaded_policy"] = sae.conventions.sparse_policy.state_dict()
+    data, rows = _data(rank, gather_batch, skip=CHECKPOINT)
     trainer = trainer_for(sae, data, rows)
     trainer.load_trainer_state(checkpoint)
+    result["pool_resumed"] = pool_of(sae)
     trainer.fit()
     result["resumed"] = sae.gather_state_dict()
     # The kind of step the shards took: sparse activations of this process's rows.
     data, _ = _data(rank, gather_batch)
     result["planned_sparse"] = sae.conventions.sparse_step()
-    result["decided"] = sae.conventions.sparse_policy.decision is not None
     step = sae.training_forward_pass(step_input(next(data).to(sae.W_dec.device)))
     result["sparse_acts"] = step.feature_acts.is_sparse
     result["acts_shape"] = tuple(step.feature_acts.shape)
+
+    # A checkpoint from before each process saved its own state: the first process's.
+    if rank == 1:
+        for name in (RESAMPLER_STATE_FILENAME, SPARSE_POLICY_STATE_FILENAME):
+            (checkpoint / name).unlink(missing_ok=True)  # none with "always"
+    sae = _shard(rank, gather_batch, **overrides)
+    sae.load_weights_from_checkpoint(checkpoint)
+    result["older_checkpoint_policy"] = sae.conventions.sparse_policy.state_dict()
     return result
 
 
@@ -144,19 +162,29 @@ def test_two_shards_match_one_process_holding_every_feature(
     )
 
     expected = state_of(reference)
+    # With "auto" each shard's policy saw every step, and its own gates' density.
+    assert out[1]["older_checkpoint_policy"] == out[0]["saved_policy"]
+    for rank in (0, 1):
+        steps = 0 if sparse_step == "always" else CHECKPOINT
+        assert out[rank]["saved_policy"]["steps"] == steps
+    if sparse_step == "auto":
+        assert out[0]["saved_policy"]["density"] != out[1]["saved_policy"]["density"]
+    pool_size = SETTINGS["resample_pool_size"]
+    for key in ("pool_at_checkpoint", "pool_resumed"):  # 2 global batches pooled
+        assert out[0][key] == (2 * BATCH, pool_size), key
+        assert out[1][key] == (2 * BATCH, None), key
     assert_states_close(out[0]["whole"], expected)
     assert_states_close(out[0]["resumed"], expected)
     assert out[1]["whole"] is None
     for rank in (0, 1):
         assert out[rank]["device"] == device
-        # Each shard takes the kind of step its policy chose: with "auto", timed on this
-        # machine once few gates were open.
+        # Each shard takes the kind of step its own policy chose: with "auto", timed on
+        # this machine once few of its gates were open (on the first shard, by the end).
         assert out[rank]["sparse_acts"] is out[rank]["planned_sparse"]
-        assert (
-            out[rank]["sparse_acts"]
-            if sparse_step == "always"
-            else out[rank]["decided"]
-        )
+        if sparse_step == "always":
+            assert out[rank]["sparse_acts"]
+        # Each shard's policy resumes from its own state, as it was at the checkpoint.
+        assert out[rank]["loaded_policy"] == out[rank]["saved_policy"]
         rows = BATCH // 2 if gather_batch else BATCH
         assert out[rank]["acts_shape"] == (rows, HALF_FEATURES)
         assert out[rank]["d_sae"] == HALF_FEATURES
@@ -188,9 +216,11 @@ def test_two_shards_match_one_process_holding_every_feature(
         expected_out = reference(x.to(device)).cpu()
         torch.testing.assert_close(vanilla(x), expected_out, rtol=0, atol=1e-10)
     assert not (
-        tmp_path / "checkpoints" / "rank1" / "30" / "sae_weights.safetensors"
+        tmp_path / "checkpoints" / "rank1" / str(CHECKPOINT) / "sae_weights.safetensors"
     ).exists()
-    assert (tmp_path / "checkpoints" / "rank1" / "30" / "trainer_state.pt").exists()
+    assert (
+        tmp_path / "checkpoints" / "rank1" / str(CHECKPOINT) / "trainer_state.pt"
+    ).exists()
 
 
 def _train_with_hook(rank: int) -> dict[str, torch.Tensor] | None:

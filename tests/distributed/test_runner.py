@@ -134,9 +134,13 @@ def test_latent_sharded_runner_saves_one_ordinary_sae_and_resumes(tmp_path: Path
     first, second = checkpoints / CHECKPOINT, checkpoints / "rank1" / CHECKPOINT
     assert json.loads((first / "cfg.json").read_text())["d_sae"] == 128
     assert load_file(first / "sparsity.safetensors")["sparsity"].shape == (128,)
+    # The second process's part: its optimizer state, data position, and its own
+    # resampler and sparse-step policy states.
     assert sorted(p.name for p in second.iterdir()) == [
         "activation_scaler.json",
         "activations_store_state.safetensors",
+        "gated_resampler_state.safetensors",
+        "gated_sparse_step_state.json",
         "runner_cfg.json",
         "sparsity.safetensors",
         "trainer_state.pt",

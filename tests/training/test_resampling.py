@@ -1,7 +1,7 @@
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +332,7 @@ def test_scoring_a_pool_of_several_chunks_shows_progress(
     bars: list[dict[str, Any]] = []
 
     def recording_tqdm(chunks: Any, **kwargs: Any) -> Any:
-        bars.append({"chunks": len(chunks), **kwargs})
+        bars.append(kwargs)
         return chunks
 
     monkeypatch.setattr(resampling, "tqdm", recording_tqdm)
@@ -349,11 +349,11 @@ def test_scoring_a_pool_of_several_chunks_shows_progress(
     resampler._sample_inputs(sae, torch.randn(5, 4), 5, 2)
     assert scored == [2, 2, 1]
     (bar,) = bars
-    assert bar["chunks"] == 3 and bar["disable"] is False and bar["leave"] is False
+    assert bar["total"] == 3 and bar["disable"] is False and bar["leave"] is False
     assert "scoring the pooled inputs" in bar["desc"]
     # One chunk: no bar.
     resampler._sample_inputs(sae, torch.randn(2, 4), 2, 1)
-    assert bars[-1]["chunks"] == 1 and bars[-1]["disable"] is True
+    assert bars[-1]["total"] == 1 and bars[-1]["disable"] is True
 
     # The event's log line says how many inputs it chose among, and how long it took.
     monkeypatch.setattr(resampling, "_LOSS_CHUNK", 8192)
@@ -679,13 +679,13 @@ class _HalfOfTwoProcesses:
     def agree(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def score_rows(
-        self,
-        pool: torch.Tensor | None,
-        rows: int,
-        score: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        return SINGLE_PROCESS.score_rows(pool, rows, score)
+    def pool_chunks(
+        self, pool: torch.Tensor | None, rows: int, chunk_rows: int
+    ) -> tuple[int, Iterator[torch.Tensor]]:
+        return SINGLE_PROCESS.pool_chunks(pool, rows, chunk_rows)
+
+    def gather_scores(self, scores: torch.Tensor, rows: int) -> torch.Tensor:
+        return scores
 
     def take_rows(
         self, pool: torch.Tensor | None, chosen: torch.Tensor
