@@ -82,6 +82,12 @@ def rank_checkpoint_folder(folder: str | Path, rank: int) -> Path:
     return folder if rank == 0 else folder.parent / f"rank{rank}" / folder.name
 
 
+def is_rank_checkpoint_part(folder: str | Path, rank: int) -> bool:
+    """Whether ``folder`` is where process ``rank`` keeps its part of a checkpoint, or
+    stages it (the first process's part is the whole folder)."""
+    return rank == 0 or f"rank{rank}" in Path(folder).parts
+
+
 def whole_checkpoint_folder(folder: str | Path, rank: int) -> Path:
     """The first process's folder of the checkpoint whose process-``rank`` part is in
     ``folder`` (inverse of :func:`rank_checkpoint_folder`)."""
@@ -251,15 +257,17 @@ class LatentShardedGatedTrainingSAE(GatedTrainingSAE):
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """Write the whole SAE as an ordinary SAELens training folder (first process).
 
-        Collective. The other processes write only their own training conventions'
-        state (resampler without the pool, sparse-step policy) into ``path``, their part
-        of a checkpoint (see :func:`rank_checkpoint_folder`).
+        Collective. Where ``path`` is their part of a checkpoint (see
+        :func:`rank_checkpoint_folder`), the other processes write their own training
+        conventions' state there (resampler without the pool, sparse-step policy);
+        elsewhere they write nothing, so as not to overwrite the first process's.
         """
         whole = self.gathered()
         if whole is not None:
             return whole.save_model(path)
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.conventions.save(path)
+        if is_rank_checkpoint_part(path, self.ranks.rank):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.conventions.save(path)
         return Path(path) / SAE_WEIGHTS_FILENAME, Path(path) / SAE_CFG_FILENAME
 
     @override

@@ -12,9 +12,9 @@ The state (step count, firing history, input pool, random generator, event count
 plain tensor dict saved next to SAELens's checkpoints, so resuming is exact.
 
 In a run of several processes (:mod:`sae_lens_gated.distributed`) every process keeps the
-same resampler state, over all the SAE's features and the global batch (in data-parallel
-training only the first process keeps the pooled inputs): the few places where one
-process's view differs from the whole go through :class:`ResamplingCollectives`.
+same resampler state, over all the SAE's features and the global batch (but for the pooled
+inputs, which only the first process keeps): the few places where one process's view
+differs from the whole go through :class:`ResamplingCollectives`.
 """
 
 import logging
@@ -481,6 +481,13 @@ class DeadFeatureResampler:
         missing = required - set(state)
         if missing:
             raise ValueError(f"Resampler state is missing {sorted(missing)}.")
+        pool = state.get("pool") if self.collectives.keeps_pool() else None
+        if self.collectives.keeps_pool() and pool is None and state["pool_count"] > 0:
+            raise ValueError(
+                f"Resampler state counts {int(state['pool_count'])} pooled inputs but "
+                "holds none: it was saved by a process that does not keep the pool (not "
+                "the first of a distributed run)."
+            )
         self.completed_steps = int(state["completed_steps"])
         self.n_events = int(state["n_events"])
         self.n_resampled = int(state["n_resampled"])
@@ -495,20 +502,12 @@ class DeadFeatureResampler:
                 f"expected ({self.d_sae},)."
             )
         self.fired_in_window = None if fired is None else fired.to(device, torch.bool)
-        pool = state.get("pool")
-        if not self.collectives.keeps_pool():  # another process keeps it for all
-            self.pool = None
-        elif pool is None:
-            if self.pool_count > 0:
-                raise ValueError(
-                    f"Resampler state counts {self.pool_count} pooled inputs but holds "
-                    "none: it was saved by a process that does not keep the pool (not "
-                    "the first of a data-parallel run)."
-                )
-            self.pool = None
-        else:
-            device = self._pool_device(torch.device(device))
-            self.pool = self._pool_buffer(pool.to(device))
+        # Where another process keeps the pool for all, this one keeps none.
+        self.pool = (
+            None
+            if pool is None
+            else self._pool_buffer(pool.to(self._pool_device(torch.device(device))))
+        )
 
     def _pool_buffer(self, rows: torch.Tensor) -> torch.Tensor:
         """The pool buffer holding a saved pool's rows (all of them, or the rows written)."""

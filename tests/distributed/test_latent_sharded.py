@@ -15,6 +15,7 @@ from sae_lens_gated.distributed.latent_sharded import (
     LatentShardedResampling,
     check_shardable,
     clip_grad_norm_across_shards,
+    is_rank_checkpoint_part,
     rank_checkpoint_folder,
     whole_checkpoint_folder,
 )
@@ -334,6 +335,12 @@ def test_checkpoint_folders_of_each_process():
     for rank in (0, 3):
         folder = rank_checkpoint_folder(first, rank)
         assert whole_checkpoint_folder(folder, rank) == first
+        assert is_rank_checkpoint_part(folder, rank)
+    # Staged before being renamed into place, as the distributed runner does.
+    assert is_rank_checkpoint_part(Path("run/checkpoints/rank3/.incomplete/4096"), 3)
+    # Process 3 saving into the first process's folder, or another's part, is not its part.
+    assert not is_rank_checkpoint_part(first, 3)
+    assert not is_rank_checkpoint_part(rank_checkpoint_folder(first, 2), 3)
 
 
 @pytest.mark.parametrize(
