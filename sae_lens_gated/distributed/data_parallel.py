@@ -14,14 +14,16 @@ docs/distributed.md says why this is done with hooks rather than ``DistributedDa
 """
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from sae_lens_gated.distributed.collectives import Ranks
 from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
-from sae_lens_gated.distributed.pool import FirstProcessPool
+from sae_lens_gated.distributed.pool import (
+    FirstProcessPool,
+    copy_first_resampler_state,
+)
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE
 from sae_lens_gated.training.resampling import SINGLE_PROCESS
 
@@ -124,8 +126,12 @@ class DataParallelResampling(FirstProcessPool):
     def pool_chunks(
         self, pool: torch.Tensor | None, rows: int, chunk_rows: int
     ) -> tuple[int, Iterator[torch.Tensor]]:
-        share = -(-rows // self.ranks.world_size)
+        share = self._share_rows(rows)
         return -(-share // chunk_rows), self._share(pool, rows, chunk_rows)
+
+    def _share_rows(self, rows: int) -> int:
+        """Rows of each process's share of ``rows`` pooled inputs (the last ones shorter)."""
+        return -(-rows // self.ranks.world_size)
 
     def _share(
         self, pool: torch.Tensor | None, rows: int, chunk_rows: int
@@ -133,7 +139,7 @@ class DataParallelResampling(FirstProcessPool):
         """This process's contiguous share of the rows, sent by the first process one
         chunk at a time (its own share is the head of its pool: ``share <= rows``)."""
         world, rank = self.ranks.world_size, self.ranks.rank
-        share = -(-rows // world)
+        share = self._share_rows(rows)
         held = min(share, max(rows - rank * share, 0))
         dtype, d_in = self.pool_layout(pool)
         for start in range(0, share, chunk_rows):
@@ -152,8 +158,7 @@ class DataParallelResampling(FirstProcessPool):
             yield chunk[: max(0, min(stop, held) - start)]
 
     def gather_scores(self, scores: torch.Tensor, rows: int) -> torch.Tensor:
-        share = -(-rows // self.ranks.world_size)
-        padded = scores.new_zeros(share)
+        padded = scores.new_zeros(self._share_rows(rows))
         padded[: scores.shape[0]] = scores
         losses = self.ranks.all_gather(padded, "gathering the pooled inputs' losses")
         return losses[:rows]
@@ -192,14 +197,7 @@ def enable_data_parallel(
     resampler = sae.conventions.resampler
     if resampler is not None:
         resampler.collectives = DataParallelResampling(ranks)
-        # The first process keeps its pool; the others take the rest of its state.
-        state: dict[str, Any] | None = ranks.broadcast_object(
-            resampler.state_dict(include_pool=False) if ranks.is_first else None,
-            "copying the first process's resampler state",
-        )
-        if not ranks.is_first:
-            assert state is not None
-            resampler.load_state_dict(state, device=sae.W_dec.device)
+        copy_first_resampler_state(resampler, resampler, ranks, sae.W_dec.device)
     plan = DataParallelPlan(sae, ranks)
     sae.conventions.use_parallel(plan)
     return plan

@@ -45,7 +45,10 @@ from sae_lens_gated.distributed.collectives import (
     sum_across_ranks,
 )
 from sae_lens_gated.distributed.guard import stop_everywhere_if_not_finite
-from sae_lens_gated.distributed.pool import FirstProcessPool
+from sae_lens_gated.distributed.pool import (
+    FirstProcessPool,
+    copy_first_resampler_state,
+)
 from sae_lens_gated.saes.gated_encoder import GatedEncoding, encode_gated
 from sae_lens_gated.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens_gated.training.conventions import has_conventions_state
@@ -538,16 +541,9 @@ def shard_latents(
     resampler = shard.conventions.resampler
     if resampler is not None:
         whole_resampler = sae.conventions.resampler if sae is not None else None
-        # The first process keeps the pool; the others take the rest of its state.
-        whole = None if whole_resampler is None else whole_resampler.state_dict()
-        state = ranks.broadcast_object(
-            None if whole is None else {k: v for k, v in whole.items() if k != "pool"},
-            "copying the first process's resampler state",
+        copy_first_resampler_state(
+            whole_resampler, resampler, ranks, shard.W_dec.device
         )
-        if ranks.is_first:
-            state = whole
-        if state is not None:
-            resampler.load_state_dict(state, device=shard.W_dec.device)
     return shard
 
 

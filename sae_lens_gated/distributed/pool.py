@@ -6,9 +6,43 @@ other processes score are sent to them in chunks of bounded size, and the inputs
 chose are sent to all.
 """
 
+from typing import Any
+
 import torch
 
 from sae_lens_gated.distributed.collectives import Ranks
+from sae_lens_gated.training.resampling import DeadFeatureResampler
+
+
+def copy_first_resampler_state(
+    source: DeadFeatureResampler | None,
+    target: DeadFeatureResampler,
+    ranks: Ranks,
+    device: Any,
+) -> None:
+    """Give every process's ``target`` the first process's ``source`` state. Collective.
+
+    The first process loads the whole state, pool included (nothing to do where ``source``
+    is ``target``); the others load it without the pool, which only the first keeps.
+
+    Args:
+        source: The state to copy, on the first process (ignored elsewhere; None: keep
+            every ``target`` as it is).
+        target: This process's resampler, whose collectives say whether it keeps the pool.
+        ranks: The processes of the run.
+        device: Where ``target`` keeps its per-feature state.
+    """
+    shared = ranks.broadcast_object(
+        source.state_dict(include_pool=False)
+        if ranks.is_first and source is not None
+        else None,
+        "copying the first process's resampler state",
+    )
+    if ranks.is_first:
+        if source is not None and source is not target:
+            target.load_state_dict(source.state_dict(), device=device)
+    elif shared is not None:
+        target.load_state_dict(shared, device=device)
 
 
 class FirstProcessPool:
