@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -270,6 +270,7 @@ def _parse_runner_args(args: list[str]) -> Any:
         with (
             contextlib.redirect_stderr(captured),
             contextlib.redirect_stdout(help_text),
+            _program_name("sae-lens-gated train"),
         ):
             cfg = _parse_cfg_args(args)
     except SystemExit as exit_info:
@@ -281,6 +282,18 @@ def _parse_runner_args(args: list[str]) -> Any:
     sys.stdout.write(help_text.getvalue())
     sys.stderr.write(captured.getvalue())
     return cfg
+
+
+@contextlib.contextmanager
+def _program_name(name: str) -> Iterator[None]:
+    """Make ``name`` the program SAELens's parser names in its usage line: it reads
+    ``sys.argv[0]``, which is ``__main__.py`` under ``python -m sae_lens_gated``."""
+    saved = sys.argv[:1]
+    sys.argv[:1] = [name]
+    try:
+        yield
+    finally:
+        sys.argv[:1] = saved
 
 
 def _explain(message: str, args: list[str]) -> str:

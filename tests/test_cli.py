@@ -755,8 +755,11 @@ def test_a_sweep_under_torchrun_is_refused(
 def test_train_help_says_which_options_take_several_values(
     capsys: pytest.CaptureFixture[str],
 ):
+    argv0 = sys.argv[0]
     code, out, _ = _run(["train", "--architecture", "gated", "--help"], capsys)
     assert code == 0
+    assert out.startswith("usage: sae-lens-gated train [-h]")
+    assert sys.argv[0] == argv0
     assert "[--l1_coefficient float [float ...]]" in " ".join(out.split())
     assert "[--d_sae int [int ...]]" in out
     lines = out.splitlines()

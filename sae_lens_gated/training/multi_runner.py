@@ -35,8 +35,8 @@ SWEEP_OPTIONS: dict[str, type[float] | type[int]] = {
 """The runner CLI options that accept several values, and the type of each value."""
 
 SWEEP_HELP = (
-    "Several values: one SAE per value (and per combination with the other of "
-    "--l1_coefficient, --d_sae), all trained from one activation stream by SAELens's "
+    "Several values: one SAE per value (per combination when both --l1_coefficient "
+    "and --d_sae have several), all trained from one activation stream by SAELens's "
     "MultiSAETrainingRunner and saved to OUTPUT_PATH/d_sae-D_l1-L."
 )
 
