@@ -44,6 +44,7 @@ from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTar
 from sae_lens_gated.training.sparse_policy import (
     SPARSE_POLICY_STATE_FILENAME,
     SparseStepPolicy,
+    sparse_step_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class TrainingConventions:
         self._logging_step: int | None = None
         self._step_metrics: dict[str, Any] | None = None
         self._open_gates: tuple[torch.Tensor, int] | None = None
+        # Whether this process has checked that its device runs sparse steps.
+        self._sparse_checked = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -194,6 +197,8 @@ class TrainingConventions:
             self.attach()
         self.batch_guard.check_batch(sae_in)
         self._logging_step = logging_step
+        if not self._sparse_checked and self.sparse_step():
+            self._check_sparse_support(sae_in)
         if self._auto_sparse and self.sparse_policy.times_next_step:
             self.sparse_policy.begin_step(sae_in.device)
 
@@ -236,6 +241,26 @@ class TrainingConventions:
         # resampling counters of that step to it.
         self._step_metrics = metrics
         return metrics
+
+    def _check_sparse_support(self, sae_in: torch.Tensor) -> None:
+        """Before the first sparse step: rule sparse steps out, or refuse ``"always"``,
+        on a device that cannot run them.
+
+        Raises:
+            ValueError: With ``sparse_step="always"``, if the device cannot run them.
+        """
+        self._sparse_checked = True
+        problem = sparse_step_problem(sae_in.device, sae_in.dtype, self.sae.W_dec.dtype)
+        if problem is None:
+            return
+        reason = f"the sparse step's ops fail on {sae_in.device} ({problem})"
+        if self._auto_sparse:
+            self.sparse_policy.rule_out_sparse(reason)
+            return
+        raise ValueError(
+            f"sparse_step='always' cannot train here: {reason}. Use sparse_step='auto' "
+            "(dense steps where sparse ones cannot run) or 'never'."
+        )
 
     @property
     def _auto_sparse(self) -> bool:

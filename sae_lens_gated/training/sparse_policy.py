@@ -22,6 +22,10 @@ the device and the SAE it trains, with the real training steps:
   :data:`REDECIDE_DENSITY_FACTOR` since the decision, or after a resampling event, but no
   sooner than :data:`REDECIDE_MIN_STEPS` steps after the previous probe started.
 
+- It never tries a sparse step on a device whose PyTorch backend lacks the sparse step's
+  ops (:func:`sparse_step_problem`; PyTorch's MPS backend has no sparse CSR tensors): there
+  every step is dense, with one warning.
+
 The clock and the device synchronisation are attributes, so tests can inject a clock.
 """
 
@@ -36,7 +40,11 @@ from typing import Any, cast
 
 import torch
 
-from sae_lens_gated.saes.gated_function import SPARSE_STEP_MAX_DENSITY
+from sae_lens_gated.saes.gated_function import (
+    SPARSE_STEP_MAX_DENSITY,
+    GatedFunctionOptions,
+    gated_sae_function,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +139,9 @@ class SparseStepPolicy:
         self._times: dict[str, list[float]] = {"dense": [], "sparse": []}
         self._redecide_pending = False
         self._timing: tuple[torch.device, float] | None = None
+        # Why this process's device cannot run sparse steps (None: it can, or unknown yet).
+        # Not saved with the state: a resumed run checks its own device.
+        self.sparse_ruled_out: str | None = None
         self._plan()
 
     @property
@@ -156,7 +167,7 @@ class SparseStepPolicy:
         # The coming step's mode, kept as two booleans: under torch.compile, reading them
         # guards on two flags, not on a density or a step count that change every step.
         position = self._probe_position
-        if self._density is None:
+        if self._density is None or self.sparse_ruled_out is not None:
             self._next_sparse = False
         elif position is not None:  # the density is within the probe's slack
             self._next_sparse = self._probe_mode(position)
@@ -232,7 +243,23 @@ class SparseStepPolicy:
         """Probe again when next allowed (after a resampling event)."""
         self._redecide_pending = True
 
+    def rule_out_sparse(self, reason: str) -> None:
+        """Keep every step dense from now on: this process's device cannot run sparse ones.
+
+        Ends a probe under way and logs one warning.
+
+        Args:
+            reason: Why, for the warning (see :func:`sparse_step_problem`).
+        """
+        if self.sparse_ruled_out is None:
+            logger.warning("sparse_step=auto keeps every step dense: %s", reason)
+        self.sparse_ruled_out = reason
+        self._end_probe()
+        self._plan()
+
     def _wants_probe(self, density: float) -> bool:
+        if self.sparse_ruled_out is not None:
+            return False
         started = self._probe_started
         if started is not None and self.steps - started < REDECIDE_MIN_STEPS:
             return False
@@ -360,6 +387,95 @@ class SparseStepPolicy:
             self.load_state_dict(state)  # pyright: ignore[reportUnknownArgumentType]
         except ValueError as error:
             raise ValueError(f"Could not read {path}: {error}") from error
+
+
+# Answers of sparse_step_problem, by device, input dtype, parameter dtype and autocast dtype.
+_SPARSE_PROBLEMS: dict[
+    tuple[str, torch.dtype, torch.dtype, torch.dtype], str | None
+] = {}
+
+
+def _sparse_step_problem(
+    device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype
+) -> str | None:
+    work = (
+        torch.get_autocast_dtype(device.type)
+        if torch.is_autocast_enabled(device.type)
+        else dtype
+    )
+    key = (str(device), dtype, param_dtype, work)
+    if key not in _SPARSE_PROBLEMS:
+        _SPARSE_PROBLEMS[key] = _try_sparse_step(device, dtype, param_dtype)
+    return _SPARSE_PROBLEMS[key]
+
+
+def _try_sparse_step(
+    device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype
+) -> str | None:
+    """One sparse forward and backward pass of the fused function on a tiny batch."""
+    # A generator of its own: the global random state, which training draws from, stays.
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
+        values = torch.randn(*shape, generator=generator)
+        return values.to(device, param_dtype if grad else dtype).requires_grad_(grad)
+
+    d_in, d_sae = 3, 8
+    sae_in = tensor(5, d_in, grad=False)
+    params = [tensor(d_in, d_sae), tensor(d_sae), tensor(d_sae)]  # W_enc, b_gate, r_mag
+    params += [tensor(d_sae), tensor(d_sae, d_in), tensor(d_in)]  # b_mag, W_dec, b_dec
+    W_enc, b_gate, r_mag, b_mag, W_dec, b_dec = params
+    options = GatedFunctionOptions(
+        center=True, decode=True, aux_decoder_trainable=True, sparse=True
+    )
+    try:
+        out = gated_sae_function(
+            sae_in,
+            W_enc,
+            b_gate,
+            r_mag,
+            b_mag,
+            W_dec,
+            b_dec,
+            None,
+            options,
+        )
+        assert out.reconstruction is not None and out.aux_reconstruction is not None
+        loss = out.reconstruction.square().sum() + out.aux_reconstruction.square().sum()
+        torch.autograd.grad(loss + out.penalty, params)
+    except (NotImplementedError, RuntimeError) as error:
+        message = str(error).strip().splitlines() or [""]
+        return f"{type(error).__name__}: {message[0]}"
+    return None
+
+
+def sparse_step_problem(
+    device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype
+) -> str | None:
+    """Why a sparse training step cannot run on ``device``, or None where it runs.
+
+    The sparse step needs ops that PyTorch implements on CPUs and CUDA GPUs but not on every
+    backend (``sampled_addmm`` and sparse CSR tensors, ``embedding_bag``, ...): PyTorch's MPS
+    backend, for one, has no sparse CSR tensors. The first call for a device, dtypes and
+    autocast state (the caller's) runs one sparse forward and backward pass of the fused
+    function on a tiny batch there; later calls return its answer. Runs outside
+    ``torch.compile`` graphs.
+
+    Args:
+        device: Where the SAE trains.
+        dtype: The training batch's dtype.
+        param_dtype: The SAE parameters' dtype.
+
+    Returns:
+        The error the tiny step raised (its type and first line), or None.
+    """
+    return _sparse_step_problem_eagerly(device, dtype, param_dtype)
+
+
+_sparse_step_problem_eagerly = cast(
+    Callable[[torch.device, torch.dtype, torch.dtype], str | None],
+    torch.compiler.disable(_sparse_step_problem),
+)
 
 
 _begin_step_eagerly = cast(

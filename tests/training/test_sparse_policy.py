@@ -416,3 +416,127 @@ def test_logging_steps_report_the_decision_beside_the_gated_metrics():
     assert out.metrics["sparse_step_dense_ms"] == pytest.approx(10.0)
     assert out.metrics["sparse_step_sparse_ms"] == pytest.approx(4.0)
     assert "gate_l0" in out.metrics
+
+
+# ---- devices whose PyTorch backend lacks the sparse step's ops -----------------------------
+
+# What PyTorch says where a backend has no kernel for an op (here MPS, which has no sparse
+# CSR tensors).
+MISSING_OP = (
+    "Could not run 'aten::sparse_sampled_addmm' with arguments from the 'SparseCsrMPS' "
+    "backend."
+)
+
+
+@pytest.fixture
+def fresh_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sparse_step_problem asks anew: no answer remembered from other tests."""
+    monkeypatch.setattr(sparse_policy, "_SPARSE_PROBLEMS", {})
+
+
+@pytest.fixture
+def no_sampled_addmm(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``torch.sparse.sampled_addmm`` raises as on such a backend; counts its calls.
+    sparse_step_problem asks anew."""
+    monkeypatch.setattr(sparse_policy, "_SPARSE_PROBLEMS", {})
+    calls: list[int] = []
+
+    def missing(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise NotImplementedError(f"{MISSING_OP}\n\nThe backends it has: CPU, CUDA.")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", missing)
+    return calls
+
+
+@pytest.mark.usefixtures("fresh_answers")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_sparse_step_has_no_problem_where_its_ops_exist(
+    device: str, autocast: bool
+):
+    rng = torch.get_rng_state()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        problem = sparse_policy.sparse_step_problem(
+            torch.device(device), torch.float32, torch.float32
+        )
+    assert problem is None
+    # The tiny step draws from a generator of its own, not from training's random stream.
+    assert torch.equal(torch.get_rng_state(), rng)
+    work = torch.bfloat16 if autocast else torch.float32
+    expected = {(device, torch.float32, torch.float32, work): None}
+    assert expected == sparse_policy._SPARSE_PROBLEMS
+
+
+def test_the_sparse_step_problem_names_the_missing_op_and_is_asked_once(
+    no_sampled_addmm: list[int],
+):
+    problem = sparse_policy.sparse_step_problem(CPU, torch.float64, torch.float64)
+    assert problem == f"NotImplementedError: {MISSING_OP}"
+    assert (
+        sparse_policy.sparse_step_problem(CPU, torch.float64, torch.float64) == problem
+    )
+    assert no_sampled_addmm == [1]
+
+
+def test_auto_keeps_every_step_dense_where_the_sparse_ops_are_missing(
+    no_sampled_addmm: list[int],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(sparse_policy, "REDECIDE_MIN_STEPS", 10)
+    clock = FakeClock()
+    steps: list[Step] = []
+    torch.manual_seed(0)
+    # Sparse steps would be faster: where they run, auto chooses them from the first probe.
+    auto = _clocked_sae(clock, {True: 1.0, False: 2.0}, steps)
+    with caplog.at_level(logging.WARNING, logger=sparse_policy.__name__):
+        make_trainer(auto, _data(), steps=40, lr=1e-2).fit()
+    # The probe that would have started at step 1 with a sparse warm-up step ended there.
+    assert [step.probe_position for step in steps[:3]] == [None, 0, None]
+    assert not any(step.sparse for step in steps)
+    assert all(step.probe_position is None for step in steps[2:])
+    assert clock.synced_at_steps == []  # nothing timed
+    policy = auto.conventions.sparse_policy
+    assert policy.decision is None
+    assert policy.sparse_ruled_out is not None and MISSING_OP in policy.sparse_ruled_out
+    assert no_sampled_addmm == [1]  # tried once, by the tiny step, never in training
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+    ]
+    assert warning.startswith(
+        "sparse_step=auto keeps every step dense: the sparse step's"
+    )
+    assert "fail on cpu" in warning and MISSING_OP in warning
+
+    # The very SAE that dense steps alone train.
+    torch.manual_seed(0)
+    never = GatedTrainingSAE(
+        build_gated_training_cfg(
+            dtype="float64", l1_coefficient=10.0, sparse_step="never"
+        )
+    )
+    _close_most_gates(never)
+    make_trainer(never, _data(), steps=40, lr=1e-2).fit()
+    for name, value in never.state_dict().items():
+        torch.testing.assert_close(auto.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_always_is_refused_at_the_first_step_where_the_sparse_ops_are_missing(
+    no_sampled_addmm: list[int],
+):
+    torch.manual_seed(0)
+    sae = GatedTrainingSAE(
+        build_gated_training_cfg(dtype="float64", sparse_step="always")
+    )
+    before = {name: value.clone() for name, value in sae.state_dict().items()}
+    message = (
+        r"^sparse_step='always' cannot train here: the sparse step's ops fail on cpu "
+        r"\(NotImplementedError: Could not run 'aten::sparse_sampled_addmm' .*\)\. "
+        r"Use sparse_step='auto' \(dense steps where sparse ones cannot run\) or 'never'\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        make_trainer(sae, _data(), steps=5).fit()
+    assert no_sampled_addmm == [1]
+    for name, value in before.items():
+        assert torch.equal(sae.state_dict()[name], value), name
