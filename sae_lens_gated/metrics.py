@@ -5,6 +5,12 @@ import math
 import torch
 
 
+def widest_float(device: torch.device) -> torch.dtype:
+    """The widest floating dtype tensors on ``device`` can have: float64, but float32 on
+    MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def relative_reconstruction_bias(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Relative reconstruction bias gamma = E||x_hat||^2 / E[x_hat . x] (paper v2, Eq. 10).
 
@@ -34,6 +40,8 @@ def relative_reconstruction_bias(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 def relative_reconstruction_bias_tensor(
     x: torch.Tensor, x_hat: torch.Tensor
 ) -> torch.Tensor:
-    """gamma as a 0-d float64 tensor on the inputs' device (no host synchronisation)."""
-    x64, x_hat64 = x.detach().double(), x_hat.detach().double()
+    """gamma as a 0-d tensor on the inputs' device (no host synchronisation), computed in
+    float64 (:func:`widest_float`)."""
+    wide = widest_float(x.device)
+    x64, x_hat64 = x.detach().to(wide), x_hat.detach().to(wide)
     return x_hat64.pow(2).sum(dim=-1).mean() / (x_hat64 * x64).sum(dim=-1).mean()

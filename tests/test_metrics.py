@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_lens_gated import relative_reconstruction_bias
+from sae_lens_gated import metrics, relative_reconstruction_bias
 
 
 def test_half_reconstruction_gives_one_half():
@@ -61,3 +61,24 @@ def test_bad_inputs_are_rejected():
         relative_reconstruction_bias(torch.ones(0, 2), torch.ones(0, 2))
     with pytest.raises(ValueError, match="undefined"):
         relative_reconstruction_bias(torch.ones(3, 2), torch.zeros(3, 2))
+
+
+def test_the_widest_float_is_float64_but_on_mps():
+    for device in ("cpu", "cuda", "meta"):
+        assert metrics.widest_float(torch.device(device)) is torch.float64
+    assert metrics.widest_float(torch.device("mps")) is torch.float32
+
+
+def test_gamma_is_computed_in_the_widest_float_of_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    x_hat = 0.8 * x + 0.1 * torch.randn(64, 8, generator=gen)
+    wide = metrics.relative_reconstruction_bias_tensor(x, x_hat)
+    assert wide.dtype is torch.float64
+    # A device without float64 (MPS) computes it in float32, to float32's precision.
+    monkeypatch.setattr(metrics, "widest_float", lambda _device: torch.float32)
+    narrow = metrics.relative_reconstruction_bias_tensor(x, x_hat)
+    assert narrow.dtype is torch.float32
+    torch.testing.assert_close(narrow.double(), wide, rtol=1e-6, atol=0)

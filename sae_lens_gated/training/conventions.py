@@ -36,7 +36,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from sae_lens_gated.metrics import relative_reconstruction_bias_tensor
+from sae_lens_gated.metrics import relative_reconstruction_bias_tensor, widest_float
 from sae_lens_gated.saes.gated_encoder import GatedEncoding
 from sae_lens_gated.training.batch_guard import BatchGuard
 from sae_lens_gated.training.grad_clip import GradientClipUndo
@@ -227,7 +227,9 @@ class TrainingConventions:
             return {}
         with torch.no_grad():
             if encoding.n_open is not None:
-                gate_l0 = encoding.n_open.double() / n_rows
+                gate_l0 = (
+                    encoding.n_open.to(widest_float(encoding.n_open.device)) / n_rows
+                )
             else:
                 gate_l0 = (encoding.gate_acts > 0).float().sum(-1).mean()
             metrics: dict[str, Any] = {
@@ -379,7 +381,7 @@ class TrainingConventions:
             values[f"weights/{names[id(matrix)]}_norms"] = matrix.norm(dim=0)
         for parameter in self.sae.per_feature_encoder_parameters():
             values[f"weights/{names[id(parameter)]}"] = parameter
-        return {k: v.detach().double().cpu().numpy() for k, v in values.items()}
+        return {k: v.detach().cpu().double().numpy() for k, v in values.items()}
 
 
 @torch.no_grad()

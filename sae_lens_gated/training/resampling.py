@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from sae_lens_gated.metrics import widest_float
+
 logger = logging.getLogger(__name__)
 
 LR_DIP = 0.1  # Paper App. D.1: LR drops to 0.1x after each event.
@@ -423,12 +425,13 @@ class DeadFeatureResampler:
             disable=n_chunks < 2 or not _first_process(),
         )
         device = sae.W_dec.device
+        wide = widest_float(device)
         scores = [
-            sae.per_example_reconstruction_error(chunk.to(device)).double()
+            sae.per_example_reconstruction_error(chunk.to(device)).to(wide)
             for chunk in scoring
             if chunk.shape[0]
         ]
-        own = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+        own = torch.cat(scores) if scores else torch.zeros(0, dtype=wide, device=device)
         losses = self.collectives.gather_scores(own, rows)
         weights = losses.pow(2).cpu()
         if not weights.sum() > 0:

@@ -4,7 +4,8 @@ from typing import Any
 import pytest
 import torch
 
-from sae_lens_gated import GatedTrainingSAE
+from sae_lens_gated import GatedTrainingSAE, metrics
+from sae_lens_gated.training import conventions, resampling
 from sae_lens_gated.training.conventions import (
     listeners_of,
     remove_parallel_decoder_grad,
@@ -318,3 +319,35 @@ def test_parallel_decoder_gradient_is_removed_row_by_row(device: str):
     removed = grad - tangent
     cosine = (removed * W).sum(dim=1) / (removed.norm(dim=1) * W.norm(dim=1))
     torch.testing.assert_close(cosine.abs(), torch.ones(300, dtype=torch.float64))
+
+
+def test_without_float64_the_metrics_and_resampling_scores_are_float32(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # As on MPS, whose tensors cannot be float64: what the logging steps and the
+    # resampling events compute in float64 elsewhere is float32 there.
+    for module in (metrics, conventions, resampling):
+        monkeypatch.setattr(module, "widest_float", lambda _device: torch.float32)
+    drawn_from: list[torch.dtype] = []
+    multinomial = torch.multinomial
+
+    def spy(weights: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        drawn_from.append(weights.dtype)
+        return multinomial(weights, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    torch.manual_seed(0)
+    sae = _with_dead_features(GatedTrainingSAE(_resampling_cfg(l1_coefficient=1.0)))
+    make_trainer(sae, SparseSyntheticData(d_in=16, seed=2), steps=12).fit()
+    resampler = sae.conventions.resampler
+    assert resampler is not None and resampler.n_events == 1
+    assert resampler.n_resampled >= 6 and drawn_from == [torch.float32]
+
+    logging_step = step_input(torch.randn(32, 16))
+    logging_step.is_logging_step = True
+    out = sae.training_forward_pass(logging_step)
+    gamma, gate_l0 = out.metrics["relative_reconstruction_bias"], out.metrics["gate_l0"]
+    assert isinstance(gamma, torch.Tensor) and isinstance(gate_l0, torch.Tensor)
+    assert gamma.dtype is torch.float32 and gate_l0.dtype is torch.float32
+    n_open = sae.encode_for_loss(logging_step.sae_in).gate_acts.gt(0).sum()
+    assert float(gate_l0) == pytest.approx(float(n_open) / 32, rel=1e-6)
