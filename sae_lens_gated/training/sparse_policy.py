@@ -21,7 +21,6 @@ the device and the SAE it trains, with the real training steps:
 - It probes again when the density (smoothed over about ten steps) has moved by
   :data:`REDECIDE_DENSITY_FACTOR` since the decision, or after a resampling event, but no
   sooner than :data:`REDECIDE_MIN_STEPS` steps after the previous probe started.
-
 - It never tries a sparse step on a device whose PyTorch backend lacks the sparse step's
   ops (:func:`sparse_step_problem`; PyTorch's MPS backend has no sparse CSR tensors): there
   every step is dense, with one warning.
