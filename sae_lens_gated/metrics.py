@@ -43,5 +43,7 @@ def relative_reconstruction_bias_tensor(
     """gamma as a 0-d tensor on the inputs' device (no host synchronisation), computed in
     float64 (float32 on MPS: :func:`widest_float`)."""
     wide = widest_float(x.device)
-    x64, x_hat64 = x.detach().to(wide), x_hat.detach().to(wide)
-    return x_hat64.pow(2).sum(dim=-1).mean() / (x_hat64 * x64).sum(dim=-1).mean()
+    x_wide, x_hat_wide = x.detach().to(wide), x_hat.detach().to(wide)
+    return (
+        x_hat_wide.pow(2).sum(dim=-1).mean() / (x_hat_wide * x_wide).sum(dim=-1).mean()
+    )

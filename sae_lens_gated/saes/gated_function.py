@@ -172,7 +172,7 @@ class GatedSAEFunction(torch.autograd.Function):
         options: GatedFunctionOptions,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         device_type = sae_in.device.type
-        work = _compute_dtype(device_type, sae_in.dtype)
+        work = compute_dtype(device_type, sae_in.dtype)
         acc = _accumulation_dtype(work)
         with torch.autocast(device_type, enabled=False):
             x = (sae_in - b_dec if options.center else sae_in).to(work)
@@ -732,7 +732,9 @@ def _sparse_backward(
     return grad_W_enc, grad_W_dec, grad_sae_in, gate_sum
 
 
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused function computes in for ``dtype`` inputs: autocast's, where
+    it is on for ``device_type``."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype

@@ -42,6 +42,7 @@ import torch
 from sae_lens_gated.saes.gated_function import (
     SPARSE_STEP_MAX_DENSITY,
     GatedFunctionOptions,
+    compute_dtype,
     gated_sae_function,
 )
 
@@ -397,12 +398,7 @@ _SPARSE_PROBLEMS: dict[
 def _sparse_step_problem(
     device: torch.device, dtype: torch.dtype, param_dtype: torch.dtype
 ) -> str | None:
-    work = (
-        torch.get_autocast_dtype(device.type)
-        if torch.is_autocast_enabled(device.type)
-        else dtype
-    )
-    key = (str(device), dtype, param_dtype, work)
+    key = (str(device), dtype, param_dtype, compute_dtype(device.type, dtype))
     if key not in _SPARSE_PROBLEMS:
         _SPARSE_PROBLEMS[key] = _try_sparse_step(device, dtype, param_dtype)
     return _SPARSE_PROBLEMS[key]
