@@ -25,8 +25,9 @@ product of the batch-summed gradient, not a batch matmul.
 ``f``, ``g`` and ``pi_mag`` (the three outputs) at ``(batch, d_sae)`` and writes every other
 step in place or into them. The backward needs only those outputs (``r_mag``'s gradient uses
 ``(x @ W_enc) * exp(r_mag) = pi_mag - b_mag``) and two chunk-sized scratch buffers, and
-accumulates the parameter gradients with matmuls; once a batch spans several chunks it
-allocates no ``(batch, d_sae)`` tensor.
+accumulates the parameter gradients with matmuls, in the compute dtype (bf16 under
+autocast, as autocast runs a standard SAE's) and summed over chunks in float32; once a
+batch spans several chunks it allocates no ``(batch, d_sae)`` tensor.
 A training step does seven ``batch x d_in x d_sae`` matmuls (eight with a trainable
 auxiliary decoder).
 
@@ -40,7 +41,7 @@ it), so after the dense encoder matmul everything runs on ``S``:
   positions, whose values are gathered
   (:class:`~sae_lens_gated.saes.gated_sparse.SupportBuilder`); ``f``, ``g``, ``pi_mag`` and
   the penalty are then computed on the ``nnz`` open positions with the dense mode's
-  elementwise code, and both decoders are embedding bags;
+  elementwise code, and both decoders are embedding bags (of bf16 rows under autocast);
 - backward: the support sorted by feature once (a stable sort of ``nnz`` integers), the
   decoder gradients sampled on it (``sampled_addmm``), the dense mode's elementwise gradient
   code on ``nnz`` values, ``W_enc``'s and ``W_dec``'s gradients as one embedding bag per
@@ -247,18 +248,18 @@ class GatedSAEFunction(torch.autograd.Function):
                 penalty,
             )
             if options.decode:
+                # Both modes decode in the compute dtype: bf16 matmuls, or bf16 decoder
+                # rows gathered (half the bytes; embedding_bag sums them in float32).
+                dec = W_dec.to(work)
+                bias = b_dec.to(work) if options.decode_bias else dec.new_zeros(())
                 if support is None:
-                    dec = W_dec.to(work)
-                    bias = b_dec.to(work) if options.decode_bias else dec.new_zeros(())
                     outputs += (
                         torch.addmm(bias, feature_acts, dec),
                         torch.addmm(bias, gate_acts, dec),
                     )
                 else:
-                    dec = W_dec.to(acc)
-                    bias = b_dec.to(acc) if options.decode_bias else dec.new_zeros(())
                     outputs += tuple(
-                        support.decode(values, dec).add_(bias).to(work)
+                        support.decode(values, dec).add_(bias)
                         for values in (feature_acts, gate_acts)
                     )
             if options.returns_open_count:
@@ -663,17 +664,17 @@ def _dense_backward(
     aux_grad_for_dec: torch.Tensor | None,
     want_input_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The weight and input gradients, in row chunks with two chunk-sized scratch buffers."""
+    """The weight and input gradients, in row chunks with two chunk-sized scratch buffers
+    (and, for bf16 products over several chunks, a third for their blocks)."""
     feature_acts, gate_acts, magnitude = activations
     work, acc = gate_acts.dtype, step.sums.gate.dtype
     n, d_sae = gate_acts.shape
     enc, dec = W_enc.to(work), step.W_dec.to(work)
-    grad_W_enc = torch.zeros(W_enc.shape, dtype=acc, device=x.device)
-    grad_W_dec = torch.zeros(step.W_dec.shape, dtype=acc, device=x.device)
     grad_sae_in = (
         torch.empty(x.shape, dtype=work, device=x.device) if want_input_grad else None
     )
     chunks = row_chunks(n, d_sae, gate_acts)
+    grads = _ProductSums(acc, one_chunk=len(chunks) == 1)
     chunk_shape = (chunks[0].stop if chunks else 0, d_sae)
     scratch_mag_buffer = torch.empty(chunk_shape, dtype=work, device=x.device)
     scratch_gate_buffer = torch.empty_like(scratch_mag_buffer)
@@ -685,14 +686,72 @@ def _dense_backward(
             scratch_mag_buffer[: f.shape[0]],
             scratch_gate_buffer[: f.shape[0]],
         )
-        grad_W_enc.addmm_(x[rows].T.to(acc), grad_pre.to(acc))
+        grads.add("W_enc", x[rows].T, grad_pre)
         if grad_sae_in is not None:
             torch.mm(grad_pre, enc.T, out=grad_sae_in[rows])
         if step.recon_grad is not None:
-            grad_W_dec.addmm_(f.T.to(acc), step.recon_grad[rows].to(acc))
+            grads.add("W_dec", f.T, step.recon_grad[rows])
         if aux_grad_for_dec is not None:
-            grad_W_dec.addmm_(g.T.to(acc), aux_grad_for_dec[rows].to(acc))
-    return grad_W_enc, grad_W_dec, grad_sae_in
+            grads.add("W_dec", g.T, aux_grad_for_dec[rows])
+    return grads.total("W_enc", W_enc), grads.total("W_dec", step.W_dec), grad_sae_in
+
+
+class _ProductSums:
+    """Sums of matmuls over row chunks, by name: each product in its operands' dtype, the
+    sums in ``acc``.
+
+    Under bf16 autocast the products are bf16 matmuls, as autocast runs a standard SAE's
+    weight gradients: float32 ones are 5x slower on a CPU with AMX, and slower still on a
+    GPU's tensor cores. A batch of one chunk gets each product widened, as autocast does;
+    over several chunks each product is added in blocks of at most a scratch buffer
+    (:func:`~sae_lens_gated.saes.gated_sparse.row_chunks`), so that no narrow copy of a
+    weight's size is kept.
+
+    Args:
+        acc: The sums' dtype.
+        one_chunk: Whether each sum gets one product (the batch is one chunk).
+    """
+
+    def __init__(self, acc: torch.dtype, one_chunk: bool):
+        self.acc, self.one_chunk = acc, one_chunk
+        self._sums: dict[str, torch.Tensor] = {}
+        self._buffer: torch.Tensor | None = None
+
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add ``a @ b`` to the sum ``name``."""
+        total = self._sums.get(name)
+        if total is None and (self.one_chunk or a.dtype == self.acc):
+            self._sums[name] = torch.mm(a, b).to(self.acc)
+            return
+        if total is not None and a.dtype == self.acc:
+            total.addmm_(a, b)
+            return
+        if total is None:
+            total = a.new_zeros((a.shape[0], b.shape[1]), dtype=self.acc)
+            self._sums[name] = total
+        # Blocks along the product's longer side.
+        by_rows = a.shape[0] >= b.shape[1]
+        long, short = (a.shape[0], b.shape[1]) if by_rows else (b.shape[1], a.shape[0])
+        for part in row_chunks(long, short, a):
+            if by_rows:
+                a_part, b_part, sum_part = a[part], b, total[part]
+            else:
+                a_part, b_part, sum_part = a, b[:, part], total[:, part]
+            sum_part.add_(torch.mm(a_part, b_part, out=self._scratch(sum_part, a)))
+
+    def total(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The sum ``name``, of ``like``'s shape (zeros if nothing was added)."""
+        total = self._sums.get(name)
+        if total is None:
+            return torch.zeros(like.shape, dtype=self.acc, device=like.device)
+        return total
+
+    def _scratch(self, shape_of: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A reused buffer of ``shape_of``'s shape and ``like``'s dtype."""
+        numel = shape_of.numel()
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = like.new_empty(numel)
+        return self._buffer[:numel].view(shape_of.shape)
 
 
 def _sparse_backward(
@@ -715,19 +774,22 @@ def _sparse_backward(
         torch.empty_like(g),
         torch.empty_like(g),
     )
-    # W_enc's gradient comes out feature-major, (d_sae, d_in); autograd lays it out as W_enc.
-    grad_W_enc = part.transposed_product(grad_pre, x.to(acc)).T
+    # The weight gradients gather rows of the compute dtype, as the dense mode's matmuls
+    # read them; W_enc's comes out feature-major, (d_sae, d_in), and is laid out as W_enc.
+    grad_W_enc = part.transposed_product(grad_pre, x).T
     grad_W_dec = None
     for values, grad_recon in ((f, step.recon_grad), (g, aux_grad_for_dec)):
         if grad_recon is not None:
-            product = part.transposed_product(values, grad_recon.to(acc))
-            grad_W_dec = product if grad_W_dec is None else grad_W_dec.add_(product)
+            product = part.transposed_product(values, grad_recon)
+            grad_W_dec = (
+                product.to(acc) if grad_W_dec is None else grad_W_dec.add_(product)
+            )
     if grad_W_dec is None:
         grad_W_dec = torch.zeros(step.W_dec.shape, dtype=acc, device=x.device)
     grad_sae_in = None
     if want_input_grad:
-        enc_rows = W_enc.to(acc).T.contiguous()
-        grad_sae_in = support.decode(part.to_row_major(grad_pre), enc_rows).to(work)
+        enc_rows = W_enc.to(work).T.contiguous()
+        grad_sae_in = support.decode(part.to_row_major(grad_pre), enc_rows)
     gate_sum = part.feature_sum(g, acc) if want_gate_sum else None
     return grad_W_enc, grad_W_dec, grad_sae_in, gate_sum
 

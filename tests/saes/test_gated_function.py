@@ -8,6 +8,8 @@ from sae_lens.saes.gated_sae import (
     GatedTrainingSAEConfig as BuiltinGatedTrainingSAEConfig,
 )
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from typing_extensions import override
 
 import sae_lens_gated.saes.gated_function as gated_function
 import sae_lens_gated.saes.gated_sparse as gated_sparse
@@ -535,12 +537,24 @@ def _trainer_statistics(
     return did_fire, l0, freq
 
 
-@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_mode_under_bf16_autocast_stays_close_to_float32(device: str):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bf16_autocast_in_row_chunks_stays_close_to_float32(
+    monkeypatch: pytest.MonkeyPatch, sparse: bool, device: str
+):
+    # 64-row bf16 chunks on every device: the weight gradients sum bf16 products chunk
+    # by chunk in float32.
+    for module, name in (
+        (gated_sparse, "CPU_CHUNK_BYTES"),
+        (gated_function, "SPARSE_CPU_CHUNK_BYTES"),
+        (gated_sparse, "SCRATCH_BUDGET_BYTES"),
+    ):
+        monkeypatch.setattr(module, name, 64 * D_SAE * 2)
+    like = torch.empty(1, dtype=torch.bfloat16, device=device)
+    assert len(gated_sparse.row_chunks(N_ROWS, D_SAE, like)) == 4
     x, params = _function_inputs(38, torch.float32, 0.1, device=device)
     options = GatedFunctionOptions(
-        center=True, decode=True, aux_decoder_trainable=True, sparse=True
+        center=True, decode=True, aux_decoder_trainable=True, sparse=sparse
     )
     _, exact_grads = _loss_and_grads(x, params, options, weighted=True)
     with torch.autocast(device, dtype=torch.bfloat16):
@@ -550,6 +564,98 @@ def test_sparse_mode_under_bf16_autocast_stays_close_to_float32(device: str):
         got = mixed_grads[name]
         assert got.dtype == torch.float32, name
         assert float((got - want).norm() / want.norm()) < 5e-2, name
+
+
+# aten ops that multiply or gather over the batch, and what they read.
+_BATCH_PRODUCTS = {
+    "mm",
+    "addmm",
+    "addmm_",
+    "mv",
+    "_embedding_bag",
+    "_embedding_bag_forward_only",
+}
+
+
+class _RecordProducts(TorchDispatchMode):
+    """Records the floating-point operands' dtypes of every batch product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, set[torch.dtype]]] = []
+
+    @override
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = func.overloadpacket.__name__
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        # Over the batch: an operand with N_ROWS rows, or N_ROWS + 1 row offsets.
+        if name in _BATCH_PRODUCTS and any(
+            N_ROWS in t.shape or N_ROWS + 1 in t.shape for t in tensors
+        ):
+            dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+            self.calls.append((name, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bf16_autocast_multiplies_and_gathers_the_batch_in_bf16(
+    sparse: bool, device: str
+):
+    # As autocast runs a standard SAE's matmuls, weight gradients included: a float32
+    # product is 5x slower on a CPU with AMX, and more on a GPU's tensor cores. (The
+    # sparse mode's sampled products, sampled_addmm, stay float32.)
+    x, params = _function_inputs(40, torch.float32, 0.1, device=device)
+    options = GatedFunctionOptions(
+        center=True, decode=True, aux_decoder_trainable=True, sparse=sparse
+    )
+    record = _RecordProducts()
+    with torch.autocast(device, dtype=torch.bfloat16), record:
+        _loss_and_grads(x, params, options, weighted=True)
+    names = [name for name, _ in record.calls]
+    if sparse:
+        # Two decodes; the gradients of W_enc, of W_dec (twice) and of the input.
+        assert sum(name.startswith("_embedding_bag") for name in names) == 6
+    else:
+        # Encoder and two decoders; two projections back, the weight and input gradients.
+        assert sum(name in ("mm", "addmm") for name in names) == 9
+    assert all(dtypes == {torch.bfloat16} for _, dtypes in record.calls), record.calls
+
+
+def test_bf16_products_over_chunks_are_summed_in_float32_in_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Blocks of 50 rows (or columns) of 16 bf16 values: 4 blocks of each product below.
+    monkeypatch.setattr(gated_sparse, "SCRATCH_BUDGET_BYTES", 50 * 16 * 2)
+    gen = torch.Generator().manual_seed(41)
+    chunks = [
+        (torch.randn(k, 16, generator=gen), torch.randn(k, 200, generator=gen))
+        for k in (60, 60, 30)
+    ]
+    sums = gated_function._ProductSums(torch.float32, one_chunk=False)  # pyright: ignore[reportPrivateUsage]
+    want_enc = torch.zeros(16, 200, dtype=torch.float64)
+    want_dec = torch.zeros(200, 16, dtype=torch.float64)
+    for x, grad in chunks:
+        x, grad = x.bfloat16(), grad.bfloat16()
+        sums.add("enc", x.T, grad)  # (16, 200): blocks of columns
+        sums.add("dec", grad.T, x)  # (200, 16): blocks of rows
+        want_enc += x.T.double() @ grad.double()
+        want_dec += grad.T.double() @ x.double()
+    for got, want in (
+        (sums.total("enc", want_enc), want_enc),
+        (sums.total("dec", want_dec), want_dec),
+    ):
+        assert got.dtype == torch.float32
+        # Each chunk's product is rounded to bf16 once (relative 2**-9); a lost block
+        # or chunk would be off by far more.
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert float(error) < 2**-7
 
 
 # ---- the scratch budget: a batch split into chunks gives the one-chunk numbers ----
