@@ -19,6 +19,9 @@ BENCH_COLUMNS = {
     "auto_vs_best": "auto / best",
 }
 
+# The slowest ops of each profiled step the report names.
+PROFILE_OPS = 6
+
 
 def _cell(value: Any) -> str:
     if value is None:
@@ -67,6 +70,15 @@ def report(summary: dict[str, Any]) -> str:
         ]
     if benches:
         lines += ["", *_table(["bench", *BENCH_COLUMNS.values()], benches)]
+    for name, step in steps.items():
+        slowest = step.get("result", {}).get("profile_top_ms") if step["ok"] else None
+        if slowest:
+            lines += ["", f"{name}, one profiled step, slowest ops by self time:", ""]
+            lines += [
+                f"- {mode}: "
+                + ", ".join(f"`{op}` {ms:.3g} ms" for op, ms in ops[:PROFILE_OPS])
+                for mode, ops in slowest.items()
+            ]
     for tier in ("cuda_tier", "cuda_compile", "cuda_paths"):
         step = steps.get(tier)
         if step is not None:

@@ -107,6 +107,10 @@ class BenchConfig:
         lm_expansion: With ``multi_runner``: the SAEs' width as a multiple of ``d_in``
             (``d_sae`` is not used there).
         lm_steps: With ``multi_runner``: training steps of each run.
+        profile: Also run one step of the standard SAE and of the plugin (each of its
+            forced modes with ``gate_density``) under ``torch.profiler`` after the
+            timings, and write every op's self time (on the GPU, where there is one) to
+            this text file; the summary gets each step's slowest ops. None: not run.
     """
 
     d_in: int = 512
@@ -125,6 +129,7 @@ class BenchConfig:
     lm_layers: int = 4
     lm_expansion: int = 4
     lm_steps: int = 20
+    profile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -173,6 +178,22 @@ class BenchConfig:
             raise ValueError(
                 "memory_only measures no times: drop density_sweep/auto_steps."
             )
+        if self.profile is not None:
+            others = {
+                "memory_only": self.memory_only,
+                "density_sweep": bool(self.density_sweep),
+                "multi_runner": bool(self.multi_runner),
+            }
+            given = [name for name, on in others.items() if on]
+            if given:
+                raise ValueError(
+                    "profile records one step of each variant at one density: drop "
+                    f"{'/'.join(given)}."
+                )
+            if self.profile.is_dir() or not self.profile.parent.is_dir():
+                raise ValueError(
+                    f"profile must be a text file in an existing folder, got {self.profile}."
+                )
         if self.auto_steps != 0 and self.auto_steps < AUTO_MIN_STEPS:
             raise ValueError(
                 f"auto_steps must be 0 or at least {AUTO_MIN_STEPS} (auto's first step "
@@ -274,6 +295,12 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if round_index > 0:
                 limit_times.append(seconds)
 
+    profiled: dict[str, Any] = {}
+    if cfg.profile is not None:
+        variants = (
+            [PAPER_DENSE, PAPER_SPARSE] if cfg.gate_density is not None else [PAPER]
+        )
+        profiled = _profile_steps(trainers, [STANDARD, *variants], x, cfg.profile)
     step = {name: statistics.median(v) for name, v in step_times.items()}
     encode = {name: statistics.median(v) for name, v in encode_times.items()}
     peak = {name: statistics.median(v) for name, v in peaks.items()}
@@ -315,6 +342,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "paper_auto_mode": _decided_mode(trainers[PAPER].sae),
             **density,
             **auto,
+            **profiled,
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
             "batch": cfg.batch,
@@ -392,6 +420,22 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{summary['probe_cost_steps']:.2f} steps"
             ]
             if "auto_choice" in summary
+            else []
+        ),
+        *(
+            [
+                f"Profile of one step each ({summary['profile']}), slowest op: "
+                + "; ".join(
+                    f"{name} {ops[0][0]} {ops[0][1]:.1f} ms"
+                    for name, ops in summary["profile_top_ms"].items()
+                )
+            ]
+            if "profile" in summary
+            else []
+        ),
+        *(
+            [f"Profile failed: {summary['profile_error']}"]
+            if "profile_error" in summary
             else []
         ),
         f"Peak memory: {result['memory_measure']}.",
@@ -883,6 +927,46 @@ def _lm_forward_vs_sae_step(
         "lm_forward_vs_sae_step": per_batch / step_s,
         "step_mode": _decided_mode(sae),
     }
+
+
+# The slowest ops of each profiled step that the summary lists.
+PROFILE_TOP_OPS = 12
+
+
+def _profile_steps(
+    trainers: dict[str, SAETrainer[Any, Any]],
+    names: list[str],
+    x: torch.Tensor,
+    path: Path,
+) -> dict[str, Any]:
+    """One training step of each of ``names`` under ``torch.profiler``: every op's self
+    time (on the GPU where the batch is on one) into ``path``, the slowest ops' times in
+    milliseconds in the result. A profiler that fails (a GPU without CUPTI) is reported
+    as ``profile_error``; the timings before it are kept."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    tables: list[str] = []
+    slowest: dict[str, list[list[Any]]] = {}
+    for name in names:
+        synchronize_device(x.device)
+        try:
+            with profile(activities=activities) as profiler:
+                trainers[name].step(x)
+                synchronize_device(x.device)
+        except RuntimeError as error:
+            return {"profile_error": f"{name}: {error}"}
+        ops = profiler.key_averages()
+        tables.append(
+            f"===== {name}: one training step, ops by {key}\n"
+            + ops.table(sort_by=key, row_limit=40)
+        )
+        ranked = sorted(ops, key=lambda op: -getattr(op, key))[:PROFILE_TOP_OPS]
+        slowest[name] = [[op.key, round(getattr(op, key) / 1e3, 3)] for op in ranked]
+    path.write_text("\n\n".join(tables) + "\n")
+    return {"profile": str(path), "profile_top_ms": slowest}
 
 
 def _decided_mode(sae: TrainingSAE[Any]) -> str | None:

@@ -2,6 +2,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -146,6 +147,56 @@ def test_bench_sets_the_gate_density_and_times_the_limit():
     report = format_report(result)
     assert json.loads(report.splitlines()[-1]) == summary
     assert "Gate density 1.95%" in report
+
+
+def test_profile_records_one_step_of_each_mode(tmp_path: Path):
+    path = tmp_path / "profile.txt"
+    cfg = BenchConfig(gate_density=0.02, profile=path, **SMALL)
+    result = run_benchmark(cfg, progress=False)
+    summary = result["summary"]
+    assert summary["profile"] == str(path)
+    text = path.read_text()
+    sections = {block.split(":", 1)[0]: block for block in text.split("===== ")[1:]}
+    assert set(sections) == {"SAELens standard", PAPER_DENSE, PAPER_SPARSE}
+    # The sparse step gathers on the open gates and sorts them by feature; the dense
+    # one does neither.
+    assert "aten::_embedding_bag" in sections[PAPER_SPARSE]
+    assert "aten::sort" in sections[PAPER_SPARSE]
+    assert "embedding_bag" not in sections[PAPER_DENSE]
+    assert "aten::sort" not in sections[PAPER_DENSE]
+    for name, ops in summary["profile_top_ms"].items():
+        times = [ms for _, ms in ops]
+        assert len(ops) == bench.PROFILE_TOP_OPS and times == sorted(times)[::-1]
+        # Milliseconds of one step: positive, and within a step's time (a unit slip
+        # would be 1000x off).
+        assert 0 < sum(times) < 10 * 1000 * result["step_seconds"][name], name
+    assert f"Profile of one step each ({path})" in format_report(result)
+
+
+def test_a_failing_profiler_keeps_the_timings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def no_profiler(**_: Any) -> Any:
+        raise RuntimeError("CUPTI could not be loaded")
+
+    monkeypatch.setattr(torch.profiler, "profile", no_profiler)
+    path = tmp_path / "profile.txt"
+    result = run_benchmark(BenchConfig(profile=path, **SMALL), progress=False)
+    summary = result["summary"]
+    assert summary["profile_error"] == "SAELens standard: CUPTI could not be loaded"
+    assert "profile" not in summary and not path.exists()
+    assert summary["step_ratio_vs_standard"] > 0
+    assert "Profile failed: SAELens standard: CUPTI" in format_report(result)
+
+
+def test_profile_settings_are_checked(tmp_path: Path):
+    with pytest.raises(ValueError, match="drop memory_only"):
+        BenchConfig(memory_only=True, profile=tmp_path / "p.txt")
+    with pytest.raises(ValueError, match="drop density_sweep"):
+        BenchConfig(density_sweep=(0.01,), profile=tmp_path / "p.txt")
+    for bad in (tmp_path, tmp_path / "missing" / "p.txt"):
+        with pytest.raises(ValueError, match="profile must be a text file"):
+            BenchConfig(profile=bad)
 
 
 def test_a_density_sweep_plots_step_time_against_density(tmp_path: Any):
