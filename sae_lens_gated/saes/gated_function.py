@@ -384,11 +384,11 @@ class GatedSAEFunction(torch.autograd.Function):
 
         return (
             None if grad_sae_in is None else grad_sae_in.to(x.dtype),
-            grad_W_enc.to(W_enc.dtype),
+            _laid_out_as(grad_W_enc, W_enc),
             sums.gate.to(b_mag.dtype),
             None if grad_r_mag is None else grad_r_mag.to(b_mag.dtype),
             sums.mag.to(b_mag.dtype),
-            grad_W_dec.to(W_dec.dtype) if options.decode else None,
+            _laid_out_as(grad_W_dec, W_dec) if options.decode else None,
             grad_b_dec.to(W_dec.dtype),
             None
             if grad_weights is None or penalty_weights is None
@@ -804,6 +804,15 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def _laid_out_as(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``param``'s dtype and layout, in at most one copy: autograd would
+    otherwise copy a gradient of another layout once more (the sparse mode's ``W_enc``
+    gradient is a transpose)."""
+    if grad.dtype == param.dtype and grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
 
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

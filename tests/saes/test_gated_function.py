@@ -563,6 +563,9 @@ def test_bf16_autocast_in_row_chunks_stays_close_to_float32(
     for name, want in exact_grads.items():
         got = mixed_grads[name]
         assert got.dtype == torch.float32, name
+        # In the parameter's layout: autograd would copy another once more.
+        like = x if name == "sae_in" else getattr(params, name)
+        assert got.stride() == like.stride(), name
         assert float((got - want).norm() / want.norm()) < 5e-2, name
 
 
