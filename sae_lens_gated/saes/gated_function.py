@@ -581,6 +581,7 @@ class _OpenGates:
         return self.gates.feature_sum(values, dtype)
 
     def project(self, grad_recon: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # In float32 under bf16 autocast too: sampled_addmm refuses bf16 tensors.
         dot = self.gates.sampled_dot(grad_recon.to(self.W_dec.dtype), self.W_dec)
         return dot.to(out.dtype)
 

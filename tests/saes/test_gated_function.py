@@ -613,7 +613,7 @@ def test_bf16_autocast_multiplies_and_gathers_the_batch_in_bf16(
 ):
     # As autocast runs a standard SAE's matmuls, weight gradients included: a float32
     # product is 5x slower on a CPU with AMX, and more on a GPU's tensor cores. (The
-    # sparse mode's sampled products, sampled_addmm, stay float32.)
+    # sparse mode's sampled products stay float32: sampled_addmm takes no bf16.)
     x, params = _function_inputs(40, torch.float32, 0.1, device=device)
     options = GatedFunctionOptions(
         center=True, decode=True, aux_decoder_trainable=True, sparse=sparse
