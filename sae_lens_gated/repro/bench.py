@@ -316,7 +316,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "step_ratio_vs_limit": step[paper] / limit_s,
         }
     return {
-        "config": {**asdict(cfg), "plot": str(cfg.plot)},
+        "config": _config_json(cfg),
         "machine": _machine(device),
         "step_seconds": step,
         "step_spread": {n: _spread(v) for n, v in step_times.items()},
@@ -598,7 +598,7 @@ def _memory_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             torch.cuda.empty_cache()
     return {
         "memory_only": True,
-        "config": {**asdict(cfg), "plot": str(cfg.plot)},
+        "config": _config_json(cfg),
         "machine": _machine(device),
         "peak_memory_bytes": peaks,
         "memory_measure": _memory_measure_name(device),
@@ -793,7 +793,7 @@ def _multi_runner_benchmark(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
     modes = [_decided_mode(sae) for sae in trained]
     return {
         "multi_runner": True,
-        "config": {**asdict(cfg), "plot": str(cfg.plot)},
+        "config": _config_json(cfg),
         "machine": _machine(device),
         "model": {
             "n_layers": model_cfg.n_layers,
@@ -941,8 +941,9 @@ def _profile_steps(
 ) -> dict[str, Any]:
     """One training step of each of ``names`` under ``torch.profiler``: every op's self
     time (on the GPU where the batch is on one) into ``path``, the slowest ops' times in
-    milliseconds in the result. A profiler that fails (a GPU without CUPTI) is reported
-    as ``profile_error``; the timings before it are kept."""
+    milliseconds in the result. A profiler that fails or records no time (a GPU without
+    CUPTI) is reported as ``profile_error``; the timings before it are kept."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = x.device.type == "cuda"
@@ -959,14 +960,25 @@ def _profile_steps(
         except RuntimeError as error:
             return {"profile_error": f"{name}: {error}"}
         ops = profiler.key_averages()
+        # Ops as PyTorch calls them, each with its kernels' time on a GPU (the kernels
+        # also have rows of their own, which would list each hot spot twice).
+        calls = [op for op in ops if op.device_type == DeviceType.CPU]
+        ranked = sorted(calls, key=lambda op: -getattr(op, key))[:PROFILE_TOP_OPS]
+        if not ranked or getattr(ranked[0], key) <= 0:
+            return {"profile_error": f"{name}: the profiler recorded no {key}"}
+        slowest[name] = [[op.key, round(getattr(op, key) / 1e3, 3)] for op in ranked]
         tables.append(
             f"===== {name}: one training step, ops by {key}\n"
-            + ops.table(sort_by=key, row_limit=40)
+            + ops.table(sort_by=key, row_limit=-1)
         )
-        ranked = sorted(ops, key=lambda op: -getattr(op, key))[:PROFILE_TOP_OPS]
-        slowest[name] = [[op.key, round(getattr(op, key) / 1e3, 3)] for op in ranked]
     path.write_text("\n\n".join(tables) + "\n")
     return {"profile": str(path), "profile_top_ms": slowest}
+
+
+def _config_json(cfg: BenchConfig) -> dict[str, Any]:
+    """``cfg`` as JSON values (paths as strings)."""
+    profile = None if cfg.profile is None else str(cfg.profile)
+    return {**asdict(cfg), "plot": str(cfg.plot), "profile": profile}
 
 
 def _decided_mode(sae: TrainingSAE[Any]) -> str | None:

@@ -53,7 +53,7 @@ costs ``O(nnz * d_in)``. Its only allocations of ``batch x d_sae`` size are the 
 scratch buffers (pre-activations and the boolean mask), chunk-sized: at most the scratch
 budget, and ``(batch, d_sae)`` off the CPU when the batch fits in it. Nothing of that size is
 saved for or allocated by the backward; ``W_enc``'s gradient comes out as the transpose of
-a ``(d_sae, d_in)`` tensor, which autograd lays out like ``W_enc`` (one copy). The outputs are
+a ``(d_sae, d_in)`` tensor, laid out like ``W_enc`` in the copy that widens it. The outputs are
 values on ``S`` in row-major order plus the ``(2, nnz)`` positions (see
 :class:`GatedSAEFunction`).
 
@@ -701,16 +701,17 @@ class _ProductSums:
     """Sums of matmuls over row chunks, by name: each product in its operands' dtype, the
     sums in ``acc``.
 
-    Under bf16 autocast the products are bf16 matmuls, as autocast runs a standard SAE's
-    weight gradients: float32 ones are 5x slower on a CPU with AMX, and slower still on a
-    GPU's tensor cores. A batch of one chunk gets each product widened, as autocast does;
-    over several chunks each product is added in blocks of at most a scratch buffer
-    (:func:`~sae_lens_gated.saes.gated_sparse.row_chunks`), so that no narrow copy of a
-    weight's size is kept.
+    Under bf16 autocast (or with bf16 or fp16 parameters) the products are narrow matmuls,
+    as autocast runs a standard SAE's weight gradients: float32 ones are 5x slower on a
+    CPU with AMX, and slower still on a GPU's tensor cores. A batch of one chunk gets the
+    first product of each sum widened, as autocast does; the other products are added in
+    blocks of at most a chunk
+    (:func:`~sae_lens_gated.saes.gated_sparse.row_chunks`: the scratch budget, 16 MiB on
+    the CPU) through one reused buffer.
 
     Args:
         acc: The sums' dtype.
-        one_chunk: Whether each sum gets one product (the batch is one chunk).
+        one_chunk: Whether the batch is one chunk.
     """
 
     def __init__(self, acc: torch.dtype, one_chunk: bool):

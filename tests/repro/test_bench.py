@@ -3,10 +3,12 @@ import math
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 from transformer_lens import HookedTransformer
 
 from sae_lens_gated.repro import bench
@@ -171,22 +173,48 @@ def test_profile_records_one_step_of_each_mode(tmp_path: Path):
         # would be 1000x off).
         assert 0 < sum(times) < 10 * 1000 * result["step_seconds"][name], name
     assert f"Profile of one step each ({path})" in format_report(result)
+    assert json.loads(json.dumps(result))["config"]["profile"] == str(path)
 
 
+class _SilentProfiler:
+    """A profiler that records ops without time, as without CUPTI on a GPU."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def __enter__(self) -> "_SilentProfiler":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+    def key_averages(self) -> list[Any]:
+        op = SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU)
+        return [SimpleNamespace(**vars(op), self_cpu_time_total=0.0)]
+
+
+def _failing_profiler(**_: Any) -> Any:
+    raise RuntimeError("CUPTI could not be loaded")
+
+
+@pytest.mark.parametrize(
+    ("profiler", "error"),
+    [
+        (_failing_profiler, "CUPTI could not be loaded"),
+        (_SilentProfiler, "the profiler recorded no self_cpu_time_total"),
+    ],
+)
 def test_a_failing_profiler_keeps_the_timings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profiler: Any, error: str
 ):
-    def no_profiler(**_: Any) -> Any:
-        raise RuntimeError("CUPTI could not be loaded")
-
-    monkeypatch.setattr(torch.profiler, "profile", no_profiler)
+    monkeypatch.setattr(torch.profiler, "profile", profiler)
     path = tmp_path / "profile.txt"
     result = run_benchmark(BenchConfig(profile=path, **SMALL), progress=False)
     summary = result["summary"]
-    assert summary["profile_error"] == "SAELens standard: CUPTI could not be loaded"
+    assert summary["profile_error"] == f"SAELens standard: {error}"
     assert "profile" not in summary and not path.exists()
     assert summary["step_ratio_vs_standard"] > 0
-    assert "Profile failed: SAELens standard: CUPTI" in format_report(result)
+    assert f"Profile failed: SAELens standard: {error}" in format_report(result)
 
 
 def test_profile_settings_are_checked(tmp_path: Path):

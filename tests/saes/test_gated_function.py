@@ -539,19 +539,22 @@ def _trainer_statistics(
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("chunks", [1, 4])
 def test_bf16_autocast_in_row_chunks_stays_close_to_float32(
-    monkeypatch: pytest.MonkeyPatch, sparse: bool, device: str
+    monkeypatch: pytest.MonkeyPatch, chunks: int, sparse: bool, device: str
 ):
-    # 64-row bf16 chunks on every device: the weight gradients sum bf16 products chunk
-    # by chunk in float32.
+    # One chunk: each weight gradient's first bf16 product widened, W_dec's second (the
+    # trainable aux decoder's) added in blocks. 64-row chunks: every product but the
+    # first added chunk by chunk to a float32 sum.
+    rows = N_ROWS if chunks == 1 else 64
     for module, name in (
         (gated_sparse, "CPU_CHUNK_BYTES"),
         (gated_function, "SPARSE_CPU_CHUNK_BYTES"),
         (gated_sparse, "SCRATCH_BUDGET_BYTES"),
     ):
-        monkeypatch.setattr(module, name, 64 * D_SAE * 2)
+        monkeypatch.setattr(module, name, rows * D_SAE * 2)
     like = torch.empty(1, dtype=torch.bfloat16, device=device)
-    assert len(gated_sparse.row_chunks(N_ROWS, D_SAE, like)) == 4
+    assert len(gated_sparse.row_chunks(N_ROWS, D_SAE, like)) == chunks
     x, params = _function_inputs(38, torch.float32, 0.1, device=device)
     options = GatedFunctionOptions(
         center=True, decode=True, aux_decoder_trainable=True, sparse=sparse
@@ -641,7 +644,9 @@ def test_bf16_products_over_chunks_are_summed_in_float32_in_blocks(
         (torch.randn(k, 16, generator=gen), torch.randn(k, 200, generator=gen))
         for k in (60, 60, 30)
     ]
-    sums = gated_function._ProductSums(torch.float32, one_chunk=False)  # pyright: ignore[reportPrivateUsage]
+    like = torch.empty(1, dtype=torch.bfloat16)
+    assert len(gated_sparse.row_chunks(200, 16, like)) == 4
+    sums = gated_function._ProductSums(torch.float32, one_chunk=False)
     want_enc = torch.zeros(16, 200, dtype=torch.float64)
     want_dec = torch.zeros(200, 16, dtype=torch.float64)
     for x, grad in chunks:
@@ -659,6 +664,8 @@ def test_bf16_products_over_chunks_are_summed_in_float32_in_blocks(
         # or chunk would be off by far more.
         error = (got.double() - want).abs().max() / want.abs().max()
         assert float(error) < 2**-7
+    # One block's product at a time went through the reused buffer.
+    assert sums._buffer is not None and sums._buffer.numel() == 50 * 16
 
 
 # ---- the scratch budget: a batch split into chunks gives the one-chunk numbers ----
