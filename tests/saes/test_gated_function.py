@@ -173,6 +173,36 @@ def test_compiled_training_step_matches_eager(sparse_step: str, device: str):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("recipe", ["paper", "april_update"])
+def test_compiled_bf16_step_in_row_chunks_matches_eager(
+    monkeypatch: pytest.MonkeyPatch, recipe: str
+):
+    # The bf16 weight-gradient products over 4 chunks of 8 rows, summed in float32
+    # through a reused buffer, traced and compiled. (On the CPU only: the GPU check's
+    # compile step has a tight time limit, and the ops are the same on CUDA.)
+    for module, name in (
+        (gated_sparse, "CPU_CHUNK_BYTES"),
+        (gated_sparse, "SCRATCH_BUDGET_BYTES"),
+    ):
+        monkeypatch.setattr(module, name, 8 * 48 * 2)
+    cfg = build_gated_training_cfg(sparse_step="never", recipe=recipe)
+    eager = GatedTrainingSAE(cfg)
+    randomize_gated_params(eager, seed=26, unit_decoder=True)
+    compiled_sae = GatedTrainingSAE(cfg)
+    copy_params(eager, compiled_sae)
+    x = torch.randn(32, 16)
+    assert len(gated_sparse.row_chunks(32, 48, x.bfloat16())) == 4
+    compiled = torch.compile(compiled_sae.training_forward_pass, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_loss = eager.training_forward_pass(step_input(x)).loss
+        compiled_loss = compiled(step_input(x)).loss
+    eager_loss.backward()
+    compiled_loss.backward()
+    for a, b in zip(eager.parameters(), compiled_sae.parameters()):
+        assert a.grad is not None and b.grad is not None and a.grad.abs().max() > 0
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 # ---- sparse mode: the same numbers as the dense mode, computed on the open gates ----
 
 N_ROWS, D_IN, D_SAE = 200, 16, 48
