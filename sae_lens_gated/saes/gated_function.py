@@ -670,10 +670,10 @@ def _dense_backward(
     feature_acts, gate_acts, magnitude = activations
     work, acc = gate_acts.dtype, step.sums.gate.dtype
     n, d_sae = gate_acts.shape
-    enc, dec = W_enc.to(work), step.W_dec.to(work)
-    grad_sae_in = (
-        torch.empty(x.shape, dtype=work, device=x.device) if want_input_grad else None
-    )
+    dec = step.W_dec.to(work)
+    # W_enc in the compute dtype only for the input gradient, which training never needs.
+    enc = W_enc.to(work) if want_input_grad else None
+    grad_sae_in = None if enc is None else torch.empty_like(x, dtype=work)
     chunks = row_chunks(n, d_sae, gate_acts)
     grads = _ProductSums(acc, one_chunk=len(chunks) == 1)
     chunk_shape = (chunks[0].stop if chunks else 0, d_sae)
@@ -688,7 +688,7 @@ def _dense_backward(
             scratch_gate_buffer[: f.shape[0]],
         )
         grads.add("W_enc", x[rows].T, grad_pre)
-        if grad_sae_in is not None:
+        if enc is not None and grad_sae_in is not None:
             torch.mm(grad_pre, enc.T, out=grad_sae_in[rows])
         if step.recon_grad is not None:
             grads.add("W_dec", f.T, step.recon_grad[rows])

@@ -664,6 +664,46 @@ def test_bf16_autocast_multiplies_and_gathers_the_batch_in_bf16(
     assert all(dtypes == {torch.bfloat16} for _, dtypes in record.calls), record.calls
 
 
+class _RecordCasts(TorchDispatchMode):
+    """Counts the casts of float32 tensors of one shape."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    @override
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        source = args[0] if args else None
+        if (
+            func.overloadpacket.__name__ == "_to_copy"
+            and isinstance(source, torch.Tensor)
+            and source.dtype == torch.float32
+            and tuple(source.shape) == self.shape
+        ):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_a_bf16_step_casts_W_enc_in_backward_only_for_an_input_gradient(
+    input_grad: bool,
+):
+    # Training never asks for the input's gradient: one cast of W_enc, in the forward.
+    sae = GatedTrainingSAE(build_gated_training_cfg())
+    x = torch.randn(64, 16).requires_grad_(input_grad)
+    casts = _RecordCasts(tuple(sae.W_enc.shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        sae.training_forward_pass(step_input(x)).loss.backward()
+    assert casts.count == (2 if input_grad else 1)
+    assert (x.grad is not None) is input_grad
+
+
 def test_bf16_products_over_chunks_are_summed_in_float32_in_blocks(
     monkeypatch: pytest.MonkeyPatch,
 ):
