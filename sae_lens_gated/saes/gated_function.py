@@ -247,12 +247,14 @@ class GatedSAEFunction(torch.autograd.Function):
                 magnitude,
                 penalty,
             )
+            dense_decoder = None
             if options.decode:
                 # Both modes decode in the compute dtype: bf16 matmuls, or bf16 decoder
                 # rows gathered (half the bytes; embedding_bag sums them in float32).
                 dec = W_dec.to(work)
                 bias = b_dec.to(work) if options.decode_bias else dec.new_zeros(())
                 if support is None:
+                    dense_decoder = dec  # the dense backward's projections use it too
                     outputs += (
                         torch.addmm(bias, feature_acts, dec),
                         torch.addmm(bias, gate_acts, dec),
@@ -273,11 +275,13 @@ class GatedSAEFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # Kept for backward: the centered input x (batch, d_in), parameters, exp(r_mag),
         # the penalty weights and the outputs f, g, pi_mag; in sparse mode those are nnz
-        # values, with the positions and row pointers. Nothing else of batch x d_sae size.
+        # values, with the positions and row pointers; in dense mode the decoder in the
+        # compute dtype (not cast twice). Nothing else of batch x d_sae size.
         saved = [
             x,
             W_enc,
             W_dec,
+            dense_decoder,
             b_mag,
             scale,
             penalty_weights,
@@ -301,6 +305,7 @@ class GatedSAEFunction(torch.autograd.Function):
             x,
             W_enc,
             W_dec,
+            dense_decoder,
             b_mag,
             scale,
             penalty_weights,
@@ -355,6 +360,7 @@ class GatedSAEFunction(torch.autograd.Function):
                     (feature_acts, gate_acts, magnitude),
                     x,
                     W_enc,
+                    dense_decoder,
                     aux_grad_for_dec,
                     want_input_grad=want_input_grad,
                 )
@@ -662,15 +668,17 @@ def _dense_backward(
     activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     x: torch.Tensor,
     W_enc: torch.Tensor,
+    decoder: torch.Tensor | None,
     aux_grad_for_dec: torch.Tensor | None,
     want_input_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The weight and input gradients, in row chunks with two chunk-sized scratch buffers
-    (and, for bf16 products over several chunks, a third for their blocks)."""
+    (and, for bf16 products over several chunks, a third for their blocks). ``decoder``
+    is ``W_dec`` in the compute dtype as the forward cast it (None: not decoded there)."""
     feature_acts, gate_acts, magnitude = activations
     work, acc = gate_acts.dtype, step.sums.gate.dtype
     n, d_sae = gate_acts.shape
-    dec = step.W_dec.to(work)
+    dec = step.W_dec.to(work) if decoder is None else decoder
     # W_enc in the compute dtype only for the input gradient, which training never needs.
     enc = W_enc.to(work) if want_input_grad else None
     grad_sae_in = None if enc is None else torch.empty_like(x, dtype=work)

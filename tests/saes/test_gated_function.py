@@ -665,11 +665,11 @@ def test_bf16_autocast_multiplies_and_gathers_the_batch_in_bf16(
 
 
 class _RecordCasts(TorchDispatchMode):
-    """Counts the casts of float32 tensors of one shape."""
+    """Counts the casts of float32 tensors, by shape."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.shape, self.count = shape, 0
+        self.counts: dict[tuple[int, ...], int] = {}
 
     @override
     def __torch_dispatch__(
@@ -684,23 +684,24 @@ class _RecordCasts(TorchDispatchMode):
             func.overloadpacket.__name__ == "_to_copy"
             and isinstance(source, torch.Tensor)
             and source.dtype == torch.float32
-            and tuple(source.shape) == self.shape
         ):
-            self.count += 1
+            shape = tuple(source.shape)
+            self.counts[shape] = self.counts.get(shape, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("sparse_step", ["never", "always"])
 @pytest.mark.parametrize("input_grad", [False, True])
-def test_a_bf16_step_casts_W_enc_in_backward_only_for_an_input_gradient(
-    input_grad: bool,
-):
-    # Training never asks for the input's gradient: one cast of W_enc, in the forward.
-    sae = GatedTrainingSAE(build_gated_training_cfg())
+def test_a_bf16_step_casts_each_weight_once(input_grad: bool, sparse_step: str):
+    # In the forward; the dense backward reuses the decoder's cast, and casts W_enc again
+    # only for the input's gradient, which training never asks for.
+    sae = GatedTrainingSAE(build_gated_training_cfg(sparse_step=sparse_step))
     x = torch.randn(64, 16).requires_grad_(input_grad)
-    casts = _RecordCasts(tuple(sae.W_enc.shape))
+    casts = _RecordCasts()
     with torch.autocast("cpu", dtype=torch.bfloat16), casts:
         sae.training_forward_pass(step_input(x)).loss.backward()
-    assert casts.count == (2 if input_grad else 1)
+    assert casts.counts[tuple(sae.W_enc.shape)] == (2 if input_grad else 1)
+    assert casts.counts[tuple(sae.W_dec.shape)] == 1
     assert (x.grad is not None) is input_grad
 
 
