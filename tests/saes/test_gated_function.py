@@ -613,12 +613,11 @@ _BATCH_PRODUCTS = {
 }
 
 
-class _RecordProducts(TorchDispatchMode):
-    """Records the floating-point operands' dtypes of every batch product."""
+class _RecordOps(TorchDispatchMode):
+    """Runs every aten op, after showing it to :meth:`record`."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, set[torch.dtype]]] = []
+    def record(self, name: str, args: tuple[Any, ...]) -> None:
+        raise NotImplementedError
 
     @override
     def __torch_dispatch__(
@@ -628,7 +627,19 @@ class _RecordProducts(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        name = func.overloadpacket.__name__
+        self.record(func.overloadpacket.__name__, args)
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordProducts(_RecordOps):
+    """Records the floating-point operands' dtypes of every batch product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, set[torch.dtype]]] = []
+
+    @override
+    def record(self, name: str, args: tuple[Any, ...]) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         # Over the batch: an operand with N_ROWS rows, or N_ROWS + 1 row offsets.
         if name in _BATCH_PRODUCTS and any(
@@ -636,7 +647,6 @@ class _RecordProducts(TorchDispatchMode):
         ):
             dtypes = {t.dtype for t in tensors if t.is_floating_point()}
             self.calls.append((name, dtypes))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -664,7 +674,7 @@ def test_bf16_autocast_multiplies_and_gathers_the_batch_in_bf16(
     assert all(dtypes == {torch.bfloat16} for _, dtypes in record.calls), record.calls
 
 
-class _RecordCasts(TorchDispatchMode):
+class _RecordCasts(_RecordOps):
     """Counts the casts of float32 tensors, by shape."""
 
     def __init__(self) -> None:
@@ -672,22 +682,15 @@ class _RecordCasts(TorchDispatchMode):
         self.counts: dict[tuple[int, ...], int] = {}
 
     @override
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
+    def record(self, name: str, args: tuple[Any, ...]) -> None:
         source = args[0] if args else None
         if (
-            func.overloadpacket.__name__ == "_to_copy"
+            name == "_to_copy"
             and isinstance(source, torch.Tensor)
             and source.dtype == torch.float32
         ):
             shape = tuple(source.shape)
             self.counts[shape] = self.counts.get(shape, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("sparse_step", ["never", "always"])
