@@ -439,6 +439,8 @@ def format_report(result: dict[str, Any]) -> str:
             else []
         ),
         f"Peak memory: {result['memory_measure']}.",
+        "Optimizer: the plugin's rows step Adam as PyTorch's fused kernel "
+        "(fused_optimizer=True, the default), SAELens's rows as SAELens builds it.",
         f"Machine: {json.dumps(result['machine'])}",
         json.dumps(summary),
     ]

@@ -102,6 +102,7 @@ def check_training_config(cfg: Any, recipes: Mapping[str, GatedRecipe]) -> None:
         )
     check_bool("apply_b_dec_to_input", cfg.apply_b_dec_to_input)
     check_bool("clip_grad_norm", cfg.clip_grad_norm)
+    check_bool("fused_optimizer", cfg.fused_optimizer)
     for name in (
         "freeze_decoder_in_aux",
         "l1_scale_by_decoder_norm",

@@ -148,6 +148,12 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
             paper does not clip. True (default) keeps SAELens's clipping, which helped short
             runs; False restores the unclipped gradient just before each optimizer step, as
             in the paper.
+        fused_optimizer: Step an Adam or AdamW whose param groups hold only this SAE's
+            parameters (SAELens's trainer builds one) as PyTorch's fused kernel, one pass
+            over each weight and its moments, on the CPU and on CUDA: the same update as
+            PyTorch's default Adam (to float32 rounding), 8-17x faster on a CPU (see
+            :mod:`~sae_lens_gated.training.fused_adam`). False keeps the optimizer as it
+            was built.
         resample_dead: Recipe default (paper True, april_update False). Resample dead
             features (Bricken et al. 2023, paper App. D.1) at scheduled events.
         resample_steps: Event steps, counted in completed training steps. With neither this
@@ -182,6 +188,7 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
     unit_norm_decoder: bool | None = None
     weight_tying: WeightTying = "r_mag"
     clip_grad_norm: bool = True
+    fused_optimizer: bool = True
     resample_dead: bool | None = None
     resample_steps: list[int] | None = None
     resample_every: int | None = None

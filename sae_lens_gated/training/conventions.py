@@ -13,6 +13,9 @@ the trainer hands it each batch); PyTorch's global optimizer step hooks call it 
 - after the step: restore the scheduled learning rate, renormalize decoder rows, and run a
   resampling event when one is due.
 
+Before the first step it also switches the trainer's Adam to PyTorch's fused kernel
+(``fused_optimizer``; :mod:`~sae_lens_gated.training.fused_adam`).
+
 It also saves and restores the resampler's state with SAELens's checkpoints and logs the
 extra W&B values. Training across processes (:mod:`sae_lens_gated.distributed`) plugs in
 through :meth:`TrainingConventions.use_parallel`. When SAELens grows step callbacks, this
@@ -39,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from sae_lens_gated.metrics import relative_reconstruction_bias_tensor, widest_float
 from sae_lens_gated.saes.gated_encoder import GatedEncoding
 from sae_lens_gated.training.batch_guard import BatchGuard
+from sae_lens_gated.training.fused_adam import fuse_adam_groups
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTarget
 from sae_lens_gated.training.sparse_policy import (
@@ -67,6 +71,7 @@ class ConventionsConfig(Protocol):
     d_sae: int
     unit_norm_decoder: bool | None
     clip_grad_norm: bool
+    fused_optimizer: bool
     resample_dead: bool | None
 
     @property
@@ -438,6 +443,14 @@ def _before_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
     listeners = listeners_of(optimizer)
     for listener in listeners:  # every check runs before anything is changed
         listener.before_step()
+    fused = {
+        id(p)
+        for listener in listeners
+        if listener.sae.cfg.fused_optimizer
+        for p in listener.sae.parameters()
+    }
+    if fused:
+        fuse_adam_groups(optimizer, fused)
     # One factor per param group, however many SAEs share it: the lowest (most cautious)
     # re-warm of the SAEs with parameters in the group. Each group's scheduled LR is
     # snapshotted once and restored once, after the step.

@@ -92,6 +92,7 @@ def test_bench_report_ends_with_its_summary_as_json(result: dict[str, Any]):
     for name in EXPECTED_MATMULS:
         assert name in report
     assert "7.00 matmuls' FLOPs per step" in report
+    assert "Optimizer: the plugin's rows step Adam as PyTorch's fused kernel" in report
 
 
 def test_bench_config_rejects_bad_values():

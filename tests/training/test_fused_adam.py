@@ -1,0 +1,140 @@
+import copy
+
+import pytest
+import torch
+
+import sae_lens_gated.training.fused_adam as fused_adam
+from sae_lens_gated import GatedTrainingSAE
+from sae_lens_gated.training.fused_adam import fuse_adam_groups, has_fused_kernel
+from tests.helpers import (
+    DEVICES,
+    SparseSyntheticData,
+    build_gated_training_cfg,
+    float32_tolerance,
+    make_trainer,
+)
+
+
+def _sae(fused: bool, device: str) -> GatedTrainingSAE:
+    torch.manual_seed(0)
+    cfg = build_gated_training_cfg(
+        d_in=16, d_sae=48, fused_optimizer=fused, device=device
+    )
+    return GatedTrainingSAE(cfg)
+
+
+def _fit(sae: GatedTrainingSAE, steps: int) -> list[bool]:
+    """Train ``sae`` with SAELens's trainer; whether each of its param groups is fused."""
+    trainer = make_trainer(sae, SparseSyntheticData(d_in=16, seed=4), steps=steps)
+    trainer.fit()
+    return [bool(group.get("fused")) for group in trainer.optimizer.param_groups]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_with_the_fused_kernel_takes_the_same_steps(device: str):
+    # 40 steps of SAELens's trainer, with unit-norm decoder rows and gradient clipping:
+    # the fused kernel computes the op-by-op Adam's update, to float32 rounding.
+    start = _sae(True, device).state_dict()
+    fused, op_by_op = _sae(True, device), _sae(False, device)
+    assert _fit(fused, 40) == [True]
+    assert _fit(op_by_op, 40) == [False]
+    tol = float32_tolerance(device, 1e-5)
+    for name, want in op_by_op.state_dict().items():
+        assert not torch.equal(want, start[name]), name  # every parameter trained
+        got = fused.state_dict()[name]
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=name)
+
+
+def _adam(*params: torch.nn.Parameter, **kwargs: object) -> torch.optim.Adam:
+    return torch.optim.Adam(list(params), lr=1e-2, **kwargs)  # type: ignore[arg-type]
+
+
+def _step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+
+
+def test_only_groups_of_the_given_parameters_are_fused():
+    own = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4))]
+    other = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([{"params": own[:1]}, {"params": [own[1], other]}])
+    fuse_adam_groups(optimizer, {id(p) for p in own})
+    assert optimizer.param_groups[0]["fused"] is True
+    assert optimizer.param_groups[0]["foreach"] is False
+    assert not optimizer.param_groups[1][
+        "fused"
+    ]  # also holds another model's parameter
+
+
+def test_other_optimizers_and_differentiable_groups_are_left_as_built():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    ids = {id(p) for p in params}
+    sgd = torch.optim.SGD(params, lr=0.1)
+    fuse_adam_groups(sgd, ids)
+    assert not sgd.param_groups[0].get("fused")
+
+    class MyAdam(torch.optim.Adam):  # may step differently
+        pass
+
+    mine = MyAdam(params)
+    fuse_adam_groups(mine, ids)
+    assert not mine.param_groups[0]["fused"]
+    differentiable = _adam(*params, differentiable=True)
+    fuse_adam_groups(differentiable, ids)
+    assert not differentiable.param_groups[0]["fused"]
+    adamw = torch.optim.AdamW(params)
+    fuse_adam_groups(adamw, ids)
+    assert adamw.param_groups[0]["fused"] is True
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_group_stepped_op_by_op_goes_on_fused_from_its_state(device: str):
+    # As on a resume from a checkpoint that SAELens's own optimizer wrote: the moments are
+    # kept, the step counters move to the parameters' device (on CUDA: off the host).
+    torch.manual_seed(0)
+    start = torch.randn(5, 3, device=device)
+    grads = [torch.randn(5, 3, device=device) for _ in range(6)]
+    runs: list[torch.Tensor] = []
+    for switch in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        optimizer = _adam(p)
+        for i, grad in enumerate(grads):
+            if switch and i == 3:
+                fuse_adam_groups(optimizer, {id(p)})
+                step = optimizer.state[p]["step"]
+                assert step.device == p.device and float(step) == 3
+            p.grad = grad.clone()
+            optimizer.step()
+        assert bool(optimizer.param_groups[0].get("fused")) is switch
+        runs.append(p.detach())
+    tol = float32_tolerance(device, 1e-6)
+    torch.testing.assert_close(runs[1], runs[0], rtol=tol, atol=tol)
+
+
+def test_a_copied_optimizer_state_keeps_the_fused_setting():
+    # SAELens checkpoints the optimizer's state dict: a resumed optimizer is fused too.
+    p = torch.nn.Parameter(torch.zeros(3))
+    optimizer = _adam(p)
+    fuse_adam_groups(optimizer, {id(p)})
+    _step(optimizer, [p])
+    resumed = _adam(p)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    assert resumed.param_groups[0]["fused"] is True
+    _step(resumed, [p])
+    assert float(resumed.state[p]["step"]) == 2
+
+
+def test_a_device_without_the_kernel_keeps_the_optimizer_as_built(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # PyTorch before 2.4 has no fused Adam on the CPU: its constructor refuses it.
+    assert has_fused_kernel("cpu") is True
+    assert has_fused_kernel("no_such_device") is False
+    monkeypatch.setattr(fused_adam, "has_fused_kernel", lambda _: False)
+    p = torch.nn.Parameter(torch.zeros(3))
+    optimizer = _adam(p)
+    fuse_adam_groups(optimizer, {id(p)})
+    assert not optimizer.param_groups[0]["fused"]
+    _step(optimizer, [p])
+    assert float(p.detach()[0]) < 0  # stepped op by op
