@@ -12,6 +12,8 @@ others' results (each step records ``ok``, its seconds, and its result or error)
 - ``bench_fresh``, ``bench_0.003``, ``bench_0.01``: ``sae-lens-gated bench`` at the fresh
   SAEs' density and at 0.3% and 1% open gates, each with ``--auto-steps``; the last also
   profiles one step of the standard SAE and of each mode (``profile_0.01.txt``);
+- ``sparse_ops``: ``scripts/sparse_ops_probe.py`` at 1% open gates: each heavy op of the
+  sparse step, and the formulations that could replace it, against one dense matmul;
 - ``density_sweep``: step time against gate density, the PNG written into OUT_DIR;
 - ``memory_1m``: ``bench --memory-only`` at d_sae 1,048,576;
 - ``nccl``: ``examples/train_distributed.py`` under torchrun, one process (NCCL on a GPU),
@@ -70,6 +72,8 @@ class Shape:
     memory_d_sae: int
     memory_batch: int
     nccl_steps: int
+    # Decoder rows per tile of the probe's tiled decodes.
+    probe_tiles: tuple[int, ...]
     # Seconds each step may take (the benches each): within 8 minutes together.
     limits: dict[str, float] = field(default_factory=dict[str, float])
 
@@ -87,13 +91,17 @@ GPU = Shape(
     memory_d_sae=1_048_576,
     memory_batch=1024,
     nccl_steps=150,
+    # 9, 19, 38 and 75 MB of bf16 rows at d_in 2304: about the L2 of one H100 partition,
+    # of both, and more (on the 2-core CPU 38-75 MB tiles were the fastest).
+    probe_tiles=(2048, 4096, 8192, 16384),
     limits={
         "cuda_tier": 85,
         "cuda_compile": 55,
-        "cuda_paths": 70,
-        "bench": 40,
-        "sweep": 65,
-        "memory": 45,
+        "cuda_paths": 68,
+        "bench": 37,
+        "sparse_ops": 20,
+        "sweep": 60,
+        "memory": 40,
         "nccl": 40,
     },
 )
@@ -109,11 +117,13 @@ DRY_RUN = Shape(
     memory_d_sae=1024,
     memory_batch=256,
     nccl_steps=150,
+    probe_tiles=(64, 256),
     limits={
         "cuda_tier": 120,
         "cuda_compile": 60,
         "cuda_paths": 120,
         "bench": 120,
+        "sparse_ops": 60,
         "sweep": 120,
         "memory": 60,
         "nccl": 120,
@@ -250,6 +260,23 @@ def _cuda_tier(shape: Shape, step: str) -> tuple[bool, Any]:
         return ok and counts["tests"] > 0, counts if ok else {**counts, "log": output}
 
 
+def _sparse_ops(shape: Shape) -> tuple[bool, Any]:
+    """The probe of the sparse step's ops at 1% open gates; its JSON summary. It fails
+    where an alternative formulation disagrees with the op it would replace."""
+    command = [sys.executable, "scripts/sparse_ops_probe.py", "--device", shape.device]
+    command += ["--dtype", shape.dtype, "--d-in", str(shape.d_in)]
+    command += ["--d-sae", str(shape.d_sae), "--batch", str(shape.batch)]
+    command += ["--density", "0.01", "--repeats", str(shape.repeats)]
+    command += ["--tiles", *map(str, shape.probe_tiles)]
+    ok, output = _run(command, shape.limits["sparse_ops"])
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):  # no summary: the probe failed early
+        return False, output
+    return ok, result
+
+
 # Small batches and a strong penalty: features die, so the run goes through a resampling
 # event (and, latent-sharded, its collectives) on the device.
 NCCL_SETTINGS = ["--batch-size", "64", "--l1", "5", "--lr", "1e-2"]
@@ -323,6 +350,7 @@ STEPS = (
     "bench_fresh",
     "bench_0.003",
     "bench_0.01",
+    "sparse_ops",
     "density_sweep",
     "memory_1m",
     "nccl",
@@ -409,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench_fresh": lambda: _bench(timed, bench_s),
         "bench_0.003": lambda: _bench([*timed, "--gate-density", "0.003"], bench_s),
         "bench_0.01": lambda: _bench(one_pct, bench_s),
+        "sparse_ops": lambda: _sparse_ops(shape),
         "density_sweep": lambda: _bench(sweep, shape.limits["sweep"]),
         "memory_1m": lambda: _bench(memory, shape.limits["memory"]),
         "nccl": lambda: _nccl(shape),

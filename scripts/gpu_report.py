@@ -79,6 +79,22 @@ def report(summary: dict[str, Any]) -> str:
                 + ", ".join(f"`{op}` {ms:.3g} ms" for op, ms in ops[:PROFILE_OPS])
                 for mode, ops in slowest.items()
             ]
+    probe = steps.get("sparse_ops", {})
+    if probe.get("ok"):
+        result = probe["result"]
+        lines += [
+            "",
+            f"sparse_ops at {result['density']:.3g} open ({result['nnz']} gates), "
+            "each op against one dense matmul:",
+            "",
+            *_table(
+                ["op", "ms", "x matmul", "error"],
+                [
+                    [op, ms, result["vs_matmul"][op], result["errors"].get(op)]
+                    for op, ms in result["ms"].items()
+                ],
+            ),
+        ]
     for tier in ("cuda_tier", "cuda_compile", "cuda_paths"):
         step = steps.get(tier)
         if step is not None:

@@ -20,6 +20,7 @@ STEPS = {
     "bench_fresh",
     "bench_0.003",
     "bench_0.01",
+    "sparse_ops",
     "density_sweep",
     "memory_1m",
     "nccl",
@@ -90,6 +91,13 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     assert list(steps["bench_0.01"]["profile_top_ms"]) == modes
     assert path.read_text().count("===== ") == len(modes)
     assert "profile" not in steps["bench_fresh"]
+    # The sparse step's ops at 1%, each alternative checked against the op it replaces.
+    ops = steps["sparse_ops"]
+    assert ops["agree"] is True and ops["density"] <= 0.02
+    shape = summary["shape"]
+    assert (ops["d_sae"], ops["batch"]) == (shape["d_sae"], shape["batch"])
+    tiles = shape["probe_tiles"]
+    assert {f"decode_tiled_{tile}" for tile in tiles} <= set(ops["errors"])
     assert steps["memory_1m"]["d_sae"] == summary["shape"]["memory_d_sae"]
     for mode in ("data", "latent"):
         run = steps["nccl"][mode]
@@ -115,6 +123,8 @@ def test_the_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary(tmp_path:
     value = steps["bench_0.01"]["step_ratio_vs_standard"]
     met = "yes" if value <= 0.5 else "**no**"
     assert f"| step_vs_standard_at_1pct | {value:.3g} | 0.5 | {met} |" in report
+    pair = [ops[key]["decode_pair"] for key in ("ms", "vs_matmul", "errors")]
+    assert "| decode_pair | {:.3g} | {:.3g} | {:.3g} |".format(*pair) in report
     op, ms = steps["bench_0.01"]["profile_top_ms"][bench.PAPER_SPARSE][0]
     assert f"- {bench.PAPER_SPARSE}: `{op}` {ms:.3g} ms, " in report
     # The dry run writes nothing into the checkout.
