@@ -86,6 +86,9 @@ from sae_lens_gated.saes.gated_sparse import (
 # d_sae 16384, batch 4096, fp32): the sparse function is faster than the dense one up to
 # 20-30% open, and its memory grows with the open gates (about 100 bytes each).
 SPARSE_STEP_MAX_DENSITY = 0.1
+# Bytes of gradient rows transposed at a time when a CPU gradient is widened into its
+# parameter's transposed layout (:func:`_laid_out_as`): small enough to stay in cache.
+TRANSPOSE_BLOCK_BYTES = 2 * 2**20
 
 
 def keep_where_positive(
@@ -817,12 +820,24 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _laid_out_as(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``grad`` in ``param``'s dtype and layout, in at most one copy: autograd would
-    otherwise copy a gradient of another layout once more (the sparse mode's ``W_enc``
-    gradient is a transpose)."""
+    """``grad`` in ``param``'s dtype and layout: autograd would otherwise copy a gradient
+    of another layout once more (the sparse mode's ``W_enc`` gradient is a transpose)."""
     if grad.dtype == param.dtype and grad.stride() == param.stride():
         return grad
-    return torch.empty_like(param).copy_(grad)
+    out = torch.empty_like(param)
+    transposed = grad.dim() == 2 and grad.t().is_contiguous()
+    if grad.device.type == "cpu" and grad.dtype != param.dtype and transposed:
+        # The CPU copies a transpose in cache-sized blocks only within one dtype: a
+        # transposing cast goes element by element, 2-3x slower than transposing blocks
+        # of rows and widening each (bf16 to float32 at 512 x 8192: 12 ms against 4 ms;
+        # at 2304 x 65536: 731 ms against 315 ms).
+        rows = grad.t()
+        step = max(1, TRANSPOSE_BLOCK_BYTES // (rows.shape[1] * rows.element_size()))
+        for start in range(0, rows.shape[0], step):
+            block = rows[start : start + step]
+            out[:, start : start + step].copy_(block.t().contiguous())
+        return out
+    return out.copy_(grad)
 
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

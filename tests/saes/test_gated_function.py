@@ -602,6 +602,30 @@ def test_bf16_autocast_in_row_chunks_stays_close_to_float32(
         assert float((got - want).norm() / want.norm()) < 5e-2, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_gradient_is_handed_to_autograd_in_its_parameters_dtype_and_layout(
+    monkeypatch: pytest.MonkeyPatch, device: str
+):
+    # The sparse mode's bf16 W_enc gradient is a transpose of a feature-major product; on
+    # the CPU it is transposed in blocks of 3 features (the last holds 1) in its own dtype
+    # and each block widened, which must give exactly the one transposing copy's numbers.
+    monkeypatch.setattr(gated_function, "TRANSPOSE_BLOCK_BYTES", 3 * 24 * 2)
+    param = torch.empty(24, 40, device=device)
+    feature_major = torch.randn(40, 24, device=device)
+    for grad in (feature_major.t(), feature_major.to(torch.bfloat16).t()):
+        got = gated_function._laid_out_as(grad, param)
+        assert got.dtype == param.dtype and got.stride() == param.stride()
+        assert torch.equal(got, grad.to(param.dtype))
+    same_layout = torch.randn(24, 40, device=device, dtype=torch.bfloat16)
+    got = gated_function._laid_out_as(same_layout, param)
+    assert got.stride() == param.stride()
+    assert torch.equal(got, same_layout.float())
+    own = torch.randn(24, 40, device=device)
+    assert (
+        gated_function._laid_out_as(own, param) is own
+    )  # no copy where none is needed
+
+
 # aten ops that multiply or gather over the batch, and what they read.
 _BATCH_PRODUCTS = {
     "mm",
