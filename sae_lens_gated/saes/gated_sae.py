@@ -153,7 +153,8 @@ class GatedTrainingSAEConfig(_BuiltinGatedTrainingSAEConfig):
             over each weight and its moments, on the CPU and on CUDA: the same update as
             PyTorch's default Adam (to float32 rounding), 8-17x faster on a CPU (see
             :mod:`~sae_lens_gated.training.fused_adam`). False keeps the optimizer as it
-            was built.
+            was built, and gives a run resumed from a checkpoint of a fused run PyTorch's
+            default Adam back.
         resample_dead: Recipe default (paper True, april_update False). Resample dead
             features (Bricken et al. 2023, paper App. D.1) at scheduled events.
         resample_steps: Event steps, counted in completed training steps. With neither this

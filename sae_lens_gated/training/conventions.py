@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from sae_lens_gated.metrics import relative_reconstruction_bias_tensor, widest_float
 from sae_lens_gated.saes.gated_encoder import GatedEncoding
 from sae_lens_gated.training.batch_guard import BatchGuard
-from sae_lens_gated.training.fused_adam import fuse_adam_groups
+from sae_lens_gated.training.fused_adam import fuse_adam_groups, unfuse_adam_groups
 from sae_lens_gated.training.grad_clip import GradientClipUndo
 from sae_lens_gated.training.resampling import DeadFeatureResampler, ResampleTarget
 from sae_lens_gated.training.sparse_policy import (
@@ -443,14 +443,15 @@ def _before_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
     listeners = listeners_of(optimizer)
     for listener in listeners:  # every check runs before anything is changed
         listener.before_step()
-    fused = {
-        id(p)
-        for listener in listeners
-        if listener.sae.cfg.fused_optimizer
-        for p in listener.sae.parameters()
-    }
+    fused: set[int] = set()
+    default: set[int] = set()
+    for listener in listeners:
+        ids = fused if listener.sae.cfg.fused_optimizer else default
+        ids.update(map(id, listener.sae.parameters()))
     if fused:
         fuse_adam_groups(optimizer, fused)
+    if default:  # a resumed run whose checkpoint the plugin had fused goes back
+        unfuse_adam_groups(optimizer, default)
     # One factor per param group, however many SAEs share it: the lowest (most cautious)
     # re-warm of the SAEs with parameters in the group. Each group's scheduled LR is
     # snapshotted once and restored once, after the step.

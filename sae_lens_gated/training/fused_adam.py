@@ -12,7 +12,10 @@ op by op and 10 ms fused at d_in 512 and d_sae 16384, and 3.0 s against 0.17 s a
 :func:`fuse_adam_groups` turns the kernel on, from the optimizer pre-step hook, in the param
 groups that hold only the SAE's parameters (``fused_optimizer`` on the SAE's config). It is
 a no-op for groups already fused, for another optimizer and for parameters whose device has
-no fused kernel here.
+no fused kernel here. It marks the groups it switched, and the mark goes into the
+optimizer's state dict, so that a run resumed from a checkpoint with ``fused_optimizer``
+False gets PyTorch's default Adam back (:func:`unfuse_adam_groups`) instead of the
+settings its checkpoint restored.
 """
 
 import functools
@@ -22,6 +25,8 @@ import torch
 
 # Devices whose fused Adam kernel this package tests.
 FUSED_DEVICES = ("cpu", "cuda")
+# The param-group key that marks a group this module switched to the fused kernel.
+FUSED_MARK = "fused_by_sae_lens_gated"
 
 
 @functools.cache
@@ -55,8 +60,31 @@ def fuse_adam_groups(optimizer: torch.optim.Optimizer, params: set[int]) -> None
             continue
         group["fused"] = True
         group["foreach"] = False  # the fused kernel replaces the foreach ops
+        group[FUSED_MARK] = True
         for p in group["params"]:
             _move_step_counter(optimizer.state.get(p), p.device)
+
+
+def unfuse_adam_groups(optimizer: torch.optim.Optimizer, params: set[int]) -> None:
+    """Give the groups :func:`fuse_adam_groups` switched back PyTorch's default Adam.
+
+    Only groups carrying its mark whose parameters are all in ``params`` change: a group
+    fused by whoever built the optimizer stays fused. The moments are kept and the step
+    counters go back to the CPU, where PyTorch's default Adam keeps them.
+
+    Args:
+        optimizer: The optimizer about to step.
+        params: ``id`` of each parameter whose SAE asks for the default Adam.
+    """
+    for group in optimizer.param_groups:
+        tensors: list[torch.Tensor] = group["params"]
+        if not group.get(FUSED_MARK) or not all(id(p) in params for p in tensors):
+            continue
+        group["fused"] = None
+        group["foreach"] = None  # PyTorch's default: the foreach ops on CUDA
+        del group[FUSED_MARK]
+        for p in tensors:
+            _move_step_counter(optimizer.state.get(p), torch.device("cpu"))
 
 
 def _fusable(group: dict[str, Any], params: set[int]) -> bool:

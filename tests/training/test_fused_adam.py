@@ -5,7 +5,12 @@ import torch
 
 import sae_lens_gated.training.fused_adam as fused_adam
 from sae_lens_gated import GatedTrainingSAE
-from sae_lens_gated.training.fused_adam import fuse_adam_groups, has_fused_kernel
+from sae_lens_gated.training.fused_adam import (
+    FUSED_MARK,
+    fuse_adam_groups,
+    has_fused_kernel,
+    unfuse_adam_groups,
+)
 from tests.helpers import (
     DEVICES,
     SparseSyntheticData,
@@ -121,8 +126,70 @@ def test_a_copied_optimizer_state_keeps_the_fused_setting():
     resumed = _adam(p)
     resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     assert resumed.param_groups[0]["fused"] is True
+    assert resumed.param_groups[0][FUSED_MARK] is True  # so it can be undone
     _step(resumed, [p])
     assert float(resumed.state[p]["step"]) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_group_the_plugin_fused_goes_back_to_the_default_adam_from_its_state(
+    device: str,
+):
+    # fused_optimizer=False on a resumed run whose checkpoint the plugin had fused: the
+    # moments are kept, the step counters go back to the CPU, and the steps are the ones
+    # the default Adam takes all along.
+    torch.manual_seed(0)
+    start = torch.randn(5, 3, device=device)
+    grads = [torch.randn(5, 3, device=device) for _ in range(6)]
+    runs: list[torch.Tensor] = []
+    for switch in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        optimizer = _adam(p)
+        if switch:
+            fuse_adam_groups(optimizer, {id(p)})
+        for i, grad in enumerate(grads):
+            if switch and i == 3:
+                unfuse_adam_groups(optimizer, {id(p)})
+                group = optimizer.param_groups[0]
+                assert not group["fused"] and group["foreach"] is None
+                assert FUSED_MARK not in group
+                step = optimizer.state[p]["step"]
+                assert step.device.type == "cpu" and float(step) == 3
+            p.grad = grad.clone()
+            optimizer.step()
+        runs.append(p.detach())
+    tol = float32_tolerance(device, 1e-6)
+    torch.testing.assert_close(runs[1], runs[0], rtol=tol, atol=tol)
+
+
+def test_only_groups_the_plugin_fused_go_back():
+    own = torch.nn.Parameter(torch.zeros(3))
+    built_fused = _adam(own, fused=True)  # as whoever built it asked
+    unfuse_adam_groups(built_fused, {id(own)})
+    assert built_fused.param_groups[0]["fused"] is True
+    other = torch.nn.Parameter(torch.zeros(2))
+    shared = torch.optim.Adam([own, other])
+    fuse_adam_groups(shared, {id(own), id(other)})
+    unfuse_adam_groups(shared, {id(own)})  # the group also holds another model's
+    assert shared.param_groups[0]["fused"] is True
+
+
+def test_a_run_resumed_with_the_setting_off_steps_the_default_adam():
+    # SAELens restores the checkpoint's param groups, the plugin's fused kernel included;
+    # fused_optimizer=False on the resumed SAE gives the default Adam back.
+    first = _sae(True, "cpu")
+    trainer = make_trainer(first, SparseSyntheticData(d_in=16, seed=4), steps=5)
+    trainer.fit()
+    saved = copy.deepcopy(trainer.optimizer.state_dict())
+    assert saved["param_groups"][0]["fused"] is True
+    resumed = _sae(False, "cpu")
+    resumed.load_state_dict(first.state_dict())
+    again = make_trainer(resumed, SparseSyntheticData(d_in=16, seed=5), steps=5)
+    again.optimizer.load_state_dict(saved)
+    again.fit()
+    group = again.optimizer.param_groups[0]
+    assert not group["fused"] and FUSED_MARK not in group
+    assert all(float(state["step"]) == 10 for state in again.optimizer.state.values())
 
 
 def test_a_device_without_the_kernel_keeps_the_optimizer_as_built(
