@@ -1,4 +1,5 @@
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -93,28 +94,43 @@ def test_other_optimizers_and_differentiable_groups_are_left_as_built():
     assert adamw.param_groups[0]["fused"] is True
 
 
+def _six_adam_steps(
+    device: str,
+    fused_from_start: bool = False,
+    after_three: Callable[[torch.optim.Adam, torch.nn.Parameter], None] | None = None,
+) -> tuple[torch.Tensor, torch.optim.Adam]:
+    """One parameter after six Adam steps on fixed random gradients from a fixed start,
+    and its optimizer; ``after_three`` is called between the third and fourth step."""
+    torch.manual_seed(0)
+    start = torch.randn(5, 3, device=device)
+    grads = [torch.randn(5, 3, device=device) for _ in range(6)]
+    p = torch.nn.Parameter(start)
+    optimizer = _adam(p)
+    if fused_from_start:
+        fuse_adam_groups(optimizer, {id(p)})
+    for i, grad in enumerate(grads):
+        if i == 3 and after_three is not None:
+            after_three(optimizer, p)
+        p.grad = grad
+        optimizer.step()
+    return p.detach(), optimizer
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_group_stepped_op_by_op_goes_on_fused_from_its_state(device: str):
     # As on a resume from a checkpoint that SAELens's own optimizer wrote: the moments are
     # kept, the step counters move to the parameters' device (on CUDA: off the host).
-    torch.manual_seed(0)
-    start = torch.randn(5, 3, device=device)
-    grads = [torch.randn(5, 3, device=device) for _ in range(6)]
-    runs: list[torch.Tensor] = []
-    for switch in (False, True):
-        p = torch.nn.Parameter(start.clone())
-        optimizer = _adam(p)
-        for i, grad in enumerate(grads):
-            if switch and i == 3:
-                fuse_adam_groups(optimizer, {id(p)})
-                step = optimizer.state[p]["step"]
-                assert step.device == p.device and float(step) == 3
-            p.grad = grad.clone()
-            optimizer.step()
-        assert bool(optimizer.param_groups[0].get("fused")) is switch
-        runs.append(p.detach())
+    def switch(optimizer: torch.optim.Adam, p: torch.nn.Parameter) -> None:
+        fuse_adam_groups(optimizer, {id(p)})
+        step = optimizer.state[p]["step"]
+        assert step.device == p.device and float(step) == 3
+
+    want, op_by_op = _six_adam_steps(device)
+    got, switched = _six_adam_steps(device, after_three=switch)
+    assert not op_by_op.param_groups[0].get("fused")
+    assert switched.param_groups[0]["fused"] is True
     tol = float32_tolerance(device, 1e-6)
-    torch.testing.assert_close(runs[1], runs[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_a_copied_optimizer_state_keeps_the_fused_setting():
@@ -138,28 +154,18 @@ def test_a_group_the_plugin_fused_goes_back_to_the_default_adam_from_its_state(
     # fused_optimizer=False on a resumed run whose checkpoint the plugin had fused: the
     # moments are kept, the step counters go back to the CPU, and the steps are the ones
     # the default Adam takes all along.
-    torch.manual_seed(0)
-    start = torch.randn(5, 3, device=device)
-    grads = [torch.randn(5, 3, device=device) for _ in range(6)]
-    runs: list[torch.Tensor] = []
-    for switch in (False, True):
-        p = torch.nn.Parameter(start.clone())
-        optimizer = _adam(p)
-        if switch:
-            fuse_adam_groups(optimizer, {id(p)})
-        for i, grad in enumerate(grads):
-            if switch and i == 3:
-                unfuse_adam_groups(optimizer, {id(p)})
-                group = optimizer.param_groups[0]
-                assert not group["fused"] and group["foreach"] is None
-                assert FUSED_MARK not in group
-                step = optimizer.state[p]["step"]
-                assert step.device.type == "cpu" and float(step) == 3
-            p.grad = grad.clone()
-            optimizer.step()
-        runs.append(p.detach())
+    def switch_back(optimizer: torch.optim.Adam, p: torch.nn.Parameter) -> None:
+        unfuse_adam_groups(optimizer, {id(p)})
+        group = optimizer.param_groups[0]
+        assert not group["fused"] and group["foreach"] is None
+        assert FUSED_MARK not in group
+        step = optimizer.state[p]["step"]
+        assert step.device.type == "cpu" and float(step) == 3
+
+    want, _ = _six_adam_steps(device)
+    got, _ = _six_adam_steps(device, fused_from_start=True, after_three=switch_back)
     tol = float32_tolerance(device, 1e-6)
-    torch.testing.assert_close(runs[1], runs[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_only_groups_the_plugin_fused_go_back():
